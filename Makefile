@@ -1,0 +1,38 @@
+# One-Gen: `make demo` and `make test` each build .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/onegen datagen run pipelines/demo.yaml --output data/demo
+	$(VENV)/bin/onegen datagen verify data/demo
+	@echo
+	@echo "shards:        data/demo/<subset>/*.tar   (status: .venv/bin/onegen datagen status data/demo)"
+	@echo "contact sheet: data/demo/_preview.png"
+	@echo "MLflow runs:   mlflow.db   (review: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) bench/datagen_throughput.py
+
+clean:
+	rm -rf data/demo mlflow.db mlruns .pytest_cache

@@ -1,0 +1,340 @@
+"""The One-Gen sample contract: the only module both datagen and training import.
+
+A sample is one WebDataset group: files ``<key>.<field>`` stored together in a
+tar. ``<field>`` is a name plus a codec extension (``depth.png``), because
+WebDataset decodes by the last extension. Every sample carries ``json``
+metadata. The writer validates before a sample is committed and the training
+reader validates after it is read, so a contract change breaks loudly on both
+sides. Bump ``SCHEMA_VERSION`` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SCHEMA_VERSION = "1.0"
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
+
+# Task tokens spelled exactly as the released OneDiffusion code spells them.
+TASK_LABELS: tuple[str, ...] = (
+    "[[text2image]]",
+    "[[deblurring]]",
+    "[[image_inpainting]]",
+    "[[canny2image]]",
+    "[[depth2image]]",
+    "[[hed2img]]",
+    "[[pose2image]]",
+    "[[semanticmap2image]]",
+    "[[boundingbox2image]]",
+    "[[image_editing]]",
+    "[[faceid]]",
+    "[[multiview]]",
+    "[[subject_driven]]",
+)
+
+# Map tasks run in both directions with the same token: forward (map -> image)
+# and reverse, i.e. understanding (image -> map). Which view is the target is
+# recorded by the training reader; the token does not change.
+MAP_TASKS: frozenset[str] = frozenset(
+    {
+        "[[canny2image]]",
+        "[[depth2image]]",
+        "[[hed2img]]",
+        "[[pose2image]]",
+        "[[semanticmap2image]]",
+        "[[boundingbox2image]]",
+    }
+)
+
+
+def image_marker(index: int) -> str:
+    """The per-image marker that precedes each view's caption in a prompt."""
+    if index < 0:
+        raise ValueError(f"image index must be >= 0, got {index}")
+    return f"[[img{index}]]"
+
+
+# The released model's named colour palette, in its order. Entities get colours
+# from it in order, so the first entity of every sample is red.
+PALETTE: tuple[tuple[str, str], ...] = (
+    ("#FF0000", "red"),
+    ("#00FF00", "lime"),
+    ("#0000FF", "blue"),
+    ("#FFFF00", "yellow"),
+    ("#FF00FF", "magenta"),
+    ("#00FFFF", "cyan"),
+    ("#FFA500", "orange"),
+    ("#800080", "purple"),
+    ("#A52A2A", "brown"),
+    ("#008000", "green"),
+    ("#FFC0CB", "pink"),
+    ("#008080", "teal"),
+    ("#FF8C00", "darkorange"),
+    ("#8A2BE2", "blueviolet"),
+    ("#006400", "darkgreen"),
+    ("#FF4500", "orangered"),
+    ("#000080", "navy"),
+    ("#FFD700", "gold"),
+    ("#40E0D0", "turquoise"),
+    ("#DA70D6", "orchid"),
+)
+_PALETTE_BY_NAME = {name: hexcode for hexcode, name in PALETTE}
+
+
+def palette_rgb(index: int) -> tuple[int, int, int]:
+    hexcode = PALETTE[index % len(PALETTE)][0]
+    return tuple(int(hexcode[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def color_tag(color_name: str, kind: str, label: str) -> str:
+    """``<#FFFF00 yellow mask: mouse>``; kind is ``mask`` or ``boundingbox``."""
+    if color_name not in _PALETTE_BY_NAME:
+        raise ValueError(f"colour {color_name!r} is not in the palette")
+    if kind not in ("mask", "boundingbox"):
+        raise ValueError(f"tag kind must be 'mask' or 'boundingbox', got {kind!r}")
+    return f"<{_PALETTE_BY_NAME[color_name]} {color_name} {kind}: {label}>"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One file of a sample. ``name`` may hold ``{i}`` for per-view fields."""
+
+    name: str
+    description: str
+    required: bool = True
+
+    @property
+    def codec(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def per_view(self) -> bool:
+        return "{i}" in self.name
+
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.escape(self.name).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A One-Gen subset: its files, its metadata keys and the tasks it trains."""
+
+    name: str
+    fields: tuple[Field, ...]
+    tasks: tuple[str, ...]
+    meta_keys: tuple[str, ...] = ()
+    min_views: int = 1
+    description: str = ""
+
+    def field_names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+
+# Metadata every sample's json carries, whatever its subset.
+COMMON_META_KEYS: tuple[str, ...] = ("key", "subset", "schema_version", "source", "tasks")
+
+_IMAGE = Field("jpg", "the target RGB image (JPEG)")
+_JSON = Field("json", "metadata: COMMON_META_KEYS plus the subset's meta_keys")
+
+SUBSETS: dict[str, Subset] = {
+    s.name: s
+    for s in (
+        Subset(
+            "t2i",
+            (_IMAGE, Field("txt", "the caption, plain UTF-8"), _JSON),
+            ("[[text2image]]",),
+            meta_keys=("caption", "width", "height"),
+            description="image + caption",
+        ),
+        Subset(
+            "i2i",
+            (
+                _IMAGE,
+                Field("canny.png", "Canny edges, 8-bit gray, white edges on black"),
+                Field("hed.png", "soft edges (HED-like), 8-bit gray"),
+                Field("blur.jpg", "the image blurred (gaussian or motion)"),
+                Field("lowres.jpg", "the image downscaled, kept at its small size"),
+                Field("masked.jpg", "the image with the inpainting mask filled"),
+                Field("mask.png", "inpainting mask, 8-bit gray, 255 = hole"),
+                _JSON,
+            ),
+            (
+                "[[canny2image]]",
+                "[[hed2img]]",
+                "[[deblurring]]",
+                "[[image_inpainting]]",
+            ),
+            meta_keys=("caption", "width", "height", "degradations"),
+            description="cheap image-to-image pairs computed without a model",
+        ),
+        Subset(
+            "semantic",
+            (
+                _IMAGE,
+                Field("semantic.png", "entity masks painted in palette colours on black"),
+                Field("boxes.png", "entity boxes drawn in palette colours on black"),
+                _JSON,
+            ),
+            ("[[semanticmap2image]]", "[[boundingbox2image]]"),
+            meta_keys=("caption", "width", "height", "entities"),
+            description="SAM masks and boxes per entity; entities: [{label, color, box}]",
+        ),
+        Subset(
+            "depth",
+            (_IMAGE, Field("depth.png", "16-bit relative inverse depth, near = bright"), _JSON),
+            ("[[depth2image]]",),
+            meta_keys=("caption", "width", "height", "depth_model"),
+        ),
+        Subset(
+            "pose",
+            (_IMAGE, Field("pose.png", "rendered skeletons on black"), _JSON),
+            ("[[pose2image]]",),
+            meta_keys=("caption", "width", "height", "people"),
+            description="people: [{box, keypoints [[x, y, score] * 17]}] (COCO order)",
+        ),
+        Subset(
+            "multiview",
+            (
+                Field("img{i}.jpg", "view i of the scene"),
+                Field("cameras.npy", "float32 [V, 4, 4] OpenCV camera-to-world, camera 0 = identity"),
+                Field("intrinsics.npy", "float32 [V, 3, 3] pixel intrinsics of each view"),
+                _JSON,
+            ),
+            ("[[multiview]]",),
+            meta_keys=("scene", "captions", "num_views", "width", "height"),
+            min_views=2,
+            description="views of one scene; Plücker rays are recomputed from the cameras",
+        ),
+        Subset(
+            "faceid",
+            (Field("img{i}.jpg", "image i of one identity; img0 is the target"), _JSON),
+            ("[[faceid]]",),
+            meta_keys=("identity", "captions", "num_views"),
+            min_views=2,
+            description="several images of one person",
+        ),
+    )
+}
+
+
+class SchemaError(ValueError):
+    """A sample breaks the contract; the message says which rule."""
+
+
+def validate_key(key: str) -> None:
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise SchemaError(
+            f"invalid sample key {key!r}: keys are 1-200 chars of [A-Za-z0-9_-] (no dots, "
+            "WebDataset splits samples at the first dot)"
+        )
+
+
+def _match_field(subset: Subset, name: str) -> tuple[Field, int | None] | None:
+    for f in subset.fields:
+        if f.per_view:
+            m = f.pattern().match(name)
+            if m:
+                return f, int(m.group(1))
+        elif f.name == name:
+            return f, None
+    return None
+
+
+def validate_sample(subset_name: str, sample: Mapping[str, object]) -> dict:
+    """Check one sample against its subset's contract; return its parsed metadata.
+
+    ``sample`` maps ``__key__`` and field names (``jpg``, ``depth.png``, ...) to
+    bytes, the shape both ``webdataset`` without decoding and the shard writer
+    use. Raises :class:`SchemaError` naming the broken rule.
+    """
+    if subset_name not in SUBSETS:
+        raise SchemaError(f"unknown subset {subset_name!r}; known: {sorted(SUBSETS)}")
+    subset = SUBSETS[subset_name]
+    key = sample.get("__key__")
+    validate_key(key)  # type: ignore[arg-type]
+
+    views: dict[str, set[int]] = {}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue
+        matched = _match_field(subset, name)
+        if matched is None:
+            raise SchemaError(f"{key}: field {name!r} is not part of subset {subset_name!r}")
+        if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) == 0:
+            raise SchemaError(f"{key}: field {name!r} is empty or not bytes")
+        f, view = matched
+        if view is not None:
+            views.setdefault(f.name, set()).add(view)
+
+    for f in subset.fields:
+        if not f.required:
+            continue
+        if f.per_view:
+            got = views.get(f.name, set())
+            if len(got) < subset.min_views:
+                raise SchemaError(
+                    f"{key}: subset {subset_name!r} needs at least {subset.min_views} "
+                    f"views of {f.name!r}, got {len(got)}"
+                )
+            if got != set(range(len(got))):
+                raise SchemaError(f"{key}: views of {f.name!r} are not numbered 0..n-1: {sorted(got)}")
+        elif f.name not in sample:
+            raise SchemaError(f"{key}: missing required field {f.name!r}")
+
+    try:
+        meta = json.loads(bytes(sample["json"]).decode("utf-8"))  # type: ignore[arg-type]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"{key}: json metadata does not parse: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{key}: json metadata must be an object")
+    missing = [k for k in COMMON_META_KEYS + subset.meta_keys if k not in meta]
+    if missing:
+        raise SchemaError(f"{key}: json metadata lacks {missing}")
+    if meta["key"] != key:
+        raise SchemaError(f"{key}: json key {meta['key']!r} does not match the sample key")
+    if meta["subset"] != subset_name:
+        raise SchemaError(f"{key}: json subset {meta['subset']!r} is not {subset_name!r}")
+    if str(meta["schema_version"]).split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise SchemaError(
+            f"{key}: schema version {meta['schema_version']} is incompatible with {SCHEMA_VERSION}"
+        )
+    bad_tasks = [t for t in meta["tasks"] if t not in subset.tasks]
+    if not meta["tasks"] or bad_tasks:
+        raise SchemaError(
+            f"{key}: tasks {meta['tasks']} must be a non-empty subset of {list(subset.tasks)}"
+        )
+    return meta
+
+
+def make_meta(key: str, subset_name: str, source: str, tasks: list[str], **fields: object) -> dict:
+    """Metadata with the common keys filled in; the writer adds subset keys."""
+    return {
+        "key": key,
+        "subset": subset_name,
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "tasks": tasks,
+        **fields,
+    }
+
+
+def describe() -> dict:
+    """The contract as plain data, for manifests and ``onegen datagen status``."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "task_labels": list(TASK_LABELS),
+        "palette": [{"hex": h, "name": n} for h, n in PALETTE],
+        "subsets": {
+            s.name: {
+                "fields": {f.name: f.description for f in s.fields},
+                "tasks": list(s.tasks),
+                "meta_keys": list(COMMON_META_KEYS + s.meta_keys),
+                "min_views": s.min_views,
+            }
+            for s in SUBSETS.values()
+        },
+    }

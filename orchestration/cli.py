@@ -1,0 +1,127 @@
+"""``onegen``: the user's surface for datagen (and, later, training)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def _datagen_run(args: argparse.Namespace) -> int:
+    from orchestration.datagen_job import DatagenError, run
+    from pipelines import dag
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"output={args.output}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    try:
+        cfg = dag.load(args.pipeline, overrides)
+        if args.input:
+            from datagen.sources import guess_spec
+
+            cfg.source = OmegaConf.create(guess_spec(args.input))
+        result = run(cfg)
+    except (DatagenError, dag.DagError, ValueError, FileNotFoundError) as exc:
+        print(f"onegen datagen run: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done in {result.seconds:.1f}s: {result.pending} inputs processed")
+    for subset, a in result.subsets.items():
+        print(f"  {subset}: {a['written']} written, {a['quarantined']} quarantined (of {a['inputs']})")
+    print(f"shards:  {result.output}")
+    if result.preview:
+        print(f"preview: {result.preview}")
+    if result.mlflow_run_id:
+        print(f"mlflow:  run {result.mlflow_run_id} in {cfg.mlflow.tracking_uri} "
+              f"(review: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri})")
+    return 0
+
+
+def _datagen_status(args: argparse.Namespace) -> int:
+    from datagen.shards import status
+
+    info = status(args.output)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    if not info:
+        print(f"{args.output}: no subsets")
+        return 1
+    print(f"{'subset':<12}{'written':>10}{'quarantined':>13}{'shards':>8}{'bytes':>14}")
+    for subset, s in info.items():
+        print(f"{subset:<12}{s['written']:>10}{s['quarantined']:>13}{s['shards']:>8}{s['bytes']:>14}")
+        for error, count in sorted(s["errors"].items()):
+            print(f"{'':<14}{count:>6} x {error}")
+    return 0
+
+
+def _datagen_verify(args: argparse.Namespace) -> int:
+    from datagen.shards import verify
+
+    report = verify(args.output)
+    for defect in report.defects:
+        print(f"DEFECT {defect}")
+    print(f"checked {report.checked_shards} shards, {report.checked_samples} samples: "
+          f"{'OK' if report.ok else f'{len(report.defects)} defects'}")
+    return 0 if report.ok else 1
+
+
+def _datagen_preview(args: argparse.Namespace) -> int:
+    from datagen.preview import contact_sheet
+
+    path = contact_sheet(args.output, args.out, samples_per_subset=args.samples)
+    print(f"wrote {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onegen", description="One-Gen datagen and training")
+    top = p.add_subparsers(dest="command", required=True)
+    datagen = top.add_parser("datagen", help="build One-Gen WebDataset shards with Ray").add_subparsers(
+        dest="action", required=True)
+
+    r = datagen.add_parser("run", help="run a pipeline DAG (resumes by key on an existing output)")
+    r.add_argument("pipeline", type=Path, help="pipelines/<dag>.yaml")
+    r.add_argument("--output", help="output folder or fsspec URL (default: the DAG's output)")
+    r.add_argument("--input", help="a folder, a .parquet manifest, tar shards, or 'demo'")
+    r.add_argument("--address", help="an existing Ray cluster (e.g. auto, ray://head:10001)")
+    r.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the DAG")
+    r.set_defaults(func=_datagen_run)
+
+    s = datagen.add_parser("status", help="per subset: written, quarantined, shards, bytes")
+    s.add_argument("output")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_datagen_status)
+
+    v = datagen.add_parser("verify", help="re-read every tar and index; exit 1 on any defect")
+    v.add_argument("output")
+    v.set_defaults(func=_datagen_verify)
+
+    pv = datagen.add_parser("preview", help="a contact sheet of samples from every subset")
+    pv.add_argument("output")
+    pv.add_argument("--out", default="preview.png")
+    pv.add_argument("--samples", type=int, default=4, help="samples per subset")
+    pv.set_defaults(func=_datagen_preview)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    # Dotted overrides may sit anywhere on the line, before or after options.
+    args, extra = p.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + [a for a in extra if a not in unknown]
+    elif extra:
+        p.error(f"this command takes no overrides: {' '.join(extra)}")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

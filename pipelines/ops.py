@@ -1,0 +1,148 @@
+"""The stage operations a DAG can name, one per-row function each.
+
+An op is built once per worker (per actor for model stages) from the DAG's
+params, then called on one row at a time. It returns the columns it adds; a
+``meta`` dict in its result is merged into the sample's metadata. It raises
+to reject the row: the stage runner turns that into a quarantine record.
+Model labelers (captions, SAM, depth, pose) register here too.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
+from datagen.degrade import degrade_all
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG of a gray ``[H, W]`` (8 or 16 bit) or RGB ``[H, W, 3]`` array."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+class Op:
+    """Base of every stage op. ``outputs`` maps each added column to the value
+    a rejected row gets, so every batch has the same columns."""
+
+    version: ClassVar[str] = "1"
+    outputs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, seed: int = 0, **params: Any):
+        self.seed = seed
+        self.params = params
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _keep_original_jpeg(data: bytes, image: np.ndarray) -> bool:
+    """True when the input file already is the upright RGB JPEG we would write."""
+    if data[:3] != b"\xff\xd8\xff":
+        return False
+    with Image.open(io.BytesIO(data)) as im:
+        orientation = im.getexif().get(0x0112, 1)
+        return im.mode == "RGB" and orientation == 1 and im.size == (image.shape[1], image.shape[0])
+
+
+class DecodeOp(Op):
+    """Read the input, reject what cannot be a sample, emit upright RGB."""
+
+    outputs: ClassVar[dict[str, Any]] = {
+        "image": np.zeros((1, 1, 3), np.uint8),
+        "jpg": b"",
+        "txt": b"",
+    }
+
+    def __init__(self, seed: int = 0, min_side: int = 64, max_pixels: int = 64_000_000,
+                 max_bytes: int = 200_000_000, max_side: int | None = None, jpeg_quality: int = 95):
+        super().__init__(seed)
+        self.decode_params = DecodeParams(min_side=min_side, max_pixels=max_pixels, max_bytes=max_bytes)
+        self.max_side = max_side
+        self.jpeg_quality = jpeg_quality
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        offset = row.get("byte_offset")
+        size = row.get("byte_size")
+        has_range = offset is not None and not (isinstance(offset, float) and np.isnan(offset))
+        data = read_bytes(row["uri"], int(offset) if has_range else None, int(size) if has_range else None)
+        image = decode_image(data, self.decode_params)
+        resized = False
+        if self.max_side and max(image.shape[:2]) > self.max_side:
+            scale = self.max_side / max(image.shape[:2])
+            size_wh = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            image = cv2.resize(image, size_wh, interpolation=cv2.INTER_AREA)
+            resized = True
+        jpg = data if not resized and _keep_original_jpeg(data, image) else encode_jpeg(image, self.jpeg_quality)
+        caption = row.get("caption") or ""
+        return {
+            "image": image,
+            "jpg": jpg,
+            "txt": caption.encode("utf-8"),
+            "meta": {"caption": caption, "width": int(image.shape[1]), "height": int(image.shape[0])},
+        }
+
+
+class DegradeOp(Op):
+    """Canny, soft edges, blur, downscale and inpainting pairs for i2i."""
+
+    outputs: ClassVar[dict[str, Any]] = {
+        "canny_png": b"",
+        "hed_png": b"",
+        "blur_jpg": b"",
+        "lowres_jpg": b"",
+        "masked_jpg": b"",
+        "mask_png": b"",
+    }
+
+    def __init__(self, seed: int = 0, canny_low: int = 100, canny_high: int = 200,
+                 downscale_factors: tuple[int, ...] = (2, 3, 4), jpeg_quality: int = 95):
+        super().__init__(seed)
+        self.canny_low, self.canny_high = canny_low, canny_high
+        self.factors = tuple(int(f) for f in downscale_factors)
+        self.jpeg_quality = jpeg_quality
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        image = row["image"]
+        if image.ndim != 3 or image.shape[0] < 2:
+            raise BadInput("NoImage", "degrade needs the decoded image of the decode stage")
+        maps, params = degrade_all(image, row["key"], self.seed, self.canny_low, self.canny_high, self.factors)
+        q = self.jpeg_quality
+        return {
+            "canny_png": encode_png(maps["canny"]),
+            "hed_png": encode_png(maps["hed"]),
+            "blur_jpg": encode_jpeg(maps["blur"], q),
+            "lowres_jpg": encode_jpeg(maps["lowres"], q),
+            "masked_jpg": encode_jpeg(maps["masked"], q),
+            "mask_png": encode_png(maps["mask"]),
+            "meta": {"degradations": params},
+        }
+
+
+OPS: dict[str, Callable[..., Op]] = {
+    "decode": DecodeOp,
+    "degrade": DegradeOp,
+}
+
+
+def build_op(name: str, seed: int, params: dict[str, Any]) -> Op:
+    if name not in OPS:
+        raise KeyError(f"unknown op {name!r}; known ops: {sorted(OPS)}")
+    return OPS[name](seed=seed, **params)
