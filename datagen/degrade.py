@@ -46,6 +46,8 @@ def soft_edges(image: np.ndarray, sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)) -
         gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
         mag = np.sqrt(gx * gx + gy * gy) * sigma  # scale-normalised
         top = float(np.percentile(mag, 99.5))
+        if top <= 1e-6:  # edges cover < 0.5% of pixels (small object, flat background)
+            top = float(mag.max())
         if top > 1e-6:
             fused = np.maximum(fused, np.clip(mag / top, 0.0, 1.0))
     return np.round(np.power(fused, 0.6) * 255.0).astype(np.uint8)

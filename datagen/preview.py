@@ -40,9 +40,9 @@ def load_samples(out: str, subset: str, n: int) -> list[tuple[str, dict[str, byt
     for name in names:
         with fs.open(f"{root}/{subset}/{name}", "rb") as fh:
             samples.extend(read_tar_samples(fh.read()))
-        if len(samples) >= n:
+        if len(samples) >= 4 * n:
             break
-    return samples[:n]
+    return sorted(samples, key=lambda s: s[0])[:n]
 
 
 def contact_sheet(out: str, path: str | Path, samples_per_subset: int = 4, thumb: int = 160) -> Path:
@@ -60,7 +60,7 @@ def contact_sheet(out: str, path: str | Path, samples_per_subset: int = 4, thumb
         raise FileNotFoundError(f"{out} holds no samples to preview")
     pad, label_h, caption_h = 6, 14, 30
     width = pad + max(len(tiles) for _, _, tiles, _ in rows) * (thumb + pad)
-    row_h = label_h + thumb + caption_h + pad
+    row_h = label_h + thumb + caption_h + pad  # captions sit under the tallest tile of their row
     sheet = Image.new("RGB", (max(width, 400), pad + len(rows) * row_h), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     for r, (subset, key, tiles, caption) in enumerate(rows):
@@ -69,8 +69,9 @@ def contact_sheet(out: str, path: str | Path, samples_per_subset: int = 4, thumb
             x = pad + c * (thumb + pad)
             draw.text((x, y), f"{subset}: {key}" if c == 0 else name, fill=(230, 230, 120) if c == 0 else (200, 200, 200), font=font)
             sheet.paste(img, (x, y + label_h))
+        tallest = max(img.size[1] for _, img in tiles) if tiles else thumb
         wrapped = textwrap.wrap(caption, width=max(20, width // 7))[:2]
-        draw.text((pad, y + label_h + thumb + 2), "\n".join(wrapped), fill=(255, 255, 255), font=font)
+        draw.text((pad, y + label_h + tallest + 2), "\n".join(wrapped), fill=(255, 255, 255), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

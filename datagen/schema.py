@@ -116,7 +116,7 @@ class Field:
         return "{i}" in self.name
 
     def pattern(self) -> re.Pattern[str]:
-        return re.compile("^" + re.escape(self.name).replace(r"\{i\}", r"(\d+)") + "$")
+        return re.compile("^" + re.escape(self.name).replace(r"\{i\}", r"(0|[1-9][0-9]*)") + "$")
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,16 @@ def read_manifest(out: str, subset: str) -> dict[str, Any] | None:
         return json.loads(fh.read())
 
 
+def shard_urls(out: str, subset: str) -> list[str]:
+    """The subset's tar URLs from its manifest, for any WebDataset reader."""
+    manifest = read_manifest(out, subset)
+    if manifest is None:
+        raise FileNotFoundError(f"{out}/{subset}/{MANIFEST} is missing: run or finish the DAG first")
+    _, root = filesystem(out)
+    prefix = out.rstrip("/") if "://" in out else root
+    return [f"{prefix}/{subset}/{s['name']}" for s in manifest["shards"]]
+
+
 def status(out: str) -> dict[str, dict[str, Any]]:
     """Per subset: written, quarantined, shards, bytes, read from the indexes so
     it is right while a job is still running."""

@@ -137,11 +137,14 @@ def webdataset_shards(urls: str | Iterable[str], image_exts: tuple[str, ...] = (
     """Samples of existing WebDataset tars, addressed by byte range.
 
     Captions come from a ``txt`` member or the ``caption`` of a ``json`` member.
-    Keys are prefixed with the shard name so two shards cannot collide.
+    Keys are prefixed with the shard name and a digest of its URL, so two
+    shards cannot collide.
     """
     rows: list[dict[str, Any]] = []
     for url in _expand(urls):
-        shard = re.sub(r"[^A-Za-z0-9]+", "_", Path(url).name.removesuffix(".tar"))
+        # Name plus a digest of the full URL: train/000.tar and val/000.tar differ.
+        readable = re.sub(r"[^A-Za-z0-9]+", "_", Path(url).name.removesuffix(".tar"))
+        shard = f"{readable}_{hashlib.sha1(url.encode()).hexdigest()[:6]}"
         with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             groups: dict[str, dict[str, Any]] = {}
             for member in tar:

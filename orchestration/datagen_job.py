@@ -180,7 +180,7 @@ def run(cfg: DictConfig, log=print) -> RunResult:
             if pending.num_rows:
                 init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
                 plan = builder.build(cfg, builder.input_rows(pending, todo), out)
-                done_rows = 0
+                done_rows, plan_started = 0, time.time()
                 for summary in plan.iter_rows():
                     if summary["subset"]:
                         t = totals[summary["subset"]]
@@ -193,7 +193,7 @@ def run(cfg: DictConfig, log=print) -> RunResult:
                         stages[stage].update(s)
                     first = next(iter(json.loads(summary["stages"]).values()), {"in": 0})
                     done_rows += int(first["in"])
-                    rate = done_rows / max(time.time() - started, 1e-9)
+                    rate = done_rows / max(time.time() - plan_started, 1e-9)
                     log(f"  {done_rows}/{pending.num_rows} keys processed, {rate:.1f} samples/s; " +
                         ", ".join(f"{s}: {t['written']} written {t['quarantined']} quarantined"
                                   for s, t in sorted(totals.items())))

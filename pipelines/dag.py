@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from datagen.schema import SCHEMA_VERSION, SUBSETS
@@ -65,10 +66,26 @@ def load(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     if not path.exists():
         raise DagError(f"DAG file {path} does not exist")
     cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.load(path))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    """``a.b=1``, ``stages.1.params.x=2`` or ``stages.degrade.params.x=2``
+    (a stage by name); values parse as YAML (``[2, 3]``, ``null``, ``true``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise DagError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] == "stages" and not parts[1].isdigit():
+            names = [st.get("name") or st.get("op") for st in cfg.stages]
+            if parts[1] not in names:
+                raise DagError(f"override {item!r}: no stage named {parts[1]!r} (stages: {names})")
+            parts[1] = str(names.index(parts[1]))
+        value = yaml.safe_load(text) if text else ""
+        OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=True)
 
 
 def stages(cfg: DictConfig) -> list[Stage]:

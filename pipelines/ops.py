@@ -10,6 +10,7 @@ Model labelers (captions, SAM, depth, pose) register here too.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -19,6 +20,16 @@ from PIL import Image
 
 from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
 from datagen.degrade import degrade_all
+
+# One OpenCV thread per process. Parallelism comes from running one op per
+# logical CPU (Ray tasks, actors); cv2's own pool on top of that would start
+# ``cores`` threads in every worker and oversubscribe the machine (measured in
+# bench/datagen_throughput.py: on 2 cores Ray went from slower than one
+# process to ~2x faster). It also makes the single-process baseline use one
+# core, like one Ray worker. ONEGEN_CV2_THREADS=0 restores OpenCV's default.
+CV2_THREADS = int(os.environ.get("ONEGEN_CV2_THREADS", "1"))
+if CV2_THREADS > 0:
+    cv2.setNumThreads(CV2_THREADS)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -1,0 +1,47 @@
+"""Shared fixtures: one real local Ray for the session, DAG configs on tmp paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with more logical CPUs than cores."""
+    import ray
+
+    from orchestration.ray_runtime import init_ray
+
+    init_ray(num_cpus=4, quiet=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def demo_cfg(tmp_path):
+    """The demo DAG, small, writing into tmp_path, tracked in a tmp sqlite store."""
+    from pipelines import dag
+
+    def make(*overrides: str, n: int = 12):
+        return dag.load(
+            REPO / "pipelines" / "demo.yaml",
+            [
+                f"output={tmp_path / 'out'}",
+                f"source.n={n}",
+                f"source.cache_dir={tmp_path / 'inputs'}",
+                "source.max_side=256",
+                "shards.max_samples=4",
+                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                *overrides,
+            ],
+        )
+
+    return make

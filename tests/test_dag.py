@@ -1,0 +1,60 @@
+"""DAG loading: defaults, dotted overrides, clear errors, the recipe digest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines import dag
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "pipelines" / "demo.yaml"
+
+
+def test_demo_dag_resolves_with_overrides():
+    cfg = dag.load(DEMO, ["shards.max_samples=3", "stages.1.params.canny_low=50", "stages.degrade.params.canny_high=90"])
+    assert cfg.shards.max_samples == 3
+    stages = dag.stages(cfg)
+    assert [s.name for s in stages] == ["decode", "degrade"]
+    assert stages[1].params["canny_low"] == 50 and stages[1].params["canny_high"] == 90
+    assert {s.name: s.needs for s in dag.subsets(cfg)} == {"t2i": ("decode",), "i2i": ("decode", "degrade")}
+    assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db" and cfg.max_error_rate == 0.05
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stages: [{op: nope}]\nsubsets: {t2i: {}}", "unknown op 'nope'"),
+        ("stages: [{op: decode}]\nsubsets: {x2y: {}}", "unknown subset 'x2y'"),
+        ("stages: [{op: decode}]\nsubsets: {t2i: {needs: [degrade]}}", "needs stage 'degrade'"),
+        ("stages: [{op: degrade}]\nsubsets: {t2i: {}}", "first stage must be a 'decode'"),
+        ("stages: [{op: decode}, {op: decode}]\nsubsets: {t2i: {}}", "unique"),
+        ("stages: [{op: decode}]\nsubsets: {}", "writes no subsets"),
+        ("stages: [{op: decode}]\nsubsets: {t2i: {}}\nmax_error_rate: 2", "max_error_rate"),
+    ],
+)
+def test_bad_dags_fail_with_a_clear_message(tmp_path, text, message):
+    path = tmp_path / "dag.yaml"
+    path.write_text(text)
+    with pytest.raises(dag.DagError, match=message):
+        dag.load(path)
+
+
+def test_recipe_digest_tracks_content_not_placement():
+    base = dag.config_digest(dag.load(DEMO))
+    assert dag.config_digest(dag.load(DEMO, ["output=/elsewhere", "stages.0.resources.num_cpus=0.5",
+                                             "ray.num_cpus=8", "shards.max_samples=7"])) == base
+    assert dag.config_digest(dag.load(DEMO, ["seed=1"])) != base
+    assert dag.config_digest(dag.load(DEMO, ["stages.1.params.canny_high=150"])) != base
+
+
+def test_cli_takes_overrides_anywhere(tmp_path, monkeypatch):
+    from orchestration import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_datagen_run", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["datagen", "run", str(DEMO), "seed=3", "--output", "x", "a.b=1"]) == 0
+    assert seen["overrides"] == ["seed=3", "a.b=1"] and seen["output"] == "x"
+    with pytest.raises(SystemExit):
+        cli.main(["datagen", "run", str(DEMO), "--bogus"])
