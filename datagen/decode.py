@@ -9,6 +9,7 @@ EXIF rotations, thumbnails. Failures raise :class:`BadInput` with a stable
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -47,6 +48,15 @@ def read_bytes(uri: str, offset: int | None = None, size: int | None = None) -> 
         raise BadInput("NotAFile", f"{uri} is a directory") from exc
     except PermissionError as exc:
         raise BadInput("Unreadable", f"{uri}: {exc}") from exc
+
+
+def _pil_open(fp: io.BytesIO) -> Image.Image:
+    """PIL's own ``Image.open``. Importing ultralytics replaces it with a
+    version that tries to pip-install a HEIF plugin whenever a file is not an
+    image; a corrupt input must become a quarantine record, not an install."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    return (original or Image.open)(fp)
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -90,7 +100,7 @@ def decode_image(data: bytes, params: DecodeParams = DecodeParams()) -> np.ndarr
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = _pil_open(io.BytesIO(data))
             width, height = img.size
             if width * height > params.max_pixels:
                 raise BadInput(

@@ -9,6 +9,7 @@ Only names and offsets travel through the driver, never pixels.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import tarfile
@@ -215,15 +216,14 @@ def _base_demo_images() -> list[tuple[str, Image.Image, str]]:
         except Exception:  # an image that would need a download: skip it, offline
             continue
         out.append((name, Image.fromarray(np.asarray(arr)).convert("RGB"), caption))
-    try:
-        import ultralytics
-
-        assets = Path(ultralytics.__file__).parent / "assets"
+    # Locate ultralytics' assets without importing it: its import patches
+    # PIL.Image.open to pip-install plugins and does network look-ups.
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is not None and spec.submodule_search_locations:
+        assets = Path(next(iter(spec.submodule_search_locations))) / "assets"
         for name, caption in _ULTRALYTICS_IMAGES.items():
             if (assets / name).exists():
                 out.append((Path(name).stem, Image.open(assets / name).convert("RGB"), caption))
-    except ImportError:
-        pass
     if not out:
         raise SourceError("no demo images found: scikit-image or ultralytics must be installed")
     return out

@@ -358,3 +358,15 @@ def test_decode_op_missing_caption_and_rejects(folder, tmp_path):
     with pytest.raises(BadInput) as info:
         DecodeOp()(_row(tmp_path / "gone.jpg"))
     assert info.value.error == "MissingFile"
+
+
+def test_non_image_is_quarantined_even_after_ultralytics_patched_pil():
+    """ultralytics replaces PIL.Image.open with one that pip-installs a HEIF
+    plugin on unknown files; decode must not go through it."""
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+    from PIL import Image
+
+    assert Image.open.__module__ == "ultralytics.utils.patches"
+    with pytest.raises(BadInput) as info:
+        decode_image(b"definitely not an image" * 10)
+    assert info.value.error == "NotAnImage"
