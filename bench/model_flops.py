@@ -1,0 +1,256 @@
+"""Training FLOPs per token of Next-DiT configs, and measured MFU on a CUDA GPU.
+
+FLOPs per image token follow torchtitan: ``6 N + 12 L D S``, with N the parameters that act
+on every image token (adaLN modulation and the embedders are left out: modulation runs once
+per view, the timestep/caption embedders once per view/sample). A "detailed" column counts
+what the model really multiplies: text k/v projections run on the caption tokens only,
+cross-attention adds ``12 L D S_text``, modulation is amortised over a view's tokens.
+
+    .venv/bin/python bench/model_flops.py                   # table; MFU if CUDA is present
+    .venv/bin/python bench/model_flops.py --views 2 --image 1024 --precision autocast
+
+MFU = achieved FLOPs / peak dense bf16 FLOPs of the GPU (read from its device name).
+Training step measured: per-block activation checkpointing and per-block torch.compile,
+AdamW, the largest batch in --batches that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import NextDiT, config_names, count_parameters, flops_per_token, get_config  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks, from NVIDIA's datasheets; first match wins.
+PEAK_BF16: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM (device name "NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),
+]
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16 if key in device_name), None)
+
+
+def build_meta(name: str) -> NextDiT:
+    with torch.device("meta"):
+        return NextDiT(get_config(name))
+
+
+def detailed_flops_per_token(model: NextDiT, seq_len: int, views: int, text_len: int) -> float:
+    """Matmul FLOPs per image token, counting text-side work on the text tokens only."""
+    cfg = model.config
+    text_kv = sum(
+        p.numel() for n, p in model.named_parameters() if ".to_k_text." in n or ".to_v_text." in n
+    )
+    modulation = sum(p.numel() for n, p in model.named_parameters() if ".modulation." in n)
+    per_token = count_parameters(model, flops_only=True) - text_kv
+    tokens_per_view = seq_len / views
+    return (
+        6.0 * per_token
+        + 6.0 * text_kv * text_len / seq_len
+        + 6.0 * modulation / tokens_per_view
+        + 12.0 * cfg.depth * cfg.hidden_size * (seq_len + text_len)
+    )
+
+
+def flops_table(views: int, image: int, text_len: int) -> None:
+    latent = image // 8
+    print(
+        f"FLOPs per image token, {views} view(s) of {image}x{image} "
+        f"(latent {latent}x{latent}), caption {text_len} tokens"
+    )
+    header = f"{'config':<20}{'params':>10}{'N (flops)':>12}{'S':>7}{'6N':>10}{'12LDS':>10}"
+    print(header + f"{'FLOPs/token':>13}{'detailed':>11}{'per sample':>13}")
+    for name in config_names():
+        model = build_meta(name)
+        cfg = model.config
+        seq = views * (latent // cfg.patch_size[1]) * (latent // cfg.patch_size[2])
+        n_all, n = count_parameters(model), count_parameters(model, flops_only=True)
+        fpt = flops_per_token(model, seq)
+        det = detailed_flops_per_token(model, seq, views, text_len)
+        attn = 12.0 * cfg.depth * cfg.hidden_size * seq
+        print(
+            f"{name:<20}{n_all / 1e6:>9.1f}M{n / 1e6:>11.1f}M{seq:>7}{6 * n / 1e9:>9.2f}G"
+            f"{attn / 1e9:>9.2f}G{fpt / 1e9:>12.2f}G{det / 1e9:>10.2f}G{fpt * seq / 1e12:>11.2f}TF"
+        )
+
+
+class Checkpointed(nn.Module):
+    """Recompute one block in backward (what the trainer does per block)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def measure_step(
+    name: str,
+    device: torch.device,
+    batch: int,
+    views: int,
+    latent: int,
+    text_len: int,
+    precision: str,
+    compile_blocks: bool,
+    steps: int,
+    warmup: int,
+) -> dict[str, float]:
+    """Seconds per AdamW training step and achieved FLOP/s (headline FLOPs/token)."""
+    model = build_meta(name)
+    model.to_empty(device=device)
+    model.init_weights()
+    dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
+    model.to(dtype)
+    for i, block in enumerate(model.layers):
+        if compile_blocks:
+            block.compile()
+        model.layers[i] = Checkpointed(block)
+    cfg = model.config
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    data_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
+    x = torch.randn(batch, views, cfg.in_channels, latent, latent, device=device, dtype=data_dtype)
+    eps = torch.randn_like(x)
+    t = torch.rand(batch, views, device=device)
+    text = torch.randn(batch, text_len, cfg.caption_dim, device=device, dtype=data_dtype)
+    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+    mask[:, text_len // 2 :] = False
+    tt = t[..., None, None, None].to(data_dtype)
+    x_t, target = (1 - tt) * x + tt * eps, eps - x
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "autocast")
+
+    def step() -> None:
+        with autocast:
+            pred = model(x_t, t, text, mask)
+        loss = (pred.float() - target.float()).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    seq = views * (latent // cfg.patch_size[1]) * (latent // cfg.patch_size[2])
+    flops = flops_per_token(model, seq) * seq * batch
+    return {
+        "batch": batch,
+        "seconds": seconds,
+        "flops_per_step": flops,
+        "achieved": flops / seconds,
+    }
+
+
+def measure_mfu(args: argparse.Namespace) -> None:
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = peak_bf16_flops(name)
+    latent = args.image // 8
+    print(
+        f"\nMeasured training step: {args.config}, {args.views} views of {args.image}px, "
+        f"{args.precision}, checkpointing per block, compile={not args.no_compile}, on {name}"
+    )
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    for batch in args.batches:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            r = measure_step(
+                args.config,
+                device,
+                batch,
+                args.views,
+                latent,
+                args.text_len,
+                args.precision,
+                not args.no_compile,
+                args.steps,
+                args.warmup,
+            )
+        except torch.cuda.OutOfMemoryError:
+            print(f"  batch {batch}: out of memory, trying smaller")
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        print(f"  batch {batch}: {r['seconds'] * 1e3:.0f} ms/step, peak memory {mem:.1f} GiB")
+        print(f"  achieved {r['achieved'] / 1e12:.1f} TFLOP/s")
+        if peak is None:
+            print(f"  MFU: unknown peak bf16 FLOPs for {name!r} (add it to PEAK_BF16)")
+        else:
+            print(
+                f"  MFU {100 * r['achieved'] / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s dense bf16"
+            )
+        return
+    print("  no batch size fitted")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="onediffusion-2.8b", choices=config_names())
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--image", type=int, default=512, help="image side in pixels (VAE /8)")
+    parser.add_argument("--text-len", type=int, default=300)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 8, 4, 2, 1])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--precision", choices=["bf16-params", "autocast", "fp32"], default="bf16-params"
+    )
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args(argv)
+
+    flops_table(args.views, args.image, args.text_len)
+    model = build_meta("onediffusion-2.8b")
+    seq = args.views * (args.image // 16) ** 2
+    print(
+        f"\nonediffusion-2.8b: {count_parameters(model) / 1e9:.3f}B parameters, "
+        f"{flops_per_token(model, seq) / 1e9:.2f} GFLOPs per token at S={seq} "
+        f"({flops_per_token(model, seq) * seq / 1e12:.1f} TFLOPs per sample per step)"
+    )
+
+    if torch.cuda.is_available():
+        measure_mfu(args)
+        return
+    print("\nMFU needs CUDA (none here). Exercising the same step on CPU with `tiny`:")
+    torch.set_num_threads(1)
+    r = measure_step(
+        "tiny",
+        torch.device("cpu"),
+        batch=2,
+        views=2,
+        latent=16,
+        text_len=8,
+        precision="fp32",
+        compile_blocks=False,
+        steps=3,
+        warmup=1,
+    )
+    print(
+        f"  tiny, batch 2, 2 views of 16x16 latents: {r['seconds'] * 1e3:.0f} ms/step, "
+        f"{r['achieved'] / 1e9:.2f} GFLOP/s achieved"
+    )
+
+
+if __name__ == "__main__":
+    main()
