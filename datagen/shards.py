@@ -45,6 +45,10 @@ INDEX_SCHEMA = pa.schema(
         ("fields", pa.list_(pa.string())),
         ("tar_bytes", pa.int64()),
         ("tar_sha256", pa.string()),
+        # Byte range of the sample's members (headers included) inside the tar:
+        # training reads any run of consecutive samples with one range request.
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -99,9 +103,16 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def tar_bytes(samples: list[tuple[str, Mapping[str, bytes]]]) -> bytes:
     """A reproducible tar: members sorted per sample, fixed mtime/owner, so the
     same samples always give the same bytes and the same checksum."""
+    return tar_with_ranges(samples)[0]
+
+
+def tar_with_ranges(samples: list[tuple[str, Mapping[str, bytes]]]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The tar and each sample's (offset, length) in it."""
     buf = io.BytesIO()
+    ranges: list[tuple[int, int]] = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, files in samples:
+            start = tar.offset
             for name in sorted(files):
                 data = files[name]
                 info = tarfile.TarInfo(f"{key}.{name}")
@@ -110,7 +121,8 @@ def tar_bytes(samples: list[tuple[str, Mapping[str, bytes]]]) -> bytes:
                 info.mode = 0o444
                 info.uname = info.gname = "onegen"
                 tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+            ranges.append((start, tar.offset - start))
+    return buf.getvalue(), ranges
 
 
 def digest_name(subset: str, keys: Iterable[str]) -> str:
@@ -129,7 +141,7 @@ def commit_shard(out: str, subset: str, samples: list[tuple[str, Mapping[str, by
     """Write one tar and then its index. Each sample must already be validated."""
     fs, root = filesystem(out)
     name = digest_name(subset, [k for k, _ in samples])
-    data = tar_bytes(samples)
+    data, ranges = tar_with_ranges(samples)
     sha = hashlib.sha256(data).hexdigest()
     atomic_write(fs, f"{root}/{subset}/{name}.tar", data)
     index = pa.table(
@@ -141,6 +153,8 @@ def commit_shard(out: str, subset: str, samples: list[tuple[str, Mapping[str, by
             "fields": [sorted(files) for _, files in samples],
             "tar_bytes": [len(data)] * len(samples),
             "tar_sha256": [sha] * len(samples),
+            "offset": [o for o, _ in ranges],
+            "length": [n for _, n in ranges],
         },
         schema=INDEX_SCHEMA,
     )
@@ -370,6 +384,15 @@ def verify(out: str, subsets: list[str] | None = None) -> VerifyReport:
             keys = [k for k, _ in samples]
             if keys != [row["key"] for row in index]:
                 report.defects.append(f"{subset}/{name}: keys in the tar differ from its index")
+            for row in index:
+                chunk = data[row["offset"] : row["offset"] + row["length"]]
+                try:
+                    got = read_tar_samples(chunk + b"\0" * 1024)
+                except (tarfile.TarError, EOFError, OSError):
+                    got = []
+                if [k for k, _ in got] != [row["key"]]:
+                    report.defects.append(f"{subset}/{name}: byte range of {row['key']} is wrong")
+                    break
             for key, files in samples:
                 report.checked_samples += 1
                 seen[key] += 1

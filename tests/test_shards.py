@@ -82,3 +82,18 @@ def test_verify_flags_duplicates_missing_manifest_and_schema_breaks(tmp_path):
     shards.commit_shard(str(bad), "t2i", [(key, files)])
     shards.write_manifest(str(bad), "t2i", {})
     assert any("does not parse" in d for d in shards.verify(str(bad)).defects)
+
+
+def test_index_byte_ranges_address_each_sample(tmp_path):
+    out = str(tmp_path)
+    samples = [_sample(f"k{i:03d}", caption="x" * (i * 300)) for i in range(4)]
+    info = shards.commit_shard(out, "t2i", samples)
+    data = (tmp_path / "t2i" / f"{info.name}.tar").read_bytes()
+    rows = shards.read_indexes(out, "t2i").to_pylist()
+    for (key, files), row in zip(samples, rows, strict=True):
+        chunk = data[row["offset"] : row["offset"] + row["length"]] + b"\0" * 1024
+        assert shards.read_tar_samples(chunk) == [(key, dict(files))]
+    # One range covering samples 1..2 reads exactly those two.
+    start = rows[1]["offset"]
+    end = rows[2]["offset"] + rows[2]["length"]
+    assert [k for k, _ in shards.read_tar_samples(data[start:end] + b"\0" * 1024)] == ["k001", "k002"]
