@@ -18,9 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/onegen datagen run pipelines/demo.yaml --output data/demo
 	$(VENV)/bin/onegen datagen verify data/demo
+	$(VENV)/bin/onegen train fit --config training/configs/demo.yaml
 	@echo
 	@echo "shards:        data/demo/<subset>/*.tar   (status: .venv/bin/onegen datagen status data/demo)"
 	@echo "contact sheet: data/demo/_preview.png"
+	@echo "checkpoints:   runs/demo/checkpoints/   (sample: .venv/bin/onegen sample --checkpoint <ckpt> --task text2image --out samples/)"
 	@echo "MLflow runs:   mlflow.db   (review: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 test: $(STAMP)
@@ -35,4 +37,4 @@ bench: $(STAMP)
 	$(PY) bench/datagen_throughput.py
 
 clean:
-	rm -rf data/demo mlflow.db mlruns .pytest_cache
+	rm -rf data/demo runs mlflow.db mlruns .pytest_cache

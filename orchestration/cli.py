@@ -1,4 +1,4 @@
-"""``onegen``: the user's surface for datagen (and, later, training)."""
+"""``onegen``: the user's surface for datagen, training and sampling."""
 
 from __future__ import annotations
 
@@ -78,6 +78,48 @@ def _datagen_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_fit(args: argparse.Namespace) -> int:
+    from training.fit import ConfigError, fit, load_config, print_result
+
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+    except (ConfigError, ValueError) as exc:
+        print(f"onegen train fit: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        result = fit(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"onegen train fit: error: {exc}", file=sys.stderr)
+        return 1
+    print_result(result)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from training.fit import ConfigError, sample_from_checkpoint
+
+    try:
+        paths = sample_from_checkpoint(
+            args.checkpoint,
+            args.task,
+            args.out,
+            image=args.image,
+            prompt=args.prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            size=args.size,
+            seed=args.seed,
+            weights=args.weights,
+            device=args.device,
+        )
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"onegen sample: error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onegen", description="One-Gen datagen and training")
     top = p.add_subparsers(dest="command", required=True)
@@ -106,6 +148,27 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("--out", default="preview.png")
     pv.add_argument("--samples", type=int, default=4, help="samples per subset")
     pv.set_defaults(func=_datagen_preview)
+
+    train = top.add_parser("train", help="fit the model with Lightning (FSDP2 when devices > 1)").add_subparsers(
+        dest="action", required=True)
+    f = train.add_parser("fit", help="run a fit from an OmegaConf YAML (resume: resume=last)")
+    f.add_argument("--config", required=True, type=Path, help="training/configs/<cfg>.yaml")
+    f.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
+    f.set_defaults(func=_train_fit)
+
+    sm = top.add_parser("sample", help="generate with a checkpoint's EMA weights, write PNGs")
+    sm.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded .ckpt folder")
+    sm.add_argument("--task", required=True, help="e.g. text2image, depth2image (no brackets needed)")
+    sm.add_argument("--image", help="condition image (view 1; view 0 is generated)")
+    sm.add_argument("--prompt", default="a photo", help="caption after the task token")
+    sm.add_argument("--out", required=True, help="output folder")
+    sm.add_argument("--steps", type=int, help="Euler steps (default: the config's samples.steps)")
+    sm.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    sm.add_argument("--size", type=int, help="square output side in pixels (multiple of 16)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--weights", choices=["ema", "model"], default="ema")
+    sm.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    sm.set_defaults(func=_sample)
     return p
 
 

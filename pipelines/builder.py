@@ -1,10 +1,11 @@
 """Turn a DAG into a Ray Data plan: manifest -> stages -> shard sink.
 
-Cheap CPU stages become task ``map_batches`` (Ray fuses consecutive ones into
-one task: no serialisation between them); stages with an ``actors`` pool
-become actor ``map_batches`` so a model is loaded once per actor and can ask
-for (fractional) GPUs. The sink writes shards from inside the tasks and emits
-summary rows only.
+Consecutive cheap CPU stages with the same resources become one task
+``map_batches`` that runs them one after another (and the shard sink too when
+they end the DAG), so rows stay Python objects from decode to shard; stages
+with an ``actors`` pool become actor ``map_batches`` so a model is loaded once
+per actor and can ask for (fractional) GPUs. The sink writes shards from
+inside the tasks and emits summary rows only.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import ray.data
 from omegaconf import DictConfig
 
 from pipelines import dag
+from pipelines.ops import build_op
 from pipelines.sink import write_batch
-from pipelines.stage import StageFn, stage_task
+from pipelines.stage import StageFn, stages_task
 
 
 def input_rows(manifest: pa.Table, todo: list[list[str]]) -> pa.Table:
@@ -37,61 +39,95 @@ def process_rows(rows_table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     return ray.data.from_arrow(blocks or [rows_table])
 
 
+def _task_groups(stages: list[dag.Stage], max_samples: int) -> list[list[dag.Stage]]:
+    """Runs of consecutive task stages that ask for the same resources and batch
+    size (the stages Ray would fuse into one task anyway); actor stages alone."""
+    groups: list[list[dag.Stage]] = []
+    for stage in stages:
+        last = groups[-1][-1] if groups else None
+        if (last is not None and not stage.actors and not last.actors
+                and (stage.num_cpus, stage.num_gpus, stage.batch_size or max_samples)
+                == (last.num_cpus, last.num_gpus, last.batch_size or max_samples)):
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+def stages_and_sink_task(batch: dict[str, Any], *, stages: list[dict[str, Any]],
+                         sink: dict[str, Any]) -> dict[str, Any]:
+    """The last cheap stages and the shard writer in one call: no Arrow round
+    trip of images and encoded files between them."""
+    return write_batch(stages_task(batch, stages=stages), **sink)
+
+
 def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
     """The whole plan; iterate it to run. ``out`` must be absolute (workers'
     working folders differ from the driver's)."""
     max_samples = int(cfg.shards.max_samples)
     stages = dag.stages(cfg)
     first = stages[0].name
+    sink = {
+        "out": out,
+        "subsets": dag.subsets(cfg),
+        "first_stage": first,
+        "max_samples": max_samples,
+        "max_bytes": int(cfg.shards.max_bytes),
+    }
     ds = process_rows(rows_table, max_samples)
-    for stage in stages:
-        needs = (first,) if stage.name != first else ()
+    groups = _task_groups(stages, max_samples)
+    sink_done = False
+    for i, group in enumerate(groups):
+        head = group[0]
         kwargs: dict[str, Any] = {
-            "batch_size": stage.batch_size or max_samples,
+            "batch_size": head.batch_size or max_samples,
             "batch_format": "numpy",
-            "num_cpus": stage.num_cpus,
+            "num_cpus": head.num_cpus,
         }
-        if stage.num_gpus:
-            kwargs["num_gpus"] = stage.num_gpus
-        args = {"op_name": stage.op, "stage": stage.name, "params": stage.params,
-                "seed": int(cfg.seed), "needs": needs}
-        if stage.actors:
-            ds = ds.map_batches(StageFn, fn_constructor_kwargs=args, concurrency=stage.actors, **kwargs)
+        if head.num_gpus:
+            kwargs["num_gpus"] = head.num_gpus
+        args = [{"op_name": s.op, "stage": s.name, "params": s.params, "seed": int(cfg.seed),
+                 "needs": (first,) if s.name != first else ()} for s in group]
+        if head.actors:
+            ds = ds.map_batches(StageFn, fn_constructor_kwargs=args[0], concurrency=head.actors, **kwargs)
+        elif i == len(groups) - 1 and not head.num_gpus and kwargs["batch_size"] == max_samples:
+            ds = ds.map_batches(stages_and_sink_task, fn_kwargs={"stages": args, "sink": sink}, **kwargs)
+            sink_done = True
         else:
-            ds = ds.map_batches(stage_task, fn_kwargs=args, **kwargs)
-    return ds.map_batches(
-        write_batch,
-        fn_kwargs={
-            "out": out,
-            "subsets": dag.subsets(cfg),
-            "first_stage": first,
-            "max_samples": max_samples,
-            "max_bytes": int(cfg.shards.max_bytes),
-        },
-        batch_size=max_samples,
-        batch_format="numpy",
-        num_cpus=stages[-1].num_cpus if not stages[-1].actors else 1,
-    )
+            ds = ds.map_batches(stages_task, fn_kwargs={"stages": args}, **kwargs)
+    if not sink_done:
+        ds = ds.map_batches(write_batch, fn_kwargs=sink, batch_size=max_samples, batch_format="numpy",
+                            num_cpus=stages[-1].num_cpus if not stages[-1].actors else 1)
+    if not any(s.actors for s in stages):
+        # One task operator whose outputs are a few summary rows: nothing for
+        # Ray Data's per-operator resource reservation to balance, and it costs
+        # throughput (Ray 2.60, measured on 2 cores): it admits a single task
+        # until its first view of the cluster's CPUs (~1 s), and afterwards a
+        # freed CPU waits for the executor's next scheduling round (0.15-0.2 s
+        # idle per task). Without it, tasks wait in Ray's own queue and each
+        # starts the moment a CPU frees. Plans with actor stages keep it: it
+        # bounds what upstream stages buffer ahead of a slower model stage.
+        # ``ds.context`` is this plan's own copy, not the global DataContext.
+        ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def run_in_process(cfg: DictConfig, rows_table: pa.Table, out: str) -> list[dict[str, Any]]:
-    """The same plan without Ray: one process, block by block. The baseline of
-    ``bench/datagen_throughput.py`` and a debugging aid (pdb works here)."""
-    from pipelines.stage import batch_to_rows, object_column
+    """The same plan without Ray: one process, block by block, the same per-row
+    work as :func:`build`. The baseline of ``bench/datagen_throughput.py`` and
+    a debugging aid (pdb works here)."""
+    from pipelines.stage import apply_stages, batch_to_rows, object_column
 
     max_samples = int(cfg.shards.max_samples)
     stages = dag.stages(cfg)
     first = stages[0].name
-    fns = [StageFn(s.op, s.name, s.params, int(cfg.seed), (first,) if s.name != first else ())
+    ops = [(build_op(s.op, int(cfg.seed), s.params), s.name, (first,) if s.name != first else ())
            for s in stages]
     summaries: list[dict[str, Any]] = []
     for start in range(0, rows_table.num_rows, max_samples):
         block = rows_table.slice(start, max_samples).to_pydict()
         batch = {k: object_column(v) for k, v in block.items()}
-        for fn in fns:
-            batch = fn(batch)
         summaries.extend(batch_to_rows(write_batch(
-            batch, out=out, subsets=dag.subsets(cfg), first_stage=first, max_samples=max_samples,
-            max_bytes=int(cfg.shards.max_bytes))))
+            apply_stages(ops, batch), out=out, subsets=dag.subsets(cfg), first_stage=first,
+            max_samples=max_samples, max_bytes=int(cfg.shards.max_bytes))))
     return summaries
-

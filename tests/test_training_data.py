@@ -1,0 +1,533 @@
+"""The training DataModule: batch contract, mixing, determinism, resume, corrupt shards.
+
+Fast tests use small synthetic shards written with ``datagen.shards.commit_shard``
+(real JPEG/PNG bytes); one test reads shards made by the real demo DAG on Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from datagen import shards
+from datagen.schema import make_meta, palette_rgb
+from training import tasks as T
+from training.data import (
+    DataConfig,
+    OneGenDataModule,
+    OneGenStream,
+    decode_view,
+    load_view,
+    nearest_bucket,
+)
+from training.sampling import batch_rng, build_subset_index, mix_weights, plan_window
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKETS = [[32, 32], [32, 48], [48, 32]]
+SIZES = [(40, 60), (60, 40), (48, 48), (128, 192), (96, 64)]  # (H, W)
+
+
+# --- synthetic shards -----------------------------------------------------------------------
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (4, 4, 3)).astype(np.uint8)
+    return cv2.resize(base, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _jpg(img: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def _png(img: np.ndarray) -> bytes:
+    if img.ndim == 3:
+        img = img[:, :, ::-1]
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def _meta(key: str, subset: str, tokens: list[str], **extra) -> bytes:
+    return json.dumps(make_meta(key, subset, f"/in/{key}.jpg", tokens, **extra)).encode()
+
+
+def make_sample(subset: str, i: int) -> tuple[str, dict[str, bytes]]:
+    key = f"{subset}_{i:05d}"
+    h, w = SIZES[i % len(SIZES)]
+    img = _image(h, w, seed=hash(key) % 2**32)
+    cap = f"caption of {key}"
+    common = {"caption": cap, "width": w, "height": h}
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    if subset == "t2i":
+        return key, {"jpg": _jpg(img), "txt": cap.encode(), "json": _meta(key, "t2i", ["[[text2image]]"], **common)}
+    if subset == "i2i":
+        tokens = ["[[canny2image]]", "[[hed2img]]", "[[deblurring]]", "[[image_inpainting]]"]
+        return key, {"jpg": _jpg(img), "canny.png": _png(cv2.Canny(gray, 50, 100)), "hed.png": _png(gray),
+                     "blur.jpg": _jpg(cv2.GaussianBlur(img, (0, 0), 2)),
+                     "lowres.jpg": _jpg(img[::2, ::2]), "masked.jpg": _jpg(img // 2),
+                     "mask.png": _png(np.zeros((h, w), np.uint8)),
+                     "json": _meta(key, "i2i", tokens, degradations={}, **common)}
+    if subset == "semantic":
+        sem = np.zeros((h, w, 3), np.uint8)
+        sem[: h // 2, : w // 2] = palette_rgb(0)
+        sem[h // 2 :, w // 2 :] = palette_rgb(1)
+        entities = [{"label": "cat", "color": "red", "box": [0, 0, w // 2, h // 2]},
+                    {"label": "dog", "color": "lime", "box": [w // 2, h // 2, w, h]}]
+        return key, {"jpg": _jpg(img), "semantic.png": _png(sem), "boxes.png": _png(sem),
+                     "json": _meta(key, "semantic", ["[[semanticmap2image]]", "[[boundingbox2image]]"],
+                                   entities=entities, **common)}
+    if subset == "depth":
+        depth = np.zeros((h, w), np.uint16)
+        depth[:, w // 2 :] = 65535
+        return key, {"jpg": _jpg(img), "depth.png": _png(depth),
+                     "json": _meta(key, "depth", ["[[depth2image]]"], depth_model="test", **common)}
+    if subset == "pose":
+        return key, {"jpg": _jpg(img), "pose.png": _png(np.zeros((h, w, 3), np.uint8)),
+                     "json": _meta(key, "pose", ["[[pose2image]]"], people=[], **common)}
+    if subset == "faceid":
+        n = 2 + i % 3
+        files = {f"img{v}.jpg": _jpg(_image(h, w, seed=i * 10 + v)) for v in range(n)}
+        files["json"] = _meta(key, "faceid", ["[[faceid]]"], identity=f"id{i}",
+                              captions=[f"person {i} view {v}" for v in range(n)], num_views=n)
+        return key, files
+    raise ValueError(subset)
+
+
+def write_subset(out: str, subset: str, shard_sizes: list[int]) -> None:
+    i = 0
+    for n in shard_sizes:
+        shards.commit_shard(out, subset, [make_sample(subset, i + j) for j in range(n)])
+        i += n
+    shards.write_manifest(out, subset, {})
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("synth") / "out")
+    write_subset(out, "t2i", [8, 8, 5])
+    write_subset(out, "i2i", [8, 7, 8])
+    write_subset(out, "semantic", [6])
+    write_subset(out, "depth", [6])
+    write_subset(out, "pose", [5])
+    write_subset(out, "faceid", [9])
+    return out
+
+
+def cfg(out: str, **kw) -> dict:
+    base = {"paths": {"t2i": out, "i2i": out}, "batch_size": 4, "num_workers": 0, "seed": 7,
+            "buckets": BUCKETS, "reads_per_batch": 2, "caption_dropout": 0.2}
+    base.update(kw)
+    return base
+
+
+def same_batch(a: dict, b: dict) -> bool:
+    return (torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["cond_mask"], b["cond_mask"])
+            and all(a[k] == b[k] for k in ("prompts", "tasks", "subsets", "keys", "skipped", "batch_index")))
+
+
+def take(loader, n: int) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            return out
+    raise AssertionError("the stream ended")
+
+
+# --- mixing ---------------------------------------------------------------------------------
+
+
+def test_default_mix_is_equal_budget_per_family():
+    assert mix_weights(["t2i", "i2i"]) == {"t2i": 0.5, "i2i": 0.5}
+    w = mix_weights(["t2i", "i2i", "depth", "faceid"])
+    assert w == pytest.approx({"t2i": 1 / 3, "i2i": 1 / 6, "depth": 1 / 6, "faceid": 1 / 3})
+    assert mix_weights(["t2i", "i2i"], {"t2i": 3.0}) == {"t2i": 1.0, "i2i": 0.0}
+    with pytest.raises(ValueError, match="no data configured"):
+        mix_weights(["t2i"], {"depth": 1.0})
+
+
+@pytest.mark.parametrize("mix", [None, {"t2i": 3.0, "i2i": 1.0}, {"t2i": 1.0, "i2i": 1.0, "depth": 2.0,
+                                                                   "faceid": 0.5}])
+def test_mixing_proportions_match_weights(synth, mix):
+    paths = {s: synth for s in (mix or {"t2i": 1, "i2i": 1})}
+    dm = OneGenDataModule(cfg(synth, paths=paths, mix=mix))
+    stream = dm.stream()
+    n = 2000
+    counts: dict[str, int] = {}
+    for k in range(n):
+        s = stream.plan_subset(k)
+        counts[s] = counts.get(s, 0) + 1
+    for subset, p in dm.probs.items():
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(counts.get(subset, 0) - n * p) <= 4 * sigma, (subset, counts, dm.probs)
+    # plan_subset is what make_batch uses
+    assert all(stream.make_batch(k)["subsets"][0] == stream.plan_subset(k) for k in range(6))
+
+
+def test_windows_cover_samples_uniformly(synth):
+    index = build_subset_index([synth], "t2i")  # shards of 8, 8, 5
+    rng = np.random.default_rng(0)
+    hits = np.zeros(index.num_samples)
+    draws = 6000
+    for _ in range(draws):
+        shard, first, stop = plan_window(rng, index, 4)
+        assert index.shard_start[shard] <= first < stop <= index.shard_start[shard + 1]
+        hits[first:stop] += 1
+    expected = hits.mean()
+    # each sample is covered by exactly `window` of the equally likely virtual starts
+    assert np.all(np.abs(hits - expected) < 5 * math.sqrt(expected)), hits
+
+
+# --- the batch contract ---------------------------------------------------------------------
+
+
+def test_batches_follow_the_contract(synth):
+    dm = OneGenDataModule(cfg(synth))
+    stream = dm.stream()
+    i2i_tasks = {"canny2image", "image2canny", "hed2img", "image2hed", "deblurring", "image_inpainting"}
+    seen_tasks, buckets = set(), set()
+    for k in range(24):
+        b = stream.make_batch(k)
+        B, V, C, H, W = b["pixels"].shape
+        assert (B, C) == (4, 3) and [H, W] in BUCKETS and b["pixels"].dtype == torch.float32
+        assert b["pixels"].min() >= -1 and b["pixels"].max() <= 1
+        assert b["cond_mask"].dtype == torch.bool and b["cond_mask"].shape == (B, V)
+        assert all(len(b[key]) == B for key in ("prompts", "tasks", "subsets", "keys"))
+        assert len(set(b["keys"])) == B and b["skipped"] == 0 and b["batch_index"] == k
+        subset = b["subsets"][0]
+        assert set(b["subsets"]) == {subset} and all(key.startswith(subset) for key in b["keys"])
+        if subset == "t2i":
+            assert V == 1 and not b["cond_mask"].any()
+            assert set(b["tasks"]) == {"text2image"}
+        else:
+            assert V == 2 and b["cond_mask"].tolist() == [[False, True]] * B
+            assert set(b["tasks"]) <= i2i_tasks
+        for task, prompt, key in zip(b["tasks"], b["prompts"], b["keys"], strict=True):
+            token = T.task_token(task)
+            assert prompt == token or prompt == f"{token} caption of {key}"  # caption dropout
+        seen_tasks.update(b["tasks"])
+        buckets.add((H, W))
+    assert {"text2image", "image2canny", "canny2image", "deblurring"} <= seen_tasks
+    assert len(buckets) >= 2
+
+
+def test_views_are_aligned_and_reverse_swaps_them(synth):
+    def first_i2i(**kw):
+        stream = OneGenDataModule(cfg(synth, mix={"i2i": 1.0}, batch_size=2, **kw)).stream()
+        return stream.make_batch(0)
+
+    fwd = first_i2i(tasks=["canny2image"])
+    rev = first_i2i(tasks=["image2canny"])
+    assert set(fwd["tasks"]) == {"canny2image"} and set(rev["tasks"]) == {"image2canny"}
+    assert fwd["keys"] == rev["keys"]  # the same draws, only the direction differs
+    assert torch.equal(fwd["pixels"][:, 0], rev["pixels"][:, 1])
+    assert torch.equal(fwd["pixels"][:, 1], rev["pixels"][:, 0])
+    canny = fwd["pixels"][:, 1]
+    assert torch.equal(canny[:, 0], canny[:, 1]) and torch.equal(canny[:, 0], canny[:, 2])  # gray -> 3 ch
+
+
+def test_other_subsets_decode_and_prompt(synth):
+    paths = {s: synth for s in ("semantic", "depth", "pose", "faceid")}
+    dm = OneGenDataModule(cfg(synth, paths=paths, mix={"semantic": 1, "depth": 1, "pose": 1, "faceid": 1},
+                              caption_dropout=0.0, reverse_prob=0.0))
+    stream = dm.stream()
+    got = set()
+    for k in range(24):
+        b = stream.make_batch(k)
+        subset, px = b["subsets"][0], b["pixels"]
+        got.add(subset)
+        if subset == "faceid":
+            V = px.shape[1]
+            assert 2 <= V <= 4 and b["cond_mask"].tolist() == [[False] + [True] * (V - 1)] * px.shape[0]
+            for prompt in b["prompts"]:
+                assert prompt.startswith("[[faceid]] [[img0]] person ")
+                assert f"[[img{V - 1}]]" in prompt and f"[[img{V}]]" not in prompt
+        elif subset == "depth":
+            assert set(b["tasks"]) == {"depth2image"}
+            depth = px[:, 1]
+            assert torch.all(depth[..., :2] == -1) and torch.all(depth[..., -2:] == 1)  # 16-bit, full range
+        elif subset == "semantic":
+            for task, prompt in zip(b["tasks"], b["prompts"], strict=True):
+                kind = "mask" if task == "semanticmap2image" else "boundingbox"
+                assert prompt.startswith(f"[[{task}]] <#FF0000 red {kind}: cat> <#00FF00 lime {kind}: dog>")
+            sem = px[[i for i, t in enumerate(b["tasks"]) if t == "semanticmap2image"], 1]
+            assert set(sem.unique().tolist()) <= {-1.0, 1.0}  # nearest resize keeps palette colours
+        else:
+            assert set(b["tasks"]) == {"pose2image"} and b["prompts"][0].startswith("[[pose2image]] caption")
+    assert got == {"semantic", "depth", "pose", "faceid"}
+
+
+def test_prompt_building_matches_the_release_format():
+    fwd, rev = T.forward_task("[[depth2image]]"), T.reverse_task("[[depth2image]]")
+    assert (fwd.name, fwd.views, fwd.cond_mask) == ("depth2image", ("jpg", "depth.png"), [False, True])
+    assert (rev.name, rev.views) == ("image2depth", ("depth.png", "jpg"))
+    assert T.build_prompt(fwd, "a room") == "[[depth2image]] a room"
+    assert T.build_prompt(rev, "a room") == "[[depth2image]] a room"
+    assert T.build_prompt(T.forward_task("[[text2image]]"), "a cat", drop_caption=True) == "[[text2image]]"
+    assert T.reverse_task("[[hed2img]]").name == "image2hed"
+    meta = {"entities": [{"label": "mouse", "color": "yellow"}, {"label": "moon", "color": "#00FFFF"},
+                         {"label": "sun"}]}
+    box = T.forward_task("[[boundingbox2image]]")
+    assert T.build_prompt(box, "sky", meta) == ("[[boundingbox2image]] <#FFFF00 yellow boundingbox: mouse> "
+                                                "<#00FFFF cyan boundingbox: moon> "
+                                                "<#0000FF blue boundingbox: sun> sky")
+    sem = T.reverse_task("[[semanticmap2image]]")
+    assert T.build_prompt(sem, "x", meta, drop_caption=True).endswith("<#0000FF blue mask: sun>")
+    face = T.faceid_task(3)
+    assert T.build_prompt(face, ["a", "b", "c"]) == "[[faceid]] [[img0]] a [[img1]] b [[img2]] c"
+    assert T.build_prompt(face, ["a", "b", "c"], drop_caption=True) == "[[faceid]] [[img0]] [[img1]] [[img2]]"
+    with pytest.raises(ValueError, match="palette"):
+        T.colour_tags([{"label": "x", "color": "beige"}], "mask")
+    pairs = T.candidate_tasks("i2i", ["jpg", "canny.png", "blur.jpg", "json"],
+                              {"tasks": ["[[canny2image]]", "[[hed2img]]", "[[deblurring]]"]})
+    assert [(f.name, r.name if r else None) for f, r in pairs] == [("canny2image", "image2canny"),
+                                                                  ("deblurring", None)]
+
+
+def test_geometry_cover_and_center_crop():
+    img = np.zeros((100, 300, 3), np.uint8)
+    img[:, 100:200] = 255  # a white centre third
+    view = decode_view(_png(img), "x.png", (64, 64))
+    assert view.shape == (3, 64, 64)
+    assert view.min() >= -1 and view.max() <= 1 and float(view.mean()) > 0.9  # crop keeps the centre
+    assert nearest_bucket(BUCKETS, 60, 40) == (32, 48) and nearest_bucket(BUCKETS, 40, 60) == (48, 32)
+    big = _image(256, 384, 1)  # JPEG decoded at a reduced DCT scale still fills the bucket
+    assert decode_view(_jpg(big), "jpg", (32, 48)).shape == (3, 32, 48)
+
+
+def test_reduced_jpeg_and_full_png_views_share_one_geometry():
+    """A JPEG decoded at 1/8 DCT scale and a full-size PNG map of the same frame
+    land on the same pixels: the crop box is aligned to the reduction."""
+    h, w = 256, 384
+    img = np.zeros((h, w, 3), np.uint8)
+    img[96:160, 200:264] = 255  # a white square off-centre
+    size = (32, 48)  # cover scale 1/8: the JPEG is decoded reduced
+    jpg = load_view(_jpg(img), "jpg", size, (w, h))
+    png = load_view(_png(img[:, :, 0]), "canny.png", size, (w, h))
+
+    def centroid(a: np.ndarray) -> np.ndarray:
+        m = a.astype(np.float64) if a.ndim == 2 else a.astype(np.float64).mean(axis=2)
+        ys, xs = np.mgrid[: m.shape[0], : m.shape[1]]
+        return np.array([(ys * m).sum() / m.sum(), (xs * m).sum() / m.sum()])
+
+    assert jpg.shape == (32, 48, 3) and png.shape == (32, 48)
+    assert np.abs(centroid(jpg) - centroid(png)).max() < 0.1  # well under a pixel
+    # pixel centres: source centre c lands on (c + 0.5) / 8 - 0.5 (square centre 127.5, 231.5)
+    assert np.abs(centroid(png) - np.array([128 / 8 - 0.5, 232 / 8 - 0.5])).max() < 0.1
+    # a frame that is wrong for the image (bad metadata): planned from the image itself
+    assert load_view(_jpg(img), "jpg", size, (1000, 1000)).shape == (32, 48, 3)
+
+
+def test_multiview_is_refused_clearly(tmp_path, synth):
+    out = str(tmp_path)
+    shards.write_manifest(out, "multiview", {})
+    dm = OneGenDataModule(cfg(synth, paths={"t2i": synth, "multiview": out}))
+    with pytest.raises(NotImplementedError, match="ray views"):
+        dm.setup()
+    with pytest.raises(ValueError, match="multiples of 16"):
+        DataConfig.from_any(cfg(synth, buckets=[[30, 30]]))
+
+
+# --- determinism and resume -----------------------------------------------------------------
+
+
+def test_same_seed_and_rank_are_identical_ranks_differ(synth):
+    a = take(OneGenDataModule(cfg(synth)).loader(), 6)
+    b = take(OneGenDataModule(cfg(synth)).loader(), 6)
+    assert all(same_batch(x, y) for x, y in zip(a, b, strict=True))
+    r1 = take(OneGenDataModule(cfg(synth, rank=1)).loader(), 6)
+    assert not any(x["keys"] == y["keys"] for x, y in zip(a, r1, strict=True))
+    s2 = take(OneGenDataModule(cfg(synth, seed=8)).loader(), 6)
+    assert not any(x["keys"] == y["keys"] for x, y in zip(a, s2, strict=True))
+
+
+def test_two_workers_give_the_single_process_order(synth):
+    single = take(OneGenDataModule(cfg(synth)).loader(), 8)
+    multi = take(OneGenDataModule(cfg(synth, num_workers=2, prefetch_factor=2)).loader(), 8)
+    assert [b["batch_index"] for b in multi] == list(range(8))
+    assert all(same_batch(x, y) for x, y in zip(single, multi, strict=True))
+
+
+def test_resume_yields_the_uninterrupted_batches(synth):
+    full = take(OneGenDataModule(cfg(synth)).loader(), 10)
+    resumed = take(OneGenDataModule(cfg(synth, num_workers=2), start_step=4).loader(), 6)
+    assert all(same_batch(x, y) for x, y in zip(full[4:], resumed, strict=True))
+    # gradient accumulation: step 3 of 2 batches/step starts at batch 6
+    dm = OneGenDataModule(cfg(synth, batches_per_step=2), start_step=3)
+    assert all(same_batch(x, y) for x, y in zip(full[6:], take(dm.loader(), 4), strict=True))
+    # through the DataModule's checkpoint state
+    state = dm.state_dict()
+    assert state["step"] == 3 and state["seed"] == 7
+    fresh = OneGenDataModule(cfg(synth, batches_per_step=2, seed=99))
+    with pytest.warns(UserWarning, match="seed"):
+        fresh.load_state_dict(state)
+    assert fresh.start_batch() == 6 and fresh.cfg.seed == 7
+    assert same_batch(take(fresh.loader(), 1)[0], full[6])
+
+
+def test_lightning_resume_continues_the_stream(synth, tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Recorder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple[int, tuple[str, ...]]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((batch["batch_index"], tuple(batch["keys"])))
+            return (self.w * batch["pixels"].mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(max_steps: int, ckpt: str | None = None) -> Recorder:
+        model, run_dir = Recorder(), tmp_path / ("resumed" if ckpt else "first")
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=2,
+                             logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[ModelCheckpoint(dirpath=run_dir, every_n_train_steps=1,
+                                                        save_top_k=-1)])
+        trainer.fit(model, datamodule=OneGenDataModule(cfg(synth)), ckpt_path=ckpt)
+        return model
+
+    whole = fit(4).seen
+    assert [k for k, _ in whole] == list(range(8))
+    ckpt = next(p for p in (tmp_path / "first").glob("*.ckpt") if "step=2" in p.name)
+    assert torch.load(ckpt, weights_only=False)["OneGenDataModule"]["step"] == 2
+    resumed = fit(4, str(ckpt)).seen
+    assert resumed == whole[4:]
+
+
+# --- broken data ----------------------------------------------------------------------------
+
+
+def _member(tar_path: Path, name: str) -> tarfile.TarInfo:
+    with tarfile.open(tar_path) as tar:
+        return next(m for m in tar.getmembers() if m.name == name)
+
+
+def test_corrupt_samples_are_skipped_and_counted(synth, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(Path(synth) / "t2i", out / "t2i")
+    tars = sorted((out / "t2i").glob("*.tar"))
+    index = {r["key"]: r for r in shards.read_indexes(str(out), "t2i").to_pylist()}
+    broken: set[str] = set()
+
+    def keys_of(tar: Path) -> list[str]:
+        return [k for k, r in index.items() if f"{r['shard']}.tar" == tar.name]
+
+    # 1. a truncated tar: every sample past the cut is unreadable
+    data = tars[0].read_bytes()
+    cut = len(data) // 2
+    tars[0].write_bytes(data[:cut])
+    broken |= {k for k in keys_of(tars[0]) if index[k]["offset"] + index[k]["length"] > cut}
+    # 2. a garbled member header (checksum fails) and 3. a JPEG payload that is no image
+    k1, k2, k3 = sorted(keys_of(tars[1]))[1:4]
+    raw = bytearray(tars[1].read_bytes())
+    hdr = _member(tars[1], f"{k1}.jpg").offset
+    raw[hdr : hdr + 8] = b"XXXXXXXX"
+    jpg = _member(tars[1], f"{k2}.jpg")
+    raw[jpg.offset_data : jpg.offset_data + 16] = bytes(16)
+    # 4. json metadata that does not parse (schema check)
+    js = _member(tars[1], f"{k3}.json")
+    raw[js.offset_data : js.offset_data + 1] = b"#"
+    tars[1].write_bytes(bytes(raw))
+    broken |= {k1, k2, k3}
+
+    dm = OneGenDataModule(cfg(str(out), paths={"t2i": str(out)}, batch_size=4, reads_per_batch=1))
+    skipped, keys = 0, set()
+    for k in range(40):
+        b = dm.stream().make_batch(k)
+        assert b["pixels"].shape[0] == 4 and len(b["keys"]) == 4  # still full
+        skipped += b["skipped"]
+        keys.update(b["keys"])
+    assert not keys & broken
+    assert skipped >= len(broken) // 2 and skipped > 0
+
+    # all data broken: a clear error, not a hang
+    for tar in tars:
+        tar.write_bytes(b"\0" * 10)
+    with pytest.raises(RuntimeError, match="shards look broken"):
+        OneGenDataModule(cfg(str(out), paths={"t2i": str(out)}, max_skipped_per_batch=8)).stream().make_batch(0)
+
+
+def test_index_without_byte_ranges_falls_back_to_scanning(synth, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(Path(synth) / "i2i", out / "i2i")
+    for idx in (out / "i2i").glob("*.parquet"):
+        table = pq.read_table(idx)
+        pq.write_table(table.drop_columns(["offset", "length"]), idx)
+    scanned, indexed = build_subset_index([str(out)], "i2i"), build_subset_index([synth], "i2i")
+    assert scanned.keys.equals(indexed.keys)
+    assert np.array_equal(scanned.offsets, indexed.offsets) and np.array_equal(scanned.lengths, indexed.lengths)
+    a = OneGenStream({"i2i": scanned}, {"i2i": 1.0}, DataConfig.from_any(cfg(synth))).make_batch(3)
+    b = OneGenStream({"i2i": indexed}, {"i2i": 1.0}, DataConfig.from_any(cfg(synth))).make_batch(3)
+    assert same_batch(a, b)
+
+
+def test_reads_fsspec_urls(synth):
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for path in sorted((Path(synth) / "t2i").iterdir()):
+        mem.pipe(f"/onegen-test/out/t2i/{path.name}", path.read_bytes())
+    url_cfg = cfg(synth, paths={"t2i": "memory://onegen-test/out"})
+    local = OneGenDataModule(cfg(synth, paths={"t2i": synth})).stream()
+    remote = OneGenDataModule(url_cfg).stream()
+    assert remote.indexes["t2i"].urls[0].startswith("memory://onegen-test/out/t2i/")
+    assert all(same_batch(local.make_batch(k), remote.make_batch(k)) for k in range(3))
+    mem.rm("/onegen-test", recursive=True)
+
+
+def test_task_filter_that_starves_a_subset_is_refused(synth):
+    with pytest.raises(ValueError, match="nothing to train"):
+        OneGenDataModule(cfg(synth, tasks=["canny2image"])).setup()  # t2i has no canny task
+
+
+def test_batch_rng_is_distinct_per_rank_and_step():
+    draws = {(r, k): batch_rng(0, r, k).random() for r in range(3) for k in range(50)}
+    assert len(set(draws.values())) == len(draws)
+    assert batch_rng(0, 1, 5).random() == batch_rng(0, 1, 5).random()
+    assert T.task_token("image2canny") == "[[canny2image]]" and T.task_token("hed2img") == "[[hed2img]]"
+
+
+# --- shards from the real demo DAG (Ray) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_out(ray_local, tmp_path_factory) -> str:
+    from orchestration.datagen_job import run
+    from pipelines import dag
+
+    tmp = tmp_path_factory.mktemp("demo")
+    config = dag.load(REPO / "pipelines" / "demo.yaml", [
+        f"output={tmp / 'out'}", "source.n=12", f"source.cache_dir={tmp / 'inputs'}", "source.max_side=256",
+        "shards.max_samples=4", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"])
+    return run(config, log=lambda *_: None).output
+
+
+@pytest.mark.slow
+def test_reads_the_demo_dag_output_end_to_end(demo_out):
+    dm = OneGenDataModule({"paths": demo_out, "batch_size": 4, "num_workers": 2, "seed": 0,
+                           "buckets": [[64, 64], [64, 96], [96, 64]], "reads_per_batch": 2})
+    dm.setup()
+    assert sorted(dm.probs) == ["i2i", "t2i"]
+    assert {s: i.num_samples for s, i in dm.indexes.items()} == {"t2i": 12, "i2i": 12}
+    demo_keys = {f"demo_{i:06d}" for i in range(12)}
+    subsets = set()
+    for b in take(dm.train_dataloader(), 10):
+        V = 1 if b["subsets"][0] == "t2i" else 2
+        assert b["pixels"].shape[:2] == (4, V) and b["skipped"] == 0
+        assert set(b["keys"]) <= demo_keys and b["pixels"].abs().max() <= 1
+        assert all(p.startswith("[[") for p in b["prompts"])
+        subsets.add(b["subsets"][0])
+    assert subsets == {"t2i", "i2i"}

@@ -1,0 +1,377 @@
+"""Callbacks: throughput and MFU, sample grids, checkpoints tagged in MLflow, a state report.
+
+Every callback here is safe under ``ModelParallelStrategy``: anything that runs a collective
+(a reduce, a gather, an FSDP forward) runs on every rank in the same order; only rank 0 writes
+files and talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from PIL import Image
+
+from model import count_parameters
+
+# Dense bf16 peaks per GPU (NVIDIA datasheets); first substring match of the device name wins.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+]
+
+
+def peak_flops(device: torch.device, override: float | None = None) -> float | None:
+    if override:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def _step_done(pl_module: pl.LightningModule) -> bool:
+    """True in on_train_batch_end right after an optimizer step (not mid-accumulation)."""
+    return getattr(pl_module, "_micro", 0) == 0
+
+
+def mlflow_target(trainer: pl.Trainer) -> tuple[Any, str] | None:
+    """(MlflowClient, run_id) of the trainer's MLFlowLogger, on rank 0 only."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            return logger.experiment, logger.run_id
+    return None
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+class ThroughputMonitor(Callback):
+    """samples/s, tokens/s, achieved TFLOP/s per device and MFU (CUDA), every N steps.
+
+    FLOPs per image token are ``6 N + 12 L D S`` (``model.flops_per_token``; N without adaLN
+    modulation and embedders). Counts are summed over ranks with one reduce per window; time
+    is the wall clock between windows (CUDA is synchronised only at window ends).
+    """
+
+    def __init__(self, every_n_steps: int = 10, peak_flops: float | None = None) -> None:
+        self.every = max(1, int(every_n_steps))
+        self.peak_override = peak_flops
+        self._n_flops: int | None = None
+        self._reset()
+        self.last: dict[str, float] = {}
+
+    def _reset(self) -> None:
+        self._samples = 0
+        self._tokens = 0
+        self._flops = 0.0
+        self._steps = 0
+        self._t0 = time.perf_counter()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._n_flops = count_parameters(pl_module.model, flops_only=True)
+        cfg = pl_module.model.config
+        self._per_seq = 12.0 * cfg.depth * cfg.hidden_size
+        self._peak = peak_flops(pl_module.device, self.peak_override)
+        self._reset()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        stats = getattr(pl_module, "last_batch_stats", None) or {}
+        tokens = stats.get("tokens", 0)
+        self._samples += stats.get("samples", 0)
+        self._tokens += tokens
+        self._flops += tokens * (6.0 * (self._n_flops or 0) + self._per_seq * stats.get("seq", 0))
+        if not _step_done(pl_module):
+            return
+        self._steps += 1
+        step = trainer.global_step
+        if step % self.every:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        totals = torch.tensor([self._samples, self._tokens, self._flops], dtype=torch.float64)
+        totals = trainer.strategy.reduce(totals.to(pl_module.device), reduce_op="sum").cpu()
+        samples, tokens, flops = (float(x) for x in totals)
+        world = trainer.world_size
+        metrics = {
+            "perf/samples_per_s": samples / dt,
+            "perf/tokens_per_s": tokens / dt,
+            "perf/step_time_s": dt / max(self._steps, 1),
+            "perf/tflops_per_device": flops / dt / world / 1e12,
+        }
+        if self._peak:
+            metrics["perf/mfu"] = flops / dt / (self._peak * world)
+        self.last = metrics
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=step)
+        self._reset()
+
+
+# --------------------------------------------------------------------------- sample grids
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [-1, 1] -> HxWx3 uint8."""
+    x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 0).cpu().numpy()
+
+
+def save_grid(rows: list[list[torch.Tensor]], path: Path, pad: int = 2) -> Path:
+    """Rows of [3, H, W] images (equal sizes) -> one PNG, white padding between cells."""
+    h, w = rows[0][0].shape[-2:]
+    ncol = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y : y + h, x : x + w] = to_uint8(img)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+class SampleGrid(Callback):
+    """Every N steps, sample a fixed set of tasks with the EMA weights and log PNG grids.
+
+    ``text2image``: one row per configured prompt. Any other task: the first training sample
+    of that task this rank saw is kept (pixels, views, prompt); its row shows the condition
+    views, the generated targets, then the ground-truth targets. Under FSDP every rank samples
+    (each forward all-gathers), the tasks being those every rank has captured; rank 0 writes
+    and logs the files (``samples/step_XXXXXXXX/<task>.png``).
+    """
+
+    def __init__(self, cfg: Any, out_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.every = int(cfg.every_n_steps)
+        self.tasks = [str(t) for t in cfg.tasks]
+        self.out_dir = Path(out_dir)
+        self.captured: dict[str, dict[str, Any]] = {}
+        self.written: list[Path] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        wanted = [t for t in self.tasks if t != "text2image" and t not in self.captured]
+        if not wanted or self.every <= 0:
+            return
+        for i, task in enumerate(batch["tasks"]):
+            if task in wanted and task not in self.captured:
+                self.captured[task] = {
+                    "pixels": batch["pixels"][i : i + 1].detach().cpu().clone(),
+                    "cond_mask": batch["cond_mask"][i : i + 1].detach().cpu().clone(),
+                    "prompt": batch["prompts"][i],
+                }
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or not _step_done(pl_module) or step == 0 or step % self.every:
+            return
+        self.render(trainer, pl_module, step)
+
+    def _common_tasks(self, trainer: pl.Trainer) -> list[str]:
+        mine = sorted(self.captured)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            everyone: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(everyone, mine)
+            common = set(mine).intersection(*[set(x) for x in everyone])
+            return [t for t in self.tasks if t in common]
+        return [t for t in self.tasks if t in self.captured]
+
+    @torch.no_grad()
+    def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> list[Path]:
+        grids: dict[str, list[list[torch.Tensor]]] = {}
+        seed = int(self.cfg.get("seed", 0))
+        if "text2image" in self.tasks and self.cfg.prompts:
+            res = int(self.cfg.resolution)
+            prompts = [f"[[text2image]] {p}" for p in self.cfg.prompts]
+            out = pl_module.generate(prompts, views=1, size=(res, res), seed=seed)
+            grids["text2image"] = [[img[0]] for img in out]
+        for task in self._common_tasks(trainer):
+            item = self.captured[task]
+            pixels, cond = item["pixels"], item["cond_mask"]
+            out = pl_module.generate(
+                [item["prompt"]], cond_pixels=pixels, cond_mask=cond, seed=seed
+            )[0]
+            conds = [pixels[0, v] for v in range(pixels.shape[1]) if cond[0, v]]
+            targets = [v for v in range(pixels.shape[1]) if not cond[0, v]]
+            grids[task] = [conds + [out[v] for v in targets] + [pixels[0, v] for v in targets]]
+        written: list[Path] = []
+        if trainer.is_global_zero:
+            folder = self.out_dir / f"step_{step:08d}"
+            for task, rows in grids.items():
+                written.append(save_grid(rows, folder / f"{task}.png"))
+            target = mlflow_target(trainer)
+            if target is not None and written:
+                client, run_id = target
+                client.log_artifacts(run_id, str(folder), f"samples/step_{step:08d}")
+            self.written.extend(written)
+        return written
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class OneGenCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also records where each checkpoint went as MLflow tags
+    (``checkpoint.latest``, ``checkpoint.step_XXXXXXXX``): sharded checkpoints are folders,
+    which ``log_model`` does not handle, and copying them into the artifact store would double
+    the storage of a large run."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        target = mlflow_target(trainer)
+        if target is None:
+            return
+        client, run_id = target
+        path = str(Path(filepath).resolve())
+        client.set_tag(run_id, "checkpoint.latest", path)
+        client.set_tag(run_id, f"checkpoint.step_{trainer.global_step:08d}", path)
+
+
+# --------------------------------------------------------------------------- state report
+
+
+class StateReport(Callback):
+    """Debug/verification report (``debug.report_dir``): how the model is laid out on the
+    ranks at train start, the zero-initialised parameters, and at train end the full
+    (gathered) model + EMA + optimizer state for exact comparisons between runs."""
+
+    ZERO_INIT = (
+        "modulation.weight",
+        "modulation.bias",
+        "text_gate",
+        "final.linear.weight",
+        "final.linear.bias",
+    )
+
+    def __init__(self, out_dir: str | Path, save_state: bool = True) -> None:
+        self.out = Path(out_dir)
+        self.save_state = save_state
+        self.losses: list[float] = []
+
+    @staticmethod
+    def _full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = {}
+        zero_init: dict[str, float] = {}
+        ones: dict[str, float] = {}
+        nonzero: dict[str, float] = {}
+        for prefix, net in (("model", pl_module.model), ("ema", pl_module.ema)):
+            for name, p in net.named_parameters():
+                key = f"{prefix}.{name}"
+                local = p.to_local() if hasattr(p, "to_local") else p
+                params[key] = {
+                    "type": type(p).__name__,
+                    "placements": [str(x) for x in getattr(p, "placements", [])],
+                    "global_shape": list(p.shape),
+                    "local_shape": list(local.shape),
+                    "local_sum": float(local.detach().double().sum()),
+                }
+                full = self._full(p.detach())
+                if name.endswith(self.ZERO_INIT):
+                    zero_init[key] = float(full.abs().max())
+                elif name.endswith("norm_in.weight") or name.endswith("norm_out.weight"):
+                    ones[key] = float((full - 1).abs().max())
+                elif full.ndim == 2:
+                    nonzero[key] = float(full.abs().max())
+        ema_equal = all(
+            torch.equal(self._full(a.detach()), self._full(b.detach()))
+            for a, b in zip(pl_module.model.parameters(), pl_module.ema.parameters(), strict=True)
+        )
+        gathered = [params]
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, params)
+        if trainer.is_global_zero:
+            report = {
+                "global_step": trainer.global_step,
+                "world_size": trainer.world_size,
+                "strategy": type(trainer.strategy).__name__,
+                "built_on_meta": bool(getattr(pl_module, "built_on_meta", False)),
+                "ranks": gathered,
+                "zero_init_max_abs": zero_init,
+                "norm_weight_max_dev_from_1": ones,
+                "linear_max_abs": nonzero,
+                "ema_equals_model": ema_equal,
+                "frozen_in_state_dict": any(
+                    k.startswith(("frozen", "vae", "text")) for k in pl_module.state_dict()
+                ),
+                "n_optimizer_params": sum(
+                    len(g["params"]) for g in trainer.optimizers[0].param_groups
+                ),
+                "n_model_params": len(list(pl_module.model.parameters())),
+            }
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "start.json").write_text(json.dumps(report, indent=1))
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        state = None
+        if self.save_state:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(pl_module, options=opts)
+            optim_sd = get_optimizer_state_dict(pl_module, trainer.optimizers[0], options=opts)
+            state = {"model": model_sd, "optimizer": optim_sd}
+        if trainer.is_global_zero:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if state is not None:
+                torch.save(state, self.out / "end_state.pt")
+            (self.out / "end.json").write_text(
+                json.dumps(
+                    {
+                        "global_step": trainer.global_step,
+                        "losses": self.losses,
+                        "logged": getattr(pl_module, "last_logged", {}),
+                        "mlflow_run_id": pl_module.mlflow_run_id,
+                    },
+                    indent=1,
+                )
+            )

@@ -1,0 +1,662 @@
+"""Training data: One-Gen shards -> mixed, bucketed, multi-view batches.
+
+Batch contract (what the LightningModule gets, every batch one shape)::
+
+    {"pixels":    FloatTensor [B, V, 3, H, W] in [-1, 1]
+     "cond_mask": BoolTensor  [B, V]   True = condition view (held clean, no loss)
+     "prompts":   list[str] (B)        task token [+ colour tags / [[imgX]] markers] + caption
+     "tasks":     list[str] (B)        e.g. "text2image", "canny2image", "image2canny"
+     "subsets":   list[str] (B)
+     "keys":      list[str] (B)
+     "skipped":   int                  samples dropped while building this batch
+                                       (unreadable, failing the schema, undecodable)
+     "batch_index": int}               the rank's batch number k
+
+Determinism and resume: batch ``k`` of rank ``r`` is a pure function of
+``(seed, r, k)`` and the data (see :mod:`training.sampling`). Worker ``w`` of
+``W`` builds batches ``start + w, start + w + W, ...`` and torch's DataLoader
+yields workers round-robin, so the loader's i-th batch is batch ``start + i``
+whatever ``W`` is. ``start = global_step * batches_per_step``: a loader built
+after a resume yields exactly what the uninterrupted run yields from there.
+Every rank streams forever (the trainer stops at ``max_steps``), so ranks
+always have the same number of batches.
+
+Per batch: one subset (by the mixing weights), ``reads_per_batch`` windows of
+consecutive samples each read with one byte-range request, a shuffle, then
+per sample a task (uniform over the sample's tasks; map tasks reversed with
+``reverse_prob``) and caption dropout. The bucket is the one nearest the
+aspect ratio of the batch's first sample (or drawn, ``bucket_mode=random``);
+every view of a sample gets the same cover-and-center-crop geometry. Samples
+that cannot be read, fail ``validate_sample`` or do not decode are skipped,
+counted in ``skipped``, and replaced by further reads, so batches are always
+full; a batch that skips more than ``max_skipped_per_batch`` raises.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datagen.schema import SUBSETS, SchemaError, validate_sample
+from datagen.shards import MANIFEST, filesystem, subsets_in
+from training import tasks as T
+from training.sampling import (
+    SubsetIndex,
+    batch_rng,
+    build_subset_index,
+    choose_subset,
+    mix_weights,
+    plan_window,
+    read_range,
+    sample_files,
+    worker_batches,
+)
+
+DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((256, 256), (256, 384), (384, 256))
+IMPLEMENTED_SUBSETS = ("t2i", "i2i", "semantic", "depth", "pose", "faceid")
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` node of a fit config.
+
+    ``paths``: ``{subset: dir | [dirs/URLs]}`` where each dir is a datagen
+    output (holding ``<subset>/manifest.json``) or the subset folder itself;
+    or one dir / a list of dirs, meaning every subset found in them.
+    """
+
+    paths: Any = None
+    mix: dict[str, float] | None = None          # None: equal budget per task family
+    batch_size: int = 8                          # per rank
+    num_workers: int = 2
+    seed: int = 0
+    buckets: list[list[int]] = field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])  # (H, W)
+    bucket_mode: str = "aspect"                  # "aspect": nearest to the batch's first sample; "random"
+    bucket_weights: list[float] | None = None    # for bucket_mode=random
+    caption_dropout: float = 0.1
+    reads_per_batch: int = 4                     # byte-range reads (windows) per batch
+    overread: float = 0.25                       # read this fraction more samples than needed
+    reverse_prob: float = 0.5                    # map tasks: P(image -> map)
+    tasks: list[str] | None = None               # restrict to these task names
+    faceid_max_views: int = 4
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    validate: bool = True                        # datagen.schema.validate_sample on every sample
+    max_skipped_per_batch: int = 256             # more than this in one batch: the data is broken, raise
+    batches_per_step: int = 1                    # gradient accumulation, when no trainer says it
+    rank: int | None = None                      # default: trainer.global_rank / torch.distributed
+    # None: the platform default (fork on Linux). Note: do not call cv2.setNumThreads in a
+    # forked worker after the parent used OpenCV's thread pool: it deadlocks.
+    multiprocessing_context: str | None = None
+
+    @classmethod
+    def from_any(cls, cfg: Any = None, **overrides: Any) -> DataConfig:
+        if isinstance(cfg, DataConfig):
+            values = asdict(cfg)
+        elif cfg is None:
+            values = {}
+        else:
+            try:
+                from omegaconf import DictConfig, OmegaConf
+
+                if isinstance(cfg, DictConfig):
+                    cfg = OmegaConf.to_container(cfg, resolve=True)
+            except ImportError:  # pragma: no cover
+                pass
+            values = dict(cfg)
+        values.update(overrides)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown data config keys {unknown}; known: {sorted(known)}")
+        out = cls(**values)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        if self.paths is None:
+            raise ValueError("data.paths is required: {subset: datagen output dir(s)} or dir(s)")
+        if self.batch_size < 1 or self.reads_per_batch < 1 or self.num_workers < 0:
+            raise ValueError("batch_size and reads_per_batch must be >= 1, num_workers >= 0")
+        if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.reverse_prob <= 1.0:
+            raise ValueError("caption_dropout and reverse_prob must be in [0, 1]")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
+        if self.overread < 0:
+            raise ValueError("overread must be >= 0")
+        if not self.buckets:
+            raise ValueError("buckets must list at least one [H, W]")
+        for b in self.buckets:
+            if len(b) != 2 or any(int(x) <= 0 or int(x) % 16 for x in b):
+                raise ValueError(f"bucket {list(b)} must be [H, W] with multiples of 16 (VAE /8, patch 2)")
+        if self.bucket_mode not in ("aspect", "random"):
+            raise ValueError("bucket_mode must be 'aspect' or 'random'")
+        if self.bucket_weights is not None and len(self.bucket_weights) != len(self.buckets):
+            raise ValueError("bucket_weights needs one weight per bucket")
+        if self.tasks is not None:
+            bad = sorted(set(self.tasks) - set(T.all_task_names()))
+            if bad:
+                raise ValueError(f"unknown task names {bad}; known: {T.all_task_names()}")
+        if self.faceid_max_views < 2:
+            raise ValueError("faceid_max_views must be >= 2")
+
+
+def resolve_paths(paths: Any) -> dict[str, list[str]]:
+    """``{subset: [roots]}`` from the config's ``paths``."""
+    if isinstance(paths, str):
+        paths = [paths]
+    if isinstance(paths, Mapping):
+        out = {}
+        for subset, roots in paths.items():
+            out[str(subset)] = [roots] if isinstance(roots, str) else [str(r) for r in roots]
+        return out
+    out: dict[str, list[str]] = {}
+    for root in paths:
+        fs, path = filesystem(str(root))
+        found = [s for s in subsets_in(str(root)) if fs.exists(f"{path}/{s}/{MANIFEST}")]
+        if not found:
+            raise FileNotFoundError(f"{root}: no subset folder with a {MANIFEST}")
+        for s in found:
+            out.setdefault(s, []).append(str(root))
+    return out
+
+
+# --- decoding and geometry --------------------------------------------------------------------
+
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class DecodeError(ValueError):
+    """Bytes that do not decode to an image."""
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF segment, without decoding."""
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header only (JPEG and PNG parsed directly,
+    anything else through PIL)."""
+    if data[:3] == b"\xff\xd8\xff":
+        size = _jpeg_size(data)
+        if size and size[0] > 0 and size[1] > 0:
+            return size
+    if data[:8] == _PNG_SIGNATURE and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def nearest_bucket(buckets: Sequence[Sequence[int]], width: int, height: int) -> tuple[int, int]:
+    target = math.log(max(width, 1) / max(height, 1))
+    best = min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - target), i))
+    return int(buckets[best][0]), int(buckets[best][1])
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Cover-and-center-crop of a frame (W x H source pixels) into a bucket.
+
+    ``reduce``: a power of two the source may be shrunk by exactly first (JPEG
+    DCT scaling, or an integer area resize) while still covering the bucket.
+    The crop box is in frame pixels and aligned to ``reduce``, so every view
+    of the same frame, at any of these resolutions, gets the same geometry.
+    """
+
+    frame: tuple[int, int]     # (W, H)
+    size: tuple[int, int]      # bucket (H, W)
+    reduce: int
+    box: tuple[int, int, int, int]  # x0, y0, width, height in frame pixels, multiples of reduce
+
+
+def plan_crop(frame: tuple[int, int], size: tuple[int, int], max_reduce: int = 8) -> CropPlan:
+    width, height = frame
+    th, tw = size
+    if width < 1 or height < 1:
+        raise DecodeError(f"empty frame {frame}")
+    cover = max(th / height, tw / width)
+    reduce = 1
+    while reduce * 2 <= max_reduce and reduce * 2 * cover <= 1.0:
+        reduce *= 2
+    # reduce <= 1 / cover <= width / tw, so width // reduce >= 1: the box is never empty.
+    cw = min(max(1, round(tw / cover / reduce)), width // reduce) * reduce
+    ch = min(max(1, round(th / cover / reduce)), height // reduce) * reduce
+    x0 = (width - cw) // 2 // reduce * reduce
+    y0 = (height - ch) // 2 // reduce * reduce
+    return CropPlan(frame, size, reduce, (x0, y0, cw, ch))
+
+
+def _decode_raw(data: bytes, field_name: str, reduce: int) -> np.ndarray:
+    buf = np.frombuffer(data, np.uint8)
+    if field_name.rsplit(".", 1)[-1] in ("jpg", "jpeg"):
+        img = cv2.imdecode(buf, _REDUCED[reduce])
+    else:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DecodeError(f"{field_name}: not a decodable image")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] not in (3, 4):
+        raise DecodeError(f"{field_name}: unsupported image shape {img.shape}")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise DecodeError(f"{field_name}: unsupported pixel type {img.dtype}")
+    return img
+
+
+def load_view(data: bytes, field_name: str, size: tuple[int, int],
+              frame: tuple[int, int] | None = None) -> np.ndarray:
+    """One view at the bucket size ``(H, W)``: ``[H, W]`` (gray) or
+    ``[H, W, 3]`` RGB, uint8 or uint16 (16-bit PNGs keep their precision).
+
+    Resize to cover and center-crop, all in one geometry per frame (see
+    :class:`CropPlan`): JPEGs are decoded at a reduced DCT scale when the
+    bucket allows, other images shrunk by the same integer factor with an area
+    filter, then one bilinear resize to the bucket (nearest for semantic maps,
+    which must keep exact palette colours). ``frame`` is the sample's source
+    size (W, H); None: this image's own size.
+    """
+    if frame is None:
+        frame = image_size(data)
+    plan = plan_crop(frame, size)
+    r = plan.reduce if field_name.rsplit(".", 1)[-1] in ("jpg", "jpeg") else 1
+    img = _decode_raw(data, field_name, r)
+    if img.shape[:2] != (-(-frame[1] // r), -(-frame[0] // r)):
+        # Not the size the frame says (metadata off, EXIF rotation, a map at another
+        # resolution): decode in full and plan from the image itself.
+        if r > 1:
+            img, r = _decode_raw(data, field_name, 1), 1
+        plan = plan_crop((img.shape[1], img.shape[0]), size)
+    x0, y0, cw, ch = plan.box
+    nearest = field_name == "semantic.png"
+    if r > 1:  # already reduced at decode
+        crop = img[y0 // r : (y0 + ch) // r, x0 // r : (x0 + cw) // r]
+    else:
+        crop = img[y0 : y0 + ch, x0 : x0 + cw]
+        if plan.reduce > 1:  # exact integer shrink: fast area filter
+            crop = cv2.resize(crop, (cw // plan.reduce, ch // plan.reduce),
+                              interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+    th, tw = size
+    if crop.shape[:2] != (th, tw):
+        crop = cv2.resize(crop, (tw, th), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+    if crop.ndim == 3:
+        crop = cv2.cvtColor(crop, cv2.COLOR_BGRA2RGB if crop.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return crop
+
+
+_LUT8 = ((np.arange(256, dtype=np.float64) - 127.5) / 127.5).astype(np.float32)  # exact -1 and 1
+
+
+def _write_unit(view: np.ndarray, out: np.ndarray) -> None:
+    """Write a :func:`load_view` output into ``out`` (float32 ``[3, H, W]``,
+    contiguous planes) as [-1, 1], one pass per plane: a lookup table for
+    8-bit images, arithmetic for 16-bit ones."""
+    planes = [view] * 3 if view.ndim == 2 else cv2.split(view)
+    for c in range(3):
+        if view.dtype == np.uint8:
+            cv2.LUT(planes[c], _LUT8, dst=out[c])
+        else:
+            half = np.float32(32767.5)
+            np.subtract(planes[c], half, out=out[c], dtype=np.float32)
+            np.divide(out[c], half, out=out[c])
+
+
+def to_unit(view: np.ndarray) -> np.ndarray:
+    """float32 ``[3, H, W]`` in [-1, 1] (exact at both ends) from :func:`load_view`'s output."""
+    out = np.empty((3, *view.shape[:2]), np.float32)
+    _write_unit(view, out)
+    return out
+
+
+def decode_view(data: bytes, field_name: str, size: tuple[int, int],
+                frame: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`load_view` as float32 ``[3, H, W]`` in [-1, 1]."""
+    return to_unit(load_view(data, field_name, size, frame))
+
+
+def assemble_pixels(views: list[list[np.ndarray]], size: tuple[int, int], shared: bool = False) -> torch.Tensor:
+    """``[B, V, 3, H, W]`` float32 in [-1, 1] from per-sample views of
+    :func:`load_view`, written in place. With ``shared`` the tensor lives in
+    shared memory from the start: what a DataLoader worker sends must be
+    there anyway, so the hand-over to the main process copies nothing."""
+    bsz, nv = len(views), len(views[0])
+    h, w = size
+    if shared:
+        storage = torch.UntypedStorage._new_shared(bsz * nv * 3 * h * w * 4)
+        pixels = torch.empty(0, dtype=torch.float32).set_(storage, 0, (bsz, nv, 3, h, w))
+    else:
+        pixels = torch.empty((bsz, nv, 3, h, w), dtype=torch.float32)
+    out = pixels.numpy()
+    for b, sample in enumerate(views):
+        for v, arr in enumerate(sample):
+            _write_unit(arr, out[b, v])
+    return pixels
+
+
+# --- the stream --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    index: int                    # global sample index in its subset
+    files: dict[str, bytes] | None
+    error: str | None = None
+
+
+class OneGenStream(IterableDataset):
+    """Infinite stream of whole batches for one rank (use with ``batch_size=None``)."""
+
+    def __init__(self, indexes: Mapping[str, SubsetIndex], probs: Mapping[str, float], cfg: DataConfig,
+                 rank: int = 0, start_batch: int = 0):
+        super().__init__()
+        self.indexes = dict(indexes)
+        self.names = [s for s in probs if probs[s] > 0]
+        self.probs = [float(probs[s]) for s in self.names]
+        if not self.names:
+            raise ValueError("every subset has mixing weight 0")
+        self.cfg = cfg
+        self.rank = int(rank)
+        self.start_batch = int(start_batch)
+        self.allowed = set(cfg.tasks) if cfg.tasks is not None else None
+        self._fs: dict[str, Any] = {}
+
+    # -- the pure per-batch functions --
+
+    def plan_subset(self, k: int) -> str:
+        """The subset batch ``k`` comes from (the first draw of its generator)."""
+        return choose_subset(batch_rng(self.cfg.seed, self.rank, k), self.names, self.probs)
+
+    def make_batch(self, k: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = batch_rng(cfg.seed, self.rank, k)
+        subset = choose_subset(rng, self.names, self.probs)
+        index = self.indexes[subset]
+        bsz = cfg.batch_size
+        bucket_u = rng.random()
+        reads = min(cfg.reads_per_batch, bsz)
+        window = math.ceil(bsz / reads * (1.0 + cfg.overread))
+        bucket: tuple[int, int] | None = None
+        if cfg.bucket_mode == "random":
+            w = np.asarray(cfg.bucket_weights or [1.0] * len(cfg.buckets), np.float64)
+            i = min(int(np.searchsorted(np.cumsum(w) / w.sum(), bucket_u, side="right")), len(w) - 1)
+            bucket = (int(cfg.buckets[i][0]), int(cfg.buckets[i][1]))
+
+        samples: list[tuple[str, T.TaskSpec, list[np.ndarray], str]] = []
+        skipped, ineligible, last_error = 0, 0, None
+        num_views: int | None = {"t2i": 1, "faceid": None}.get(subset, 2)
+        rounds = 0
+        seen: set[int] = set()
+        while len(samples) < bsz:
+            if rounds > 0:
+                reads = 1
+                window = math.ceil((bsz - len(samples)) * (1.0 + cfg.overread))
+            rounds += 1
+            if len(seen) >= index.num_samples:  # a subset smaller than a batch: allow repeats
+                seen.clear()
+            cands: list[_Candidate] = []
+            for _ in range(reads):
+                for cand in self._read_window(index, *plan_window(rng, index, window)):
+                    if cand.index not in seen:  # overlapping windows: a sample once per batch
+                        seen.add(cand.index)
+                        cands.append(cand)
+            order = rng.permutation(len(cands))
+            draws = rng.random((len(cands), 3))  # task, direction, caption dropout
+            for j in order:
+                if len(samples) == bsz:
+                    break
+                cand = cands[j]
+                if cand.error is not None:
+                    skipped, last_error = skipped + 1, cand.error
+                    continue
+                try:
+                    built = self._build_sample(subset, index.key(cand.index), cand.files, draws[j],
+                                               bucket, num_views)
+                except (SchemaError, ValueError, KeyError, TypeError, AttributeError, IndexError, cv2.error,
+                        OSError) as exc:
+                    skipped, last_error = skipped + 1, f"{type(exc).__name__}: {exc}"
+                    continue
+                if built is None:
+                    ineligible += 1
+                    continue
+                key, task, views, prompt, bucket_used = built
+                bucket = bucket_used
+                num_views = task.num_views
+                samples.append((key, task, views, prompt))
+            if skipped > cfg.max_skipped_per_batch or rounds > 16 + 4 * bsz:
+                raise RuntimeError(
+                    f"batch {k} of subset {subset!r}: {skipped} unreadable and {ineligible} unusable samples "
+                    f"after {rounds} reads; last error: {last_error}. The shards look broken.")
+
+        assert bucket is not None and num_views is not None
+        pixels = assemble_pixels([s[2] for s in samples], bucket, shared=get_worker_info() is not None)
+        return {
+            "pixels": pixels,
+            "cond_mask": torch.tensor([s[1].cond_mask for s in samples], dtype=torch.bool),
+            "prompts": [s[3] for s in samples],
+            "tasks": [s[1].name for s in samples],
+            "subsets": [subset] * bsz,
+            "keys": [s[0] for s in samples],
+            "skipped": int(skipped),
+            "batch_index": int(k),
+        }
+
+    # -- pieces --
+
+    def _filesystem(self, url: str):
+        if url not in self._fs:
+            self._fs[url] = filesystem(url)
+        return self._fs[url]
+
+    def _read_window(self, index: SubsetIndex, shard: int, first: int, stop: int) -> list[_Candidate]:
+        url = index.urls[shard]
+        start = int(index.offsets[first])
+        end = int(index.offsets[stop - 1] + index.lengths[stop - 1])
+        try:
+            fs, path = self._filesystem(url)
+            data = memoryview(read_range(fs, path, start, end))
+        except (OSError, ValueError) as exc:
+            return [_Candidate(i, None, f"{url}: {type(exc).__name__}: {exc}") for i in range(first, stop)]
+        out = []
+        for i in range(first, stop):
+            rel, n = int(index.offsets[i]) - start, int(index.lengths[i])
+            if rel + n > len(data):
+                out.append(_Candidate(i, None, f"{url}: sample {index.key(i)} is cut short (truncated tar)"))
+                continue
+            try:
+                out.append(_Candidate(i, sample_files(data[rel : rel + n], index.key(i))))
+            except (ValueError, UnicodeDecodeError) as exc:
+                out.append(_Candidate(i, None, f"{url}: {exc}"))
+        return out
+
+    def _build_sample(self, subset: str, key: str, files: dict[str, bytes], draws: np.ndarray,
+                      bucket: tuple[int, int] | None, num_views: int | None):
+        cfg = self.cfg
+        if cfg.validate:
+            meta = validate_sample(subset, {"__key__": key, **files})
+        else:
+            meta = json.loads(files["json"].decode("utf-8"))
+        drop = bool(draws[2] < cfg.caption_dropout)
+        if subset == "faceid":
+            views_have = sorted(int(n[3:-4]) for n in files if n.startswith("img") and n.endswith(".jpg"))
+            have = len(views_have)
+            if num_views is None:
+                num_views = min(have, cfg.faceid_max_views)
+            if have < num_views or (self.allowed is not None and "faceid" not in self.allowed):
+                return None
+            task = T.faceid_task(num_views)
+            captions = meta.get("captions") or []
+            caption: str | list[str] = [str(c) for c in captions] if isinstance(captions, list) else str(captions)
+        else:
+            pairs = T.candidate_tasks(subset, files.keys(), meta, self.allowed)
+            task = T.choose_task(pairs, float(draws[0]), float(draws[1]), cfg.reverse_prob)
+            if task is None or task.num_views != num_views:
+                return None
+            caption = str(meta.get("caption") or "")
+            if subset == "t2i" and "txt" in files:
+                caption = files["txt"].decode("utf-8")
+        # All views of a sample share the source frame, except faceid's separate photos.
+        frame: tuple[int, int] | None = None
+        if subset != "faceid":
+            width, height = meta.get("width"), meta.get("height")
+            ok = all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (width, height))
+            frame = (width, height) if ok else image_size(files["jpg"])
+        if bucket is None:
+            bucket_frame = frame or image_size(files[task.views[0]])
+            bucket = nearest_bucket(cfg.buckets, *bucket_frame)
+        views = [load_view(files[f], f, bucket, frame) for f in task.views]
+        prompt = T.build_prompt(task, caption, meta, drop_caption=drop)
+        return key, task, views, prompt, bucket
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k in worker_batches(self.start_batch, worker, workers):
+            yield self.make_batch(k)
+
+
+# --- the DataModule ----------------------------------------------------------------------------
+
+
+class OneGenDataModule(LightningDataModule):
+    """Streams One-Gen shards of several subsets as mixed, bucketed batches.
+
+    ``start_step``: the optimizer step to resume at (when attached to a
+    trainer whose ``global_step`` is > 0, that wins). The stream starts at
+    batch ``start_step * batches_per_step``.
+    """
+
+    def __init__(self, config: Any = None, start_step: int = 0, **overrides: Any):
+        super().__init__()
+        self.cfg = DataConfig.from_any(config, **overrides)
+        self.start_step = int(start_step)
+        self.indexes: dict[str, SubsetIndex] | None = None
+        self.probs: dict[str, float] | None = None
+
+    # -- setup --
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.indexes is not None:
+            return
+        paths = resolve_paths(self.cfg.paths)
+        unknown = sorted(set(paths) - set(SUBSETS))
+        if unknown:
+            raise ValueError(f"unknown subsets {unknown}; the schema knows {sorted(SUBSETS)}")
+        probs = mix_weights(list(paths), self.cfg.mix)
+        wanted = [s for s, p in probs.items() if p > 0]
+        missing = [s for s in wanted if s not in IMPLEMENTED_SUBSETS]
+        if missing:
+            raise NotImplementedError(
+                f"training on subset(s) {missing} is not implemented yet: multiview samples need "
+                "Plücker ray views at the latent grid, which the next issue adds. Drop them from "
+                "data.paths or give them weight 0 in data.mix.")
+        if self.cfg.tasks is not None:
+            idle = [s for s in wanted if not set(T.subset_task_names(s)) & set(self.cfg.tasks)]
+            if idle:
+                raise ValueError(f"data.tasks {self.cfg.tasks} leaves subset(s) {idle} nothing to train; "
+                                 "give them weight 0 in data.mix or allow one of their tasks")
+        self.indexes = {s: build_subset_index(paths[s], s) for s in wanted}
+        self.probs = {s: probs[s] for s in wanted}
+
+    # -- where the stream starts --
+
+    def _attached_trainer(self):
+        try:
+            return self.trainer
+        except (AttributeError, RuntimeError):
+            return None
+
+    def rank(self) -> int:
+        if self.cfg.rank is not None:
+            return int(self.cfg.rank)
+        trainer = self._attached_trainer()
+        if trainer is not None:
+            return int(trainer.global_rank)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return int(torch.distributed.get_rank())
+        return 0
+
+    def current_step(self) -> int:
+        trainer = self._attached_trainer()
+        if trainer is not None and int(trainer.global_step) > 0:
+            return int(trainer.global_step)
+        return self.start_step
+
+    def batches_per_step(self) -> int:
+        trainer = self._attached_trainer()
+        if trainer is not None:
+            return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        return int(self.cfg.batches_per_step)
+
+    def start_batch(self) -> int:
+        return self.current_step() * self.batches_per_step()
+
+    # -- loaders --
+
+    def stream(self, start_batch: int | None = None, rank: int | None = None) -> OneGenStream:
+        self.setup()
+        assert self.indexes is not None and self.probs is not None
+        return OneGenStream(self.indexes, self.probs, self.cfg, self.rank() if rank is None else rank,
+                            self.start_batch() if start_batch is None else start_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader()
+
+    def loader(self, start_batch: int | None = None, rank: int | None = None) -> DataLoader:
+        cfg = self.cfg
+        workers = int(cfg.num_workers)
+        return DataLoader(
+            self.stream(start_batch, rank),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+            persistent_workers=bool(cfg.persistent_workers) and workers > 0,
+            pin_memory=bool(cfg.pin_memory),
+            multiprocessing_context=cfg.multiprocessing_context if workers > 0 else None,
+        )
+
+    # -- checkpoint state --
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.current_step(), "seed": int(self.cfg.seed),
+                "batches_per_step": self.batches_per_step(), "batch_size": int(self.cfg.batch_size)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.start_step = int(state_dict.get("step", 0))
+        seed = int(state_dict.get("seed", self.cfg.seed))
+        if seed != self.cfg.seed:
+            warnings.warn(f"data seed {self.cfg.seed} differs from the checkpoint's {seed}: using the "
+                          "checkpoint's so the resumed stream continues the original one", stacklevel=2)
+            self.cfg.seed = seed
+        if int(state_dict.get("batch_size", self.cfg.batch_size)) != self.cfg.batch_size:
+            warnings.warn("data.batch_size differs from the checkpoint's: the resumed stream is not the "
+                          "continuation of the original one", stacklevel=2)

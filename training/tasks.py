@@ -1,0 +1,239 @@
+"""Which views a training sample shows and what its prompt says, per task.
+
+Everything here is plain data and string building on top of the contract in
+:mod:`datagen.schema`; no decoding, no randomness (callers pass their draws).
+
+Views: view 0 is always the target, the rest are conditions (DESIGN.md). For a
+map task the forward direction (``canny2image``) has the image as target and
+the map as condition; the reverse (understanding) direction (``image2canny``)
+swaps them and keeps the same task token, as the released model does.
+
+Prompts follow the released OneDiffusion inference code (``format_prompt`` in
+its demo, ``PROMPT_GUIDE.md``): single-condition tasks are
+``"[[canny2image]] <caption>"`` with no per-image marker; semantic / box tasks
+put the colour tags between token and caption
+(``"[[semanticmap2image]] <#FF0000 red mask: cat> <caption>"``); multi-image
+tasks caption each image after its marker
+(``"[[faceid]] [[img0]] <target caption> [[img1]] <ref caption> ..."``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from datagen.schema import MAP_TASKS, PALETTE, SUBSETS, color_tag, image_marker
+
+# Task families for the default mixing budget (the paper's equal split).
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "text2image": ("t2i",),
+    "image2image": ("i2i", "semantic", "depth", "pose"),
+    "multiview_id": ("multiview", "faceid"),
+}
+
+# Map-task token -> the field holding the map, and the short name used in the
+# reverse task's name (``image2<name>``). Degradation tasks have no reverse.
+MAP_FIELDS: dict[str, tuple[str, str]] = {
+    "[[canny2image]]": ("canny.png", "canny"),
+    "[[hed2img]]": ("hed.png", "hed"),
+    "[[depth2image]]": ("depth.png", "depth"),
+    "[[pose2image]]": ("pose.png", "pose"),
+    "[[semanticmap2image]]": ("semantic.png", "semanticmap"),
+    "[[boundingbox2image]]": ("boxes.png", "boundingbox"),
+}
+DEGRADATION_FIELDS: dict[str, str] = {
+    "[[deblurring]]": "blur.jpg",
+    "[[image_inpainting]]": "masked.jpg",
+}
+# Tags attached to the prompt for these tokens: (kind for color_tag).
+TAG_KINDS: dict[str, str] = {"[[semanticmap2image]]": "mask", "[[boundingbox2image]]": "boundingbox"}
+
+_HEX_TO_NAME = {h.upper(): n for h, n in PALETTE}
+_NAMES = {n for _, n in PALETTE}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One concrete task: its logging name, its token and its views (fields).
+
+    ``views[0]`` is the target field; ``views[1:]`` are condition fields.
+    """
+
+    name: str
+    token: str
+    views: tuple[str, ...]
+    reverse: bool = False
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    @property
+    def cond_mask(self) -> list[bool]:
+        return [False] + [True] * (len(self.views) - 1)
+
+
+def _stem(token: str) -> str:
+    return token.strip("[]")
+
+
+def forward_task(token: str) -> TaskSpec:
+    if token == "[[text2image]]":
+        return TaskSpec("text2image", token, ("jpg",))
+    if token in MAP_FIELDS:
+        return TaskSpec(_stem(token), token, ("jpg", MAP_FIELDS[token][0]))
+    if token in DEGRADATION_FIELDS:
+        return TaskSpec(_stem(token), token, ("jpg", DEGRADATION_FIELDS[token]))
+    raise NotImplementedError(f"task {token} has no fixed two-view layout (faceid/multiview are "
+                              "built per sample)")
+
+
+def reverse_task(token: str) -> TaskSpec:
+    if token not in MAP_TASKS or token not in MAP_FIELDS:
+        raise ValueError(f"{token} has no reverse direction")
+    field, short = MAP_FIELDS[token]
+    return TaskSpec(f"image2{short}", token, (field, "jpg"), reverse=True)
+
+
+def faceid_task(num_views: int) -> TaskSpec:
+    """img0 is the target, img1..img{V-1} the references."""
+    if num_views < 2:
+        raise ValueError("faceid needs at least 2 views")
+    return TaskSpec("faceid", "[[faceid]]", tuple(f"img{i}.jpg" for i in range(num_views)))
+
+
+def all_task_names() -> list[str]:
+    """Every task name this module can produce (for config validation)."""
+    names = ["text2image", "faceid"]
+    names += [_stem(t) for t in DEGRADATION_FIELDS]
+    for token, (_, short) in MAP_FIELDS.items():
+        names += [_stem(token), f"image2{short}"]
+    return names
+
+
+def task_token(name: str) -> str:
+    """The prompt token of a task name: ``image2canny`` -> ``[[canny2image]]``."""
+    if name == "faceid":
+        return "[[faceid]]"
+    if name == "text2image":
+        return "[[text2image]]"
+    for token in DEGRADATION_FIELDS:
+        if name == _stem(token):
+            return token
+    for token, (_, short) in MAP_FIELDS.items():
+        if name in (_stem(token), f"image2{short}"):
+            return token
+    raise KeyError(f"unknown task name {name!r}")
+
+
+def subset_task_names(subset: str) -> list[str]:
+    """Every task name a subset can train (both directions of its map tasks)."""
+    names = []
+    for token in SUBSETS[subset].tasks:
+        if token == "[[faceid]]":
+            names.append("faceid")
+        elif token == "[[multiview]]":
+            names.append("multiview")
+        else:
+            names.append(forward_task(token).name)
+            if token in MAP_FIELDS:
+                names.append(reverse_task(token).name)
+    return names
+
+
+def candidate_tasks(subset: str, fields: Sequence[str] | set[str], meta: Mapping[str, Any],
+                    allowed: set[str] | None = None) -> list[tuple[TaskSpec, TaskSpec | None]]:
+    """The (forward, reverse-or-None) task pairs a sample of ``subset`` supports.
+
+    A task counts when the subset trains it, the sample's metadata lists its
+    token and the fields it needs are present. ``allowed`` (task names)
+    filters; a pair survives if either direction is allowed (the disallowed
+    direction is returned as None / dropped by the caller).
+    """
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset {subset!r}")
+    present = set(fields)
+    listed = set(meta.get("tasks") or SUBSETS[subset].tasks)
+    out: list[tuple[TaskSpec, TaskSpec | None]] = []
+    for token in SUBSETS[subset].tasks:
+        if token not in listed or token in ("[[faceid]]", "[[multiview]]"):
+            continue
+        fwd = forward_task(token)
+        if not set(fwd.views) <= present:
+            continue
+        rev = reverse_task(token) if token in MAP_FIELDS else None
+        if allowed is not None:
+            fwd_ok, rev_ok = fwd.name in allowed, rev is not None and rev.name in allowed
+            if not (fwd_ok or rev_ok):
+                continue
+            out.append((fwd if fwd_ok else None, rev if rev_ok else None))  # type: ignore[arg-type]
+            continue
+        out.append((fwd, rev))
+    return out
+
+
+def choose_task(pairs: list[tuple[TaskSpec | None, TaskSpec | None]], u_task: float,
+                u_direction: float, reverse_prob: float) -> TaskSpec | None:
+    """Pick a pair uniformly with ``u_task`` in [0, 1), then the reverse
+    direction with probability ``reverse_prob`` (when both exist)."""
+    if not pairs:
+        return None
+    fwd, rev = pairs[min(int(u_task * len(pairs)), len(pairs) - 1)]
+    if fwd is None:
+        return rev
+    if rev is None:
+        return fwd
+    return rev if u_direction < reverse_prob else fwd
+
+
+def _colour_name(value: Any, index: int) -> str:
+    """An entity's colour as a palette name: a name, a hex code or an index."""
+    if isinstance(value, str):
+        if value in _NAMES:
+            return value
+        name = _HEX_TO_NAME.get(value.upper())
+        if name:
+            return name
+    if isinstance(value, int) and not isinstance(value, bool):
+        return PALETTE[value % len(PALETTE)][1]
+    if value is None:
+        return PALETTE[index % len(PALETTE)][1]
+    raise ValueError(f"entity colour {value!r} is not in the palette")
+
+
+def colour_tags(entities: Sequence[Mapping[str, Any]] | None, kind: str) -> list[str]:
+    """``<#FF0000 red mask: cat>`` per entity, in the stored order; an entity
+    without a colour gets the palette colour of its position (the datagen
+    painting rule: entities take palette colours in order)."""
+    tags = []
+    for i, entity in enumerate(entities or []):
+        label = str(entity.get("label", "")).strip()
+        if not label:
+            continue
+        tags.append(color_tag(_colour_name(entity.get("color"), i), kind, label))
+    return tags
+
+
+def build_prompt(task: TaskSpec, caption: str | Sequence[str], meta: Mapping[str, Any] | None = None,
+                 drop_caption: bool = False) -> str:
+    """The training prompt for one sample. ``caption`` is one string, or one
+    per view for multi-image tasks. Caption dropout empties the caption(s) but
+    keeps the task token, the image markers and the colour tags (the tags say
+    which colour means what, which both directions need)."""
+    parts = [task.token]
+    if task.token in TAG_KINDS:
+        parts += colour_tags((meta or {}).get("entities"), TAG_KINDS[task.token])
+    if task.token == "[[faceid]]":
+        captions = [caption] * task.num_views if isinstance(caption, str) else list(caption)
+        if len(captions) < task.num_views:
+            captions += [""] * (task.num_views - len(captions))
+        for i in range(task.num_views):
+            parts.append(image_marker(i))
+            if not drop_caption and captions[i].strip():
+                parts.append(captions[i].strip())
+        return " ".join(parts)
+    text = caption if isinstance(caption, str) else (caption[0] if caption else "")
+    if not drop_caption and text.strip():
+        parts.append(text.strip())
+    return " ".join(parts)

@@ -1,0 +1,293 @@
+"""MLflow for training runs: config, lineage, metrics, samples, checkpoints, system metrics.
+
+* ``build_logger``: Lightning's ``MLFlowLogger`` on ``mlflow.tracking_uri`` (default
+  ``sqlite:///mlflow.db``), ``synchronous=False`` (metric batches are queued, not awaited);
+  ``run_id`` given when resuming, so a resumed fit continues the same run.
+* ``TrackingCallback`` (rank 0 only, after the processes are launched): the resolved config as
+  flattened params and as ``config/config.yaml``; the dataset manifests as run inputs
+  (``MetaDataset`` over each manifest path, digest = its sha256, full hash as an input tag);
+  run tags (kind, run dir, checkpoint dir, resume origin); mlflow's ``SystemMetricsMonitor``
+  for the run (skipped with a tag if psutil or the monitor cannot start); the run id written
+  to ``<run_dir>/mlflow_run.json`` and into every checkpoint (``OneGenModule``).
+* Per-task losses, grad norm and lr come from ``OneGenModule.log_window``; throughput/MFU from
+  ``ThroughputMonitor``; sample grids and checkpoint tags from ``SampleGrid`` and
+  ``OneGenCheckpoint`` (``training/callbacks.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+RUN_FILE = "mlflow_run.json"
+
+
+def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:
+    """``a.b.c -> str(value)`` for MLflow params (values truncated to ``max_len``)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(node)[:max_len]
+
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    walk("", container)
+    return out
+
+
+def build_logger(cfg: DictConfig, run_id: str | None = None):
+    """The run's ``MLFlowLogger``, or None when ``mlflow.enabled`` is false."""
+    mcfg = cfg.mlflow
+    if not mcfg.get("enabled", True):
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    kwargs: dict[str, Any] = {}
+    if mcfg.get("synchronous") is not None:
+        kwargs["synchronous"] = bool(mcfg.synchronous)
+    return MLFlowLogger(
+        experiment_name=str(mcfg.experiment),
+        run_name=str(mcfg.get("run_name") or cfg.name),
+        tracking_uri=str(mcfg.tracking_uri),
+        tags={"onegen.kind": "train"},
+        run_id=run_id,
+        log_model=False,
+        **kwargs,
+    )
+
+
+def read_run_file(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / RUN_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_paths(cfg: DictConfig) -> list[Path]:
+    """The dataset manifests a fit reads, from ``data.paths`` as ``training.data`` takes it:
+    one folder, a list of folders (datagen outputs holding ``<subset>/manifest.json``), or
+    ``{subset: folder | [folders]}`` (a datagen output or the subset folder itself).
+    Local paths only: remote URLs are left to the ``onegen.inputs`` tag."""
+    paths = cfg.data.get("paths")
+    if not paths:
+        return []
+    container = OmegaConf.to_container(paths, resolve=True) if not isinstance(paths, str) else paths
+    found: list[Path] = []
+    if isinstance(container, dict):
+        for subset, roots in container.items():
+            for root in [roots] if isinstance(roots, str) else roots:
+                if "://" in str(root):
+                    continue
+                for cand in (
+                    Path(root) / str(subset) / "manifest.json",
+                    Path(root) / "manifest.json",
+                ):
+                    if cand.is_file():
+                        found.append(cand)
+                        break
+    else:
+        for root in [container] if isinstance(container, str) else container:
+            if "://" not in str(root):
+                found += [
+                    Path(p)
+                    for p in sorted(glob.glob(os.path.join(str(root), "*", "manifest.json")))
+                ]
+    unique: dict[str, Path] = {}
+    for path in found:
+        unique.setdefault(str(path.resolve()), path)
+    return list(unique.values())
+
+
+def log_dataset_inputs(client: Any, run_id: str, cfg: DictConfig) -> list[dict]:
+    """Each manifest becomes a run input (``mlflow.log_inputs``): a ``MetaDataset`` whose
+    source is the manifest path and whose digest is the manifest's sha256 (first 32 hex
+    chars: MLflow caps digests); the full hash and sample count are input tags."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    logged = []
+    inputs = []
+    for path in manifest_paths(cfg):
+        digest = sha256_file(path)
+        try:
+            written = json.loads(path.read_text()).get("written", "")
+        except (OSError, ValueError):
+            written = ""
+        name = path.parent.name
+        ds = MetaDataset(
+            LocalArtifactDatasetSource(str(path.resolve())), name=name, digest=digest[:32]
+        )
+        tags = [
+            InputTag(key="mlflow.data.context", value="training"),
+            InputTag(key="onegen.manifest_sha256", value=digest),
+            InputTag(key="onegen.samples", value=str(written)),
+        ]
+        inputs.append(DatasetInput(dataset=ds._to_mlflow_entity(), tags=tags))
+        logged.append({"name": name, "path": str(path), "sha256": digest})
+    if str(cfg.data.kind) == "synthetic":
+        from mlflow.data.sources import CodeDatasetSource
+
+        node = {"seed": cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True)}
+        spec = json.dumps(node, sort_keys=True)
+        digest = hashlib.sha256(spec.encode()).hexdigest()
+        ds = MetaDataset(
+            CodeDatasetSource({"generator": "training.fit.SyntheticDataModule"}),
+            name="synthetic",
+            digest=digest[:32],
+        )
+        inputs.append(
+            DatasetInput(
+                dataset=ds._to_mlflow_entity(),
+                tags=[InputTag(key="mlflow.data.context", value="training")],
+            )
+        )
+        logged.append({"name": "synthetic", "sha256": digest})
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    return logged
+
+
+class TrackingCallback(Callback):
+    """Run-level MLflow records; acts on rank 0 only (the logger is a dummy elsewhere)."""
+
+    def __init__(self, cfg: DictConfig, resumed_from: str | None = None) -> None:
+        self.cfg = cfg
+        self.resumed_from = resumed_from
+        self.monitor: Any = None
+        self.run_id: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        if logger is None or self.run_id is not None:
+            return
+        # The logger creates/looks up the run on rank 0 only; every rank learns the id (one
+        # broadcast, all ranks run this hook) so each node can log its own system metrics.
+        run_id = trainer.strategy.broadcast(logger.run_id if trainer.is_global_zero else None, 0)
+        self.run_id = run_id
+        pl_module.mlflow_run_id = run_id
+        if not trainer.is_global_zero:
+            if trainer.local_rank == 0 and trainer.num_nodes > 1:
+                self._start_system_metrics(None, run_id, str(self.cfg.mlflow.tracking_uri), trainer)
+            return
+        import mlflow
+
+        client = logger.experiment
+        cfg = self.cfg
+        uri = str(cfg.mlflow.tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        params = flat_params(cfg)
+        existing = run.data.params
+        new = {k: v for k, v in params.items() if k not in existing}
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+        yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
+        if self.resumed_from:
+            step = _ckpt_step(self.resumed_from)
+            client.log_text(run_id, yaml_text, f"config/resume_{step}.yaml")
+            client.set_tag(run_id, "onegen.resumed_from", str(Path(self.resumed_from).resolve()))
+            client.set_tag(
+                run_id,
+                "onegen.resume_count",
+                str(int(run.data.tags.get("onegen.resume_count", "0")) + 1),
+            )
+            if changed:
+                client.set_tag(run_id, "onegen.changed_on_resume", ",".join(changed)[:5000])
+        else:
+            client.log_text(run_id, yaml_text, "config/config.yaml")
+        run_dir = Path(cfg.run_dir).resolve()
+        client.set_tag(run_id, "onegen.run_dir", str(run_dir))
+        client.set_tag(run_id, "onegen.checkpoint_dir", str(Path(cfg.checkpoint.dir).resolve()))
+        client.set_tag(run_id, "onegen.model", str(cfg.model.config))
+        client.set_tag(run_id, "onegen.world_size", str(trainer.world_size))
+        try:
+            inputs = log_dataset_inputs(client, run_id, cfg)
+            client.set_tag(run_id, "onegen.inputs", json.dumps(inputs)[:5000])
+        except Exception as exc:  # lineage must not kill a fit
+            client.set_tag(run_id, "onegen.inputs_error", str(exc)[:5000])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_FILE).write_text(
+            json.dumps(
+                {"run_id": run_id, "tracking_uri": uri, "experiment": str(cfg.mlflow.experiment)},
+                indent=1,
+            )
+        )
+        self._start_system_metrics(client, run_id, uri, trainer)
+
+    def _start_system_metrics(
+        self, client: Any, run_id: str, uri: str, trainer: pl.Trainer
+    ) -> None:
+        """mlflow's SystemMetricsMonitor for this node (``system/...``; with several nodes
+        ``system/node<N>/...`` from each node's local rank 0). Skipped, with a tag saying
+        why, when it cannot start (psutil missing, ...); GPU metrics need pynvml."""
+        mcfg = self.cfg.mlflow
+        if not mcfg.get("system_metrics", True):
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            node = f"node{trainer.node_rank}" if trainer.num_nodes > 1 else None
+            self.monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=float(mcfg.get("system_metrics_interval", 10)),
+                resume_logging=self.resumed_from is not None,
+                node_id=node,
+                tracking_uri=uri,
+            )
+            self.monitor.start()
+            status = "on"
+        except Exception as exc:  # e.g. psutil missing: run without
+            self.monitor = None
+            status = f"off: {exc}"
+        if client is not None:
+            client.set_tag(run_id, "onegen.system_metrics", status[:5000])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run_id:
+            pl_module.mlflow_run_id = self.run_id
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):
+                self.monitor.finish()
+            self.monitor = None
+        if self.run_id is not None:
+            with contextlib.suppress(Exception):
+                import mlflow
+
+                mlflow.flush_async_logging()
+
+
+def _ckpt_step(path: str) -> str:
+    name = Path(str(path)).name
+    digits = "".join(c for c in name if c.isdigit())
+    return f"step{int(digits):08d}" if digits else name
