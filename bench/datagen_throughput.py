@@ -13,7 +13,7 @@ figures are steady-state throughput. Afterwards both outputs must hold the
 same samples per subset with identical bytes (the degradations are
 deterministic per key); the script fails loudly otherwise.
 
-Run: ``.venv/bin/python bench/datagen_throughput.py [--n 240] [--max-side 512] [--repeats 1]``
+Run: ``.venv/bin/python bench/datagen_throughput.py [--n 400] [--max-side 512] [--repeats 3]``
 The last line printed is a JSON record: ``{"bench": "datagen_throughput", "ratio": ...}``.
 """
 
@@ -191,9 +191,9 @@ def check_same(out_a: str, out_b: str, inputs: int, n_keys: int) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--n", type=int, default=240, help="demo inputs to process (default 240)")
+    parser.add_argument("--n", type=int, default=400, help="demo inputs to process (default 400)")
     parser.add_argument("--max-side", type=int, default=512, help="demo input size (default 512)")
-    parser.add_argument("--repeats", type=int, default=1, help="measured runs of each path, alternated (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs of each path, alternated (default 3)")
     parser.add_argument("--shard-size", type=int, default=16,
                         help="shards.max_samples: also the rows per Ray block (default 16)")
     parser.add_argument("--num-cpus", type=int, default=None,

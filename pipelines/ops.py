@@ -21,12 +21,14 @@ from PIL import Image
 from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
 from datagen.degrade import degrade_all
 
-# One OpenCV thread per process. Parallelism comes from running one op per
-# logical CPU (Ray tasks, actors); cv2's own pool on top of that would start
-# ``cores`` threads in every worker and oversubscribe the machine (measured in
-# bench/datagen_throughput.py: on 2 cores Ray went from slower than one
-# process to ~2x faster). It also makes the single-process baseline use one
-# core, like one Ray worker. ONEGEN_CV2_THREADS=0 restores OpenCV's default.
+# One OpenCV thread per process: parallelism comes from running one op per
+# logical CPU (Ray tasks, actors), and OpenCV's own pool would add up to
+# ``cores`` threads in every worker (a local Ray has twice as many logical CPUs
+# as cores, a cluster node dozens of workers). It also gives the single-process
+# path (``builder.run_in_process``) the per-process work of one Ray worker.
+# Measured with bench/datagen_throughput.py on 2 cores: OpenCV's pool made the
+# single process 5-10% faster (1.2 cores busy) and left Ray's throughput
+# unchanged. ONEGEN_CV2_THREADS=0 restores OpenCV's default.
 CV2_THREADS = int(os.environ.get("ONEGEN_CV2_THREADS", "1"))
 if CV2_THREADS > 0:
     cv2.setNumThreads(CV2_THREADS)
