@@ -27,8 +27,8 @@ from datagen.degrade import degrade_all
 # as cores, a cluster node dozens of workers). It also gives the single-process
 # path (``builder.run_in_process``) the per-process work of one Ray worker.
 # Measured with bench/datagen_throughput.py on 2 cores: OpenCV's pool made the
-# single process 5-10% faster (1.2 cores busy) and left Ray's throughput
-# unchanged. ONEGEN_CV2_THREADS=0 restores OpenCV's default.
+# single process 0-10% faster (1.2 cores busy) and Ray no faster (0-7% slower
+# with 4 workers). ONEGEN_CV2_THREADS=0 restores OpenCV's default.
 CV2_THREADS = int(os.environ.get("ONEGEN_CV2_THREADS", "1"))
 if CV2_THREADS > 0:
     cv2.setNumThreads(CV2_THREADS)
