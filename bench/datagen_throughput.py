@@ -25,7 +25,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
+
+from cpu_meter import CpuMeter, wait_quiet  # noqa: E402  (bench/ is on sys.path)
+from workdir import work_folder  # noqa: E402
 
 from datagen import shards, sources  # noqa: E402
 from orchestration.ray_runtime import init_ray, local_logical_cpus  # noqa: E402
@@ -43,77 +45,6 @@ DAG = ROOT / "pipelines" / "demo.yaml"
 
 class BenchError(RuntimeError):
     """The two paths did not produce the same output: the figures mean nothing."""
-
-
-# --- CPU accounting (Linux /proc; elsewhere these report nothing) -------------------------
-# A 2-core box has no spare core: anything else running during a measured run
-# (a test suite, another Ray) skews the comparison, so each run reports the
-# CPU that processes outside this benchmark's process tree used meanwhile.
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _machine_busy_s() -> float | None:
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(x) for x in fh.readline().split()[1:9]]
-    except OSError:
-        return None
-    return (sum(fields) - fields[3] - fields[4]) / _TICK  # all but idle and iowait
-
-
-def _process_cpu() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds so far) for every live process."""
-    out: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
-    return out
-
-
-def _own_cpu_s(procs: dict[int, tuple[int, float]]) -> float:
-    """CPU seconds of this process and its descendants (Ray's raylet, workers)."""
-    me, total = os.getpid(), 0.0
-    for pid, (_, cpu) in procs.items():
-        seen, p = 0, pid
-        while p and p != me and seen < 64:
-            p, seen = procs.get(p, (0, 0.0))[0], seen + 1
-        if p == me:
-            total += cpu
-    return total
-
-
-class CpuMeter:
-    """Cores used during a block: by this benchmark (incl. Ray) and by others."""
-
-    def __enter__(self) -> CpuMeter:
-        self.busy0, self.own0, self.t0 = _machine_busy_s(), _own_cpu_s(_process_cpu()), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall = max(time.perf_counter() - self.t0, 1e-9)
-        busy1, own1 = _machine_busy_s(), _own_cpu_s(_process_cpu())
-        self.own_cores = (own1 - self.own0) / wall
-        self.other_cores = (max(0.0, busy1 - self.busy0 - (own1 - self.own0)) / wall
-                            if busy1 is not None and self.busy0 is not None else 0.0)
-
-
-def wait_quiet(max_s: float, threshold: float = 0.15) -> float:
-    """Wait (up to ``max_s``) until other processes use < ``threshold`` cores
-    over a second; returns the last reading."""
-    deadline, load = time.perf_counter() + max_s, 0.0
-    while True:
-        with CpuMeter() as meter:
-            time.sleep(1.0)
-        load = meter.other_cores
-        if load < threshold or time.perf_counter() >= deadline:
-            return load
 
 
 def run_single(cfg: Any, rows: Any, out: str) -> float:
@@ -218,13 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.repeats < 1 or args.shard_size < 1 or args.warmup < 0:
         parser.error("--n, --repeats and --shard-size must be >= 1, --warmup >= 0")
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="onegen-bench-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, keep=args.keep, prefix="onegen-bench-") as work:
         return _bench(args, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _bench(args: argparse.Namespace, work: Path) -> int:

@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,9 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from cpu_meter import CpuMeter, wait_quiet  # noqa: E402  (bench/ is on sys.path)
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
+from workdir import work_folder  # noqa: E402
 
 from datagen import shards, sources  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
@@ -57,69 +57,6 @@ DAG = ROOT / "pipelines" / "demo.yaml"
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 I2I_CONDITIONS = ("canny.png", "hed.png", "blur.jpg", "masked.jpg")
 PREFETCH = 2  # DataLoader prefetch_factor of every path; the backlog it builds is skipped before timing
-
-
-# --- CPU use of other processes (Linux /proc; elsewhere reports 0) ---------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _machine_busy_s() -> float | None:
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:9]]
-    except OSError:
-        return None
-    return (sum(f) - f[3] - f[4]) / _TICK
-
-
-def _tree_cpu_s() -> float:
-    """CPU seconds of this process and its live descendants (loader workers)."""
-    procs: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    f = fh.read().rsplit(")", 1)[1].split()
-                procs[int(entry)] = (int(f[1]), (int(f[11]) + int(f[12])) / _TICK)
-            except OSError:
-                continue
-    me, total = os.getpid(), 0.0
-    for pid, (_, cpu) in procs.items():
-        p, hops = pid, 0
-        while p and p != me and hops < 32:
-            p, hops = procs.get(p, (0, 0.0))[0], hops + 1
-        total += cpu if p == me else 0.0
-    return total
-
-
-class Meter:
-    """Wall time and the cores other processes used meanwhile. Workers that
-    exit inside the block take their CPU time with them, so call ``stop``
-    while they are alive."""
-
-    def start(self) -> Meter:
-        self.busy0, self.own0, self.t0 = _machine_busy_s(), _tree_cpu_s(), time.perf_counter()
-        return self
-
-    def stop(self) -> None:
-        self.wall = max(time.perf_counter() - self.t0, 1e-9)
-        busy1, own1 = _machine_busy_s(), _tree_cpu_s()
-        self.own_cores = (own1 - self.own0) / self.wall
-        self.other_cores = (max(0.0, busy1 - self.busy0 - (own1 - self.own0)) / self.wall
-                            if busy1 is not None and self.busy0 is not None else 0.0)
-
-
-def wait_quiet(max_s: float, threshold: float = 0.15) -> float:
-    """Wait (up to ``max_s``) until other processes use < ``threshold`` cores
-    over a second; returns the last reading."""
-    deadline = time.perf_counter() + max_s
-    while True:
-        meter = Meter().start()
-        time.sleep(1.0)
-        meter.stop()
-        if meter.other_cores < threshold or time.perf_counter() >= deadline:
-            return meter.other_cores
 
 
 # --- the bare baseline -----------------------------------------------------------------------
@@ -167,14 +104,14 @@ class BareTars(IterableDataset):
         return sum(_decode(files[f], f).size for f in names)
 
 
-def run_bare(tars: list[str], mode: str, workers: int, total: int) -> tuple[float, int, Meter]:
+def run_bare(tars: list[str], mode: str, workers: int, total: int) -> tuple[float, int, CpuMeter]:
     loader = DataLoader(BareTars(tars, mode), batch_size=None, num_workers=workers,
                         prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
     it = iter(loader)
     skip = (PREFETCH + 1) * max(1, workers)  # start-up and the prefetched backlog, not timed
     for _ in range(skip):
         next(it)
-    meter = Meter().start()
+    meter = CpuMeter().start()
     count = 0
     for _ in range(total - skip):  # stop before the workers exit, so their CPU time is counted
         next(it)
@@ -188,14 +125,14 @@ def run_bare(tars: list[str], mode: str, workers: int, total: int) -> tuple[floa
 # --- the loader ------------------------------------------------------------------------------
 
 
-def run_loader(out: str, workers: int, batch_size: int, batches: int, seed: int) -> tuple[float, int, Meter]:
+def run_loader(out: str, workers: int, batch_size: int, batches: int, seed: int) -> tuple[float, int, CpuMeter]:
     dm = OneGenDataModule({"paths": out, "batch_size": batch_size, "num_workers": workers, "seed": seed,
                            "prefetch_factor": PREFETCH, "persistent_workers": False, "caption_dropout": 0.1})
     dm.setup()
     it = iter(dm.loader())
     for _ in range((PREFETCH + 1) * max(1, workers)):  # start-up and the prefetched backlog, not timed
         next(it)
-    meter = Meter().start()
+    meter = CpuMeter().start()
     samples, skipped = 0, 0
     for _ in range(batches):
         batch = next(it)
@@ -235,13 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="folder for the shards (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="onegen-loader-bench-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, keep=args.keep, prefix="onegen-loader-bench-") as work:
         return _bench(args, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _bench(args: argparse.Namespace, work: Path) -> int:

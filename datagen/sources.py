@@ -87,10 +87,9 @@ def image_folder(root: str) -> pa.Table:
             continue
         relative = path[len(base.rstrip("/")) + 1 :]
         uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
-        caption = None
-        for sidecar in (Path(path).with_suffix(".txt"),):
-            if protocol in ("file", "local") and sidecar.exists():
-                caption = sidecar.read_text(encoding="utf-8").strip()
+        sidecar = Path(path).with_suffix(".txt")
+        local = protocol in ("file", "local")
+        caption = sidecar.read_text(encoding="utf-8").strip() if local and sidecar.exists() else None
         rows.append({"key": key_from_path(relative), "uri": uri, "caption": caption})
     return _table(rows)
 

@@ -23,24 +23,6 @@ from torch import Tensor, nn
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
-# Whole tokens for the tiny test tokenizer. The real T5 tokenizer is NOT given
-# these: the released weights saw task labels as ordinary sentencepiece pieces.
-TINY_EXTRA_TOKENS: tuple[str, ...] = (
-    "[[text2image]]",
-    "[[deblurring]]",
-    "[[image_inpainting]]",
-    "[[canny2image]]",
-    "[[depth2image]]",
-    "[[hed2img]]",
-    "[[pose2image]]",
-    "[[semanticmap2image]]",
-    "[[boundingbox2image]]",
-    "[[image_editing]]",
-    "[[faceid]]",
-    "[[multiview]]",
-    "[[subject_driven]]",
-    *(f"[[img{i}]]" for i in range(8)),
-)
 _TINY_TEXT = (
     "a an the of in on with and photo image cat dog red blue green yellow mask boundingbox"
     " moon mouse man woman sky tree house depth map edge pose view"
@@ -299,13 +281,18 @@ class FrozenTextEncoder(nn.Module):
         vocab_dir: str | os.PathLike,
         *,
         words: Sequence[str] = TINY_WORDS,
-        extra_tokens: Sequence[str] = TINY_EXTRA_TOKENS,
+        extra_tokens: Sequence[str] = (),
         max_length: int = 300,
         d_model: int = 32,
         seed: int = 0,
     ) -> FrozenTextEncoder:
         """A 2-layer random T5 encoder and a word tokenizer whose vocabulary is
-        written to ``vocab_dir/vocab.json``; task labels are whole tokens."""
+        written to ``vocab_dir/vocab.json``.
+
+        ``extra_tokens`` (task labels, image markers) become whole tokens; the
+        caller passes them so the sample contract stays their one source. The
+        real T5 tokenizer is not given them: the released weights saw task
+        labels as ordinary sentencepiece pieces."""
         from transformers import T5Config, T5EncoderModel
 
         vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}

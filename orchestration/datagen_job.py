@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 
 from datagen import shards, sources
@@ -113,10 +112,9 @@ def check_recipe(cfg: DictConfig, out: str) -> str:
 
 def pending_work(manifest: pa.Table, out: str, subset_names: list[str]) -> tuple[pa.Table, list[list[str]]]:
     """Rows with at least one subset not yet committed, and which subsets."""
-    keys = manifest.column("key")
     done = {s: shards.committed_keys(out, s) for s in subset_names}
-    masks = {s: pc.invert(pc.is_in(keys, pa.array(sorted(done[s]), pa.string()))) for s in subset_names}
-    todo_all = [[s for s in subset_names if masks[s][i].as_py()] for i in range(manifest.num_rows)]
+    todo_all = [[s for s in subset_names if key not in done[s]]
+                for key in manifest.column("key").to_pylist()]
     keep = [i for i, t in enumerate(todo_all) if t]
     return manifest.take(pa.array(keep, pa.int64())), [todo_all[i] for i in keep]
 

@@ -109,6 +109,12 @@ def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
         # bounds what upstream stages buffer ahead of a slower model stage.
         # ``ds.context`` is this plan's own copy, not the global DataContext.
         ds.context.op_resource_reservation_enabled = False
+    else:
+        # An actor stage emits blocks in completion order, and the sink groups
+        # whatever arrives into shards: without ordered output the same inputs
+        # could land in differently composed (differently named) shards from run
+        # to run. Ordered output keeps shard composition a function of the inputs.
+        ds.context.execution_options.preserve_order = True
     return ds
 
 

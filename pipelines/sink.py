@@ -17,8 +17,6 @@ from datagen.shards import commit_quarantine, commit_shard, split_shards
 from pipelines.dag import SubsetSpec
 from pipelines.stage import batch_to_rows, rows_to_batch
 
-SUMMARY_COLUMNS = ("subset", "written", "quarantined", "bytes", "shards", "errors", "stages")
-
 
 def column_for(field_name: str) -> str:
     """Row column holding a schema field: ``canny.png`` -> ``canny_png``."""

@@ -98,17 +98,11 @@ class StageFn:
         return apply_stages([(self.op, self.stage, self.needs)], batch)
 
 
-def stage_task(batch: dict[str, np.ndarray], *, op_name: str, stage: str, params: dict[str, Any],
-               seed: int, needs: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Task form of :class:`StageFn`; cheap ops are rebuilt per batch."""
-    return StageFn(op_name, stage, params, seed, needs)(batch)
-
-
 def stages_task(batch: dict[str, np.ndarray], *, stages: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Several cheap stages in one ``map_batches`` call. Ray does fuse
     consecutive ``map_batches`` into one task, but converts each one's output
     batch to an Arrow block and back into numpy for the next (for the demo
     DAG, 20-40 ms per 16-row batch at each boundary, images included); one
-    call has no boundary. ``stages``: :func:`stage_task`'s keyword arguments."""
+    call has no boundary. ``stages``: dicts of :class:`StageFn`'s arguments."""
     ops = [(build_op(s["op_name"], int(s["seed"]), s["params"]), s["stage"], tuple(s["needs"])) for s in stages]
     return apply_stages(ops, batch)

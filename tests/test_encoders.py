@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from model.encoders import FrozenTextEncoder, FrozenVAE
+from training.module import TINY_TOKENS
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def text_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_encoder(text_dir) -> FrozenTextEncoder:
-    return FrozenTextEncoder.tiny(text_dir)
+    return FrozenTextEncoder.tiny(text_dir, extra_tokens=TINY_TOKENS)
 
 
 # --- VAE ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pipelines.stage import (
     failure_record,
     object_column,
     rows_to_batch,
-    stage_task,
+    stages_task,
 )
 
 
@@ -191,7 +191,7 @@ def test_stage_fn_decode_over_a_batch(tmp_path):
     batch = rows_to_batch(rows)
     for result in (
         StageFn("decode", "decode", {}, 0, ())(batch),
-        stage_task(batch, op_name="decode", stage="decode", params={}, seed=0, needs=()),
+        stages_task(batch, stages=[dict(op_name="decode", stage="decode", params={}, seed=0, needs=())]),
     ):
         out = batch_to_rows(result)
         assert [r["key"] for r in out] == ["good", "empty", "gone"]

@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from datagen.schema import TASK_LABELS, image_marker
 from model import NextDiT, get_config
 from model.encoders import FrozenTextEncoder, FrozenVAE
 from model.flow import flow_matching_loss, sample
@@ -47,6 +48,11 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+# Whole tokens in the tiny tokenizer; eight image markers cover every view count the
+# readers build (multi-view samples are capped well below that).
+TINY_TOKENS: tuple[str, ...] = (*TASK_LABELS, *(image_marker(i) for i in range(8)))
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -84,6 +90,7 @@ def build_encoders(cfg: DictConfig, caption_dim: int, vocab_dir: str | Path) -> 
         vae = FrozenVAE.tiny(seed=seed, apply_shift=bool(enc.get("vae_apply_shift", True)))
         text = FrozenTextEncoder.tiny(
             vocab_dir,
+            extra_tokens=TINY_TOKENS,
             max_length=int(enc.text_max_length),
             d_model=caption_dim,
             seed=seed + 1,
