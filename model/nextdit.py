@@ -351,11 +351,3 @@ def count_parameters(model: nn.Module, flops_only: bool = False) -> int:
         if not (flops_only and (_is_modulation(name) or _is_embedding(name)))
     )
 
-
-def flops_per_token(model: NextDiT, seq_len: int) -> float:
-    """Training FLOPs per image token: ``6 N + 12 L D S`` (forward + backward, torchtitan)."""
-    cfg = model.config
-    return (
-        6.0 * count_parameters(model, flops_only=True)
-        + 12.0 * cfg.depth * cfg.hidden_size * seq_len
-    )
