@@ -12,22 +12,23 @@ Three FLOPs figures per config (``model/flops.py``):
     .venv/bin/python bench/model_flops.py --views 2 --image 1024 --precision autocast
 
 MFU = achieved FLOPs / peak dense bf16 FLOPs of the GPU (read from its device name), printed
-with both the headline and the executed numerator. Training step measured: per-block
-activation checkpointing and per-block torch.compile, AdamW, the largest batch in --batches
-that fits.
+with both the headline and the executed numerator. The step measured is the trainer's own
+set-up (``training.module``): per-block activation checkpointing, per-block torch.compile,
+FSDP2 on a one-rank mesh with bf16 compute over fp32 master weights (``--precision``),
+foreach AdamW; the largest batch in --batches that fits. Without CUDA the same step runs
+on CPU with ``tiny``, to show the path works, not to measure it.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,6 +41,7 @@ from model import (  # noqa: E402
     get_config,
 )
 from model.flops import counted_training_flops, image_tokens  # noqa: E402
+from training.module import checkpoint_block, init_sharded, shard  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, from NVIDIA's datasheets; first match wins.
 PEAK_BF16: list[tuple[str, float]] = [
@@ -85,15 +87,36 @@ def flops_table(views: int, image: int, text_len: int) -> None:
         )
 
 
-class Checkpointed(nn.Module):
-    """Recompute one block in backward (what the trainer does per block)."""
+def single_rank_mesh(device: torch.device):
+    """A one-process device mesh, so FSDP2 runs here exactly as each rank of a fit runs it
+    (minus the communication with other ranks)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    return init_device_mesh(device.type, (1,))
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.block, *args, use_reentrant=False)
+
+def build_for_step(name: str, device: torch.device, precision: str, compile_blocks: bool) -> NextDiT:
+    """The model as the trainer sets it up: per-block activation checkpointing, then
+    per-block compile; ``fsdp-bf16`` adds the trainer's FSDP2 sharding with bf16 compute
+    over fp32 master weights, the other modes keep one unsharded model in one dtype."""
+    model = build_meta(name)
+    for block in model.layers:
+        checkpoint_block(block)
+        if compile_blocks:
+            block.compile()
+    if precision == "fsdp-bf16":
+        shard(model, single_rank_mesh(device), torch.bfloat16)
+        model.to_empty(device=device)
+        init_sharded(model)
+        return model
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.to(torch.bfloat16 if precision == "bf16-params" else torch.float32)
 
 
 def measure_step(
@@ -109,18 +132,11 @@ def measure_step(
     warmup: int,
 ) -> dict[str, float]:
     """Seconds per AdamW training step and achieved FLOP/s (headline FLOPs/token)."""
-    model = build_meta(name)
-    model.to_empty(device=device)
-    model.init_weights()
-    dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
-    model.to(dtype)
-    for i, block in enumerate(model.layers):
-        if compile_blocks:
-            block.compile()
-        model.layers[i] = Checkpointed(block)
+    model = build_for_step(name, device, precision, compile_blocks)
     cfg = model.config
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    data_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # as the trainer
+    # Inputs in the compute dtype, timesteps in fp32: what the trainer's denoiser passes.
+    data_dtype = torch.bfloat16 if precision in ("bf16-params", "fsdp-bf16") else torch.float32
     x = torch.randn(batch, views, cfg.in_channels, latent, latent, device=device, dtype=data_dtype)
     eps = torch.randn_like(x)
     t = torch.rand(batch, views, device=device)
@@ -172,6 +188,7 @@ def measure_mfu(args: argparse.Namespace) -> None:
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     for batch in args.batches:
         torch.cuda.reset_peak_memory_stats()
+        r = None
         try:
             r = measure_step(
                 args.config,
@@ -187,6 +204,9 @@ def measure_mfu(args: argparse.Namespace) -> None:
             )
         except torch.cuda.OutOfMemoryError:
             print(f"  batch {batch}: out of memory, trying smaller")
+        if r is None:
+            # Outside the except block: its traceback held the failed step's frames (model,
+            # optimizer state, activations) alive until here.
             gc.collect()
             torch.cuda.empty_cache()
             continue
@@ -218,7 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
-        "--precision", choices=["bf16-params", "autocast", "fp32"], default="bf16-params"
+        "--precision",
+        choices=["fsdp-bf16", "bf16-params", "autocast", "fp32"],
+        default="fsdp-bf16",
+        help="fsdp-bf16: the trainer's FSDP2 path (fp32 master weights, bf16 compute); "
+        "bf16-params: one bf16 model and bf16 AdamW state; autocast: fp32 weights under autocast",
     )
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
@@ -245,13 +269,13 @@ def main(argv: list[str] | None = None) -> None:
         views=2,
         latent=16,
         text_len=8,
-        precision="fp32",
+        precision=args.precision,
         compile_blocks=not args.no_compile,
         steps=3,
         warmup=1,
     )
     print(
-        f"  tiny, batch 2, 2 views of 16x16 latents: {r['seconds'] * 1e3:.0f} ms/step, "
+        f"  tiny, {args.precision}, batch 2, 2 views of 16x16 latents: {r['seconds'] * 1e3:.0f} ms/step, "
         f"{r['achieved'] / 1e9:.2f} GFLOP/s achieved"
     )
 
