@@ -10,21 +10,29 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 
-def _datagen_run(args: argparse.Namespace) -> int:
-    from orchestration.datagen_job import DatagenError, run
+def _load_dag(args: argparse.Namespace, address: str | None = None):
+    """The DAG with the command line applied: overrides, then --output, --input."""
     from pipelines import dag
 
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"output={args.output}")
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    try:
-        cfg = dag.load(args.pipeline, overrides)
-        if args.input:
-            from datagen.sources import guess_spec
+    if address:
+        overrides.append(f"ray.address={address}")
+    cfg = dag.load(args.pipeline, overrides)
+    if args.input:
+        from datagen.sources import guess_spec
 
-            cfg.source = OmegaConf.create(guess_spec(args.input))
+        cfg.source = OmegaConf.create(guess_spec(args.input))
+    return cfg
+
+
+def _datagen_run(args: argparse.Namespace) -> int:
+    from orchestration.datagen_job import DatagenError, run
+    from pipelines import dag
+
+    try:
+        cfg = _load_dag(args, args.address)
         result = run(cfg)
     except (DatagenError, dag.DagError, ValueError, FileNotFoundError) as exc:
         print(f"onegen datagen run: error: {exc}", file=sys.stderr)
@@ -39,6 +47,34 @@ def _datagen_run(args: argparse.Namespace) -> int:
         print(f"mlflow:  run {result.mlflow_run_id} in {cfg.mlflow.tracking_uri} "
               f"(review: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri})")
     return 0
+
+
+def _datagen_submit(args: argparse.Namespace) -> int:
+    from ray.exceptions import RayError
+
+    from orchestration.submit import SubmitError, follow, submit
+    from pipelines import dag
+
+    try:
+        cfg = _load_dag(args)
+        job_id, job_cfg = submit(cfg, args.address, submission_id=args.submission_id, python=args.python)
+    except (SubmitError, dag.DagError, ValueError, FileNotFoundError, ConnectionError, RuntimeError,
+            RayError) as exc:
+        print(f"onegen datagen submit: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"submitted job {job_id} to {args.address}: {job_cfg.name} -> {job_cfg.output}")
+    print(f"  logs:   ray job logs --address {args.address} --follow {job_id}")
+    print(f"  stop:   ray job stop --address {args.address} {job_id}")
+    print(f"  status: onegen datagen status {job_cfg.output}")
+    if args.no_wait:
+        return 0
+    try:
+        final = follow(args.address, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running on the cluster", file=sys.stderr)
+        return 130
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
 
 
 def _datagen_status(args: argparse.Namespace) -> int:
@@ -133,6 +169,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="an existing Ray cluster (e.g. auto, ray://head:10001)")
     r.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the DAG")
     r.set_defaults(func=_datagen_run)
+
+    sb = datagen.add_parser("submit", help="run a pipeline DAG as a Ray job on a cluster (follows its log)")
+    sb.add_argument("pipeline", type=Path, help="pipelines/<dag>.yaml")
+    sb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://head:8265")
+    sb.add_argument("--output", help="output every node can reach: shared folder or fsspec URL")
+    sb.add_argument("--input", help="a folder, a .parquet manifest, tar shards, or 'demo'")
+    sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sb.add_argument("--submission-id", help="the job's id (default: Ray picks one)")
+    sb.add_argument("--python", default="python", help="the cluster's Python for the job's driver")
+    sb.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the DAG")
+    sb.set_defaults(func=_datagen_submit)
 
     s = datagen.add_parser("status", help="per subset: written, quarantined, shards, bytes")
     s.add_argument("output")

@@ -22,6 +22,10 @@ OFFLINE_ENV = {
 }
 
 
+# Set by Ray's job supervisor in a submitted job's driver process.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def local_logical_cpus(requested: int | None = None) -> int:
     if requested:
         return int(requested)
@@ -38,7 +42,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return ray.cluster_resources()
-    if address:
+    if JOB_CONFIG_ENV in os.environ:
+        # The driver of a submitted job (``onegen datagen submit``): Ray set RAY_ADDRESS to
+        # this cluster, and the job's runtime env (code, offline env vars) already applies
+        # to every task; a second one from ray.init would have to be merged with it.
+        ray.init(address=address or "auto", log_to_driver=not quiet)
+    elif address:
         import datagen
         import pipelines
 
