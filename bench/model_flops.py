@@ -40,22 +40,8 @@ from model import (  # noqa: E402
     flops_per_token,
     get_config,
 )
-from model.flops import counted_training_flops, image_tokens  # noqa: E402
+from model.flops import counted_training_flops, image_tokens, peak_bf16_flops  # noqa: E402
 from training.module import checkpoint_block, init_sharded, shard  # noqa: E402
-
-# Dense (no sparsity) bf16 tensor-core peaks, from NVIDIA's datasheets; first match wins.
-PEAK_BF16: list[tuple[str, float]] = [
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM (device name "NVIDIA H100 80GB HBM3")
-    ("A100", 312e12),
-]
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    return next((peak for key, peak in PEAK_BF16 if key in device_name), None)
 
 
 def build_meta(name: str) -> NextDiT:
@@ -217,7 +203,7 @@ def measure_mfu(args: argparse.Namespace) -> None:
             f"{r['achieved_executed'] / 1e12:.1f} TFLOP/s executed"
         )
         if peak is None:
-            print(f"  MFU: unknown peak bf16 FLOPs for {name!r} (add it to PEAK_BF16)")
+            print(f"  MFU: unknown peak bf16 FLOPs for {name!r} (add it to model/flops.py PEAK_BF16_FLOPS)")
         else:
             print(
                 f"  MFU {100 * r['achieved'] / peak:.1f}% headline "

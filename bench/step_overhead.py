@@ -117,6 +117,7 @@ class PlainLoop:
         )
         self.step_count = 0
         self.params = list(self.model.parameters())
+        self.ema_params = list(self.ema.parameters())  # walked once, as the module caches it
 
     def step(self, batch: dict) -> float:
         with torch.no_grad():
@@ -143,7 +144,7 @@ class PlainLoop:
         self.sched.step()
         with torch.no_grad():
             torch._foreach_lerp_(
-                list(self.ema.parameters()), self.params, 1.0 - float(self.cfg.ema.decay)
+                self.ema_params, self.params, 1.0 - float(self.cfg.ema.decay)
             )
         self.step_count += 1
         return loss.detach()

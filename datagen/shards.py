@@ -72,9 +72,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool({"file", "local"} & set(protocols))
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -82,7 +82,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     directory, name = path.rsplit("/", 1)
     tmp = f"{directory}/.{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     fs.makedirs(directory, exist_ok=True)
-    if _is_local(fs):
+    if is_local(fs):
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -250,11 +250,13 @@ def clean_incomplete(out: str) -> list[str]:
     return removed
 
 
-def write_manifest(out: str, subset: str, info: Mapping[str, Any]) -> dict[str, Any]:
-    """Summarise a subset from its indexes (all runs, not just the last)."""
+def write_manifest(out: str, subset: str, info: Mapping[str, Any], index: pa.Table | None = None,
+                   quarantine: pa.Table | None = None) -> dict[str, Any]:
+    """Summarise a subset from its indexes (all runs, not just the last); ``index`` and
+    ``quarantine`` are read here unless the caller already holds them."""
     fs, root = filesystem(out)
-    index = read_indexes(out, subset)
-    quarantine = read_quarantine(out, subset)
+    index = read_indexes(out, subset) if index is None else index
+    quarantine = read_quarantine(out, subset) if quarantine is None else quarantine
     shards: dict[str, dict[str, Any]] = {}
     for row in index.select(["shard", "tar_bytes", "tar_sha256"]).to_pylist():
         entry = shards.setdefault(row["shard"], {"name": f"{row['shard']}.tar", "samples": 0,

@@ -17,6 +17,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.config import NextDiTConfig
 from model.nextdit import NextDiT, count_parameters
 
+# Dense bf16 tensor-core peaks (NVIDIA datasheets); first substring match of the device name
+# wins, so the more specific names come first ("H100 PCIe" before "H100" = SXM).
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+]
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The MFU denominator for a GPU, from its ``torch.cuda.get_device_name``."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
+
 
 def image_tokens(config: NextDiTConfig, views: int, latent_h: int, latent_w: int) -> int:
     """Sequence length S: patch tokens of all views."""

@@ -29,12 +29,11 @@ def _load_dag(args: argparse.Namespace, address: str | None = None):
 
 def _datagen_run(args: argparse.Namespace) -> int:
     from orchestration.datagen_job import DatagenError, run
-    from pipelines import dag
 
     try:
         cfg = _load_dag(args, args.address)
         result = run(cfg)
-    except (DatagenError, dag.DagError, ValueError, FileNotFoundError) as exc:
+    except (DatagenError, ValueError, FileNotFoundError) as exc:  # DagError is a ValueError
         print(f"onegen datagen run: error: {exc}", file=sys.stderr)
         return 1
     print(f"done in {result.seconds:.1f}s: {result.pending} inputs processed")
@@ -52,14 +51,12 @@ def _datagen_run(args: argparse.Namespace) -> int:
 def _datagen_submit(args: argparse.Namespace) -> int:
     from ray.exceptions import RayError
 
-    from orchestration.submit import SubmitError, follow, submit
-    from pipelines import dag
+    from orchestration.submit import follow, submit
 
     try:
         cfg = _load_dag(args)
         job_id, job_cfg = submit(cfg, args.address, submission_id=args.submission_id, python=args.python)
-    except (SubmitError, dag.DagError, ValueError, FileNotFoundError, ConnectionError, RuntimeError,
-            RayError) as exc:
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError, RayError) as exc:
         print(f"onegen datagen submit: error: {exc}", file=sys.stderr)
         return 1
     print(f"submitted job {job_id} to {args.address}: {job_cfg.name} -> {job_cfg.output}")
@@ -119,7 +116,7 @@ def _train_fit(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, list(args.overrides))
-    except (ConfigError, ValueError) as exc:
+    except ValueError as exc:  # ConfigError, DagError (bad override)
         print(f"onegen train fit: error: {exc}", file=sys.stderr)
         return 1
     try:

@@ -119,17 +119,19 @@ def pending_work(manifest: pa.Table, out: str, subset_names: list[str]) -> tuple
     return manifest.take(pa.array(keep, pa.int64())), [todo_all[i] for i in keep]
 
 
-def account(manifest: pa.Table, out: str, subset_names: list[str]) -> dict[str, dict[str, Any]]:
-    """Check, per subset, input keys == written + quarantined, each once."""
+def account(manifest: pa.Table, committed: dict[str, tuple[pa.Table, pa.Table]]) -> dict[str, dict[str, Any]]:
+    """Check, per subset, input keys == written + quarantined, each once.
+    ``committed``: subset -> (its index, its quarantine) as read at the end of the run."""
     inputs = set(manifest.column("key").to_pylist())
     report = {}
-    for subset in subset_names:
-        written = shards.read_indexes(out, subset).column("key").to_pylist()
-        quarantined = shards.read_quarantine(out, subset).column("key").to_pylist()
-        dup_w = [k for k, c in Counter(written).items() if c > 1]
-        dup_q = [k for k, c in Counter(quarantined).items() if c > 1]
-        both = set(written) & set(quarantined)
-        missing = inputs - set(written) - set(quarantined)
+    for subset, (index, quarantine) in committed.items():
+        written_list = index.column("key").to_pylist()
+        quarantined_list = quarantine.column("key").to_pylist()
+        dup_w = [k for k, c in Counter(written_list).items() if c > 1]
+        dup_q = [k for k, c in Counter(quarantined_list).items() if c > 1]
+        written, quarantined = set(written_list), set(quarantined_list)
+        both = written & quarantined
+        missing = inputs - written - quarantined
         problems = []
         if dup_w or dup_q:
             problems.append(f"{len(dup_w) + len(dup_q)} keys committed twice, e.g. {(dup_w + dup_q)[:3]}")
@@ -137,8 +139,8 @@ def account(manifest: pa.Table, out: str, subset_names: list[str]) -> dict[str, 
             problems.append(f"{len(both)} keys both written and quarantined, e.g. {sorted(both)[:3]}")
         if missing:
             problems.append(f"{len(missing)} input keys neither written nor quarantined, e.g. {sorted(missing)[:3]}")
-        report[subset] = {"inputs": len(inputs), "written": len(set(written) & inputs),
-                          "quarantined": len(set(quarantined) & inputs), "problems": problems}
+        report[subset] = {"inputs": len(inputs), "written": len(written & inputs),
+                          "quarantined": len(quarantined & inputs), "problems": problems}
     return report
 
 
@@ -187,9 +189,10 @@ def run(cfg: DictConfig, log=print) -> RunResult:
                         t["bytes"] += int(summary["bytes"])
                         t["shards"] += len(json.loads(summary["shards"]))
                         continue
-                    for stage, s in json.loads(summary["stages"]).items():
+                    per_stage = json.loads(summary["stages"])
+                    for stage, s in per_stage.items():
                         stages[stage].update(s)
-                    first = next(iter(json.loads(summary["stages"]).values()), {"in": 0})
+                    first = next(iter(per_stage.values()), {"in": 0})
                     done_rows += int(first["in"])
                     rate = done_rows / max(time.time() - plan_started, 1e-9)
                     log(f"  {done_rows}/{pending.num_rows} keys processed, {rate:.1f} samples/s; " +
@@ -202,9 +205,11 @@ def run(cfg: DictConfig, log=print) -> RunResult:
                 "packages": package_versions(),
                 "labelers": {s.op: f"{s.op}@{OPS[s.op].version}" for s in dag.stages(cfg)},
             }
-            for subset in subset_names:
-                shards.write_manifest(out, subset, info)
-            accounting = account(manifest, out, subset_names)
+            # One read of every index and quarantine file serves the manifests, the
+            # accounting and MLflow (on object storage each read lists and opens them all).
+            committed = {s: (shards.read_indexes(out, s), shards.read_quarantine(out, s)) for s in subset_names}
+            manifests = {s: shards.write_manifest(out, s, info, *committed[s]) for s in subset_names}
+            accounting = account(manifest, committed)
             problems = [f"{s}: {p}" for s, a in accounting.items() for p in a["problems"]]
             result.subsets = {s: {**a, **dict(totals[s])} for s, a in accounting.items()}
             result.stages = {k: dict(v) for k, v in stages.items()}
@@ -218,7 +223,7 @@ def run(cfg: DictConfig, log=print) -> RunResult:
                 result.preview = str(sheet)
             except FileNotFoundError:
                 result.preview = None
-            run_ctx.log_result(result, [str(Path(out) / s / shards.MANIFEST) for s in subset_names])
+            run_ctx.log_result(result, manifests, {s: q for s, (_, q) in committed.items()})
             if problems:
                 raise DatagenError("accounting failed: " + "; ".join(problems))
             if result.error_rate > float(cfg.max_error_rate):

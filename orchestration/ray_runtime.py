@@ -15,6 +15,7 @@ from typing import Any
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
     "YOLO_OFFLINE": "1",
     "YOLO_AUTOINSTALL": "False",
     "YOLO_CONFIG_DIR": os.path.join(tempfile.gettempdir(), "onegen-yolo"),

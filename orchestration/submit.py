@@ -84,7 +84,9 @@ def runtime_env(staging: Path) -> dict[str, Any]:
         "working_dir": str(staging),
         "py_modules": package_dirs(),
         "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": dict(OFFLINE_ENV),
+        # Not YOLO_CONFIG_DIR: it names this machine's temp folder, which a cluster node
+        # may not have; there ultralytics keeps its default.
+        "env_vars": {k: v for k, v in OFFLINE_ENV.items() if k != "YOLO_CONFIG_DIR"},
     }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,9 @@ class DatagenTracking:
             self.mlflow.set_tag("onegen.failure", str(exc)[:5000])
         self.mlflow.end_run(status="FAILED" if exc is not None else "FINISHED")
 
-    def log_result(self, result: Any, manifest_paths: list[str]) -> None:
+    def log_result(self, result: Any, manifests: dict[str, dict], quarantine: dict[str, Any]) -> None:
+        """Metrics, every subset's manifest (also for object-store outputs) and a quarantine
+        summary, from the tables the job already read."""
         if not self.enabled:
             return
         mlflow = self.mlflow
@@ -73,16 +74,13 @@ class DatagenTracking:
             metrics[f"subset.{subset}.quarantined"] = a["quarantined"]
             metrics[f"subset.{subset}.bytes_this_run"] = a.get("bytes", 0)
         mlflow.log_metrics(metrics)
-        for path in manifest_paths:
-            if Path(path).exists():
-                mlflow.log_artifact(path, artifact_path=f"manifests/{Path(path).parent.name}")
+        for subset, m in manifests.items():
+            mlflow.log_dict(m, f"manifests/{subset}/{shards.MANIFEST}")
         summary = {}
-        for subset in result.subsets:
-            q = shards.read_quarantine(self.out, subset)
+        for subset, q in quarantine.items():
             summary[subset] = {
                 "count": q.num_rows,
-                "by_stage_error": dict(Counter(f"{s}:{e}" for s, e in zip(
-                    q.column("stage").to_pylist(), q.column("error").to_pylist(), strict=True))),
+                "by_stage_error": manifests[subset]["quarantine_by_error"],
                 "examples": q.slice(0, 20).select(["key", "uri", "stage", "error", "message"]).to_pylist(),
             }
         mlflow.log_dict(summary, "quarantine_summary.json")

@@ -61,19 +61,29 @@ def stages_and_sink_task(batch: dict[str, Any], *, stages: list[dict[str, Any]],
     return write_batch(stages_task(batch, stages=stages), **sink)
 
 
+def sink_kwargs(cfg: DictConfig, out: str) -> dict[str, Any]:
+    """:func:`write_batch`'s arguments, resolved once from the DAG."""
+    return {
+        "out": out,
+        "subsets": dag.subsets(cfg),
+        "first_stage": dag.stages(cfg)[0].name,
+        "max_samples": int(cfg.shards.max_samples),
+        "max_bytes": int(cfg.shards.max_bytes),
+    }
+
+
+def _needs(stage: dag.Stage, first: str) -> tuple[str, ...]:
+    """Every stage after the first skips rows whose first stage (decode) failed."""
+    return (first,) if stage.name != first else ()
+
+
 def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
     """The whole plan; iterate it to run. ``out`` must be absolute (workers'
     working folders differ from the driver's)."""
     max_samples = int(cfg.shards.max_samples)
     stages = dag.stages(cfg)
     first = stages[0].name
-    sink = {
-        "out": out,
-        "subsets": dag.subsets(cfg),
-        "first_stage": first,
-        "max_samples": max_samples,
-        "max_bytes": int(cfg.shards.max_bytes),
-    }
+    sink = sink_kwargs(cfg, out)
     ds = process_rows(rows_table, max_samples)
     groups = _task_groups(stages, max_samples)
     sink_done = False
@@ -87,7 +97,7 @@ def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
         if head.num_gpus:
             kwargs["num_gpus"] = head.num_gpus
         args = [{"op_name": s.op, "stage": s.name, "params": s.params, "seed": int(cfg.seed),
-                 "needs": (first,) if s.name != first else ()} for s in group]
+                 "needs": _needs(s, first)} for s in group]
         if head.actors:
             ds = ds.map_batches(StageFn, fn_constructor_kwargs=args[0], concurrency=head.actors, **kwargs)
         elif i == len(groups) - 1 and not head.num_gpus and kwargs["batch_size"] == max_samples:
@@ -127,13 +137,11 @@ def run_in_process(cfg: DictConfig, rows_table: pa.Table, out: str) -> list[dict
     max_samples = int(cfg.shards.max_samples)
     stages = dag.stages(cfg)
     first = stages[0].name
-    ops = [(build_op(s.op, int(cfg.seed), s.params), s.name, (first,) if s.name != first else ())
-           for s in stages]
+    ops = [(build_op(s.op, int(cfg.seed), s.params), s.name, _needs(s, first)) for s in stages]
+    sink = sink_kwargs(cfg, out)
     summaries: list[dict[str, Any]] = []
     for start in range(0, rows_table.num_rows, max_samples):
         block = rows_table.slice(start, max_samples).to_pydict()
         batch = {k: object_column(v) for k, v in block.items()}
-        summaries.extend(batch_to_rows(write_batch(
-            apply_stages(ops, batch), out=out, subsets=dag.subsets(cfg), first_stage=first,
-            max_samples=max_samples, max_bytes=int(cfg.shards.max_bytes))))
+        summaries.extend(batch_to_rows(write_batch(apply_stages(ops, batch), **sink)))
     return summaries

@@ -158,19 +158,20 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """``a.b.c -> value`` for MLflow params (values stringified, 500 chars max)."""
+def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:
+    """``a.b.c -> value`` for MLflow params (datagen and training runs alike); list entries
+    that are dicts go under their ``name`` (stages), values are cut to ``max_len``."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and node:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
             for i, v in enumerate(node):
                 walk(f"{prefix}.{v.get('name', i)}", v)
         else:
-            out[prefix] = str(node)[:500]
+            out[prefix] = str(node)[:max_len]
 
-    walk("", OmegaConf.to_container(cfg, resolve=True))
+    walk("", cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True))
     return out

@@ -7,6 +7,7 @@ files and talks to MLflow.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -18,18 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
-from model import count_parameters
-
-# Dense bf16 peaks per GPU (NVIDIA datasheets); first substring match of the device name wins.
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-]
+from model import flops_per_token
+from model.flops import peak_bf16_flops
 
 
 def peak_flops(device: torch.device, override: float | None = None) -> float | None:
@@ -37,8 +28,7 @@ def peak_flops(device: torch.device, override: float | None = None) -> float | N
         return float(override)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 def _step_done(pl_module: pl.LightningModule) -> bool:
@@ -72,9 +62,8 @@ class ThroughputMonitor(Callback):
     def __init__(self, every_n_steps: int = 10, peak_flops: float | None = None) -> None:
         self.every = max(1, int(every_n_steps))
         self.peak_override = peak_flops
-        self._n_flops: int | None = None
+        self._flops_per_token: Any = None
         self._reset()
-        self.last: dict[str, float] = {}
 
     def _reset(self) -> None:
         self._samples = 0
@@ -84,9 +73,10 @@ class ThroughputMonitor(Callback):
         self._t0 = time.perf_counter()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._n_flops = count_parameters(pl_module.model, flops_only=True)
-        cfg = pl_module.model.config
-        self._per_seq = 12.0 * cfg.depth * cfg.hidden_size
+        # One parameter walk per sequence length (buckets give a handful), not per step.
+        self._flops_per_token = functools.lru_cache(maxsize=None)(
+            functools.partial(flops_per_token, pl_module.model)
+        )
         self._peak = peak_flops(pl_module.device, self.peak_override)
         self._reset()
 
@@ -102,7 +92,8 @@ class ThroughputMonitor(Callback):
         tokens = stats.get("tokens", 0)
         self._samples += stats.get("samples", 0)
         self._tokens += tokens
-        self._flops += tokens * (6.0 * (self._n_flops or 0) + self._per_seq * stats.get("seq", 0))
+        if tokens:
+            self._flops += tokens * self._flops_per_token(int(stats["seq"]))
         if not _step_done(pl_module):
             return
         self._steps += 1
@@ -124,7 +115,6 @@ class ThroughputMonitor(Callback):
         }
         if self._peak:
             metrics["perf/mfu"] = flops / dt / (self._peak * world)
-        self.last = metrics
         if trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
         self._reset()
@@ -169,7 +159,6 @@ class SampleGrid(Callback):
         self.tasks = [str(t) for t in cfg.tasks]
         self.out_dir = Path(out_dir)
         self.captured: dict[str, dict[str, Any]] = {}
-        self.written: list[Path] = []
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -234,7 +223,6 @@ class SampleGrid(Callback):
             if target is not None and written:
                 client, run_id = target
                 client.log_artifacts(run_id, str(folder), f"samples/step_{step:08d}")
-            self.written.extend(written)
         return written
 
 

@@ -35,9 +35,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
+
+from pipelines.dag import apply_overrides
 
 DEFAULTS: dict[str, Any] = {
     "name": "onegen",
@@ -134,16 +135,6 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- config
-
-
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
-    """``a.b=1`` style overrides, values parsed as YAML (``[1, 2]``, ``null``, ``true``)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text else ""
-        OmegaConf.update(cfg, key, value, merge=True, force_add=True)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
@@ -494,19 +485,15 @@ def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 1
 
 
 def task_token(task: str) -> str:
-    """The prompt token of a task name: ``canny2image`` -> ``[[canny2image]]``; a reverse
-    (understanding) task keeps its map task's token: ``image2depth`` -> ``[[depth2image]]``."""
-    from datagen.schema import MAP_TASKS, TASK_LABELS
+    """The prompt token of a task the trainer builds (``image2depth`` -> ``[[depth2image]]``),
+    or a ConfigError naming the tasks there are."""
+    from datagen.schema import TASK_LABELS
+    from training.tasks import task_token as token_of
 
-    name = task.strip("[]")
-    if f"[[{name}]]" in TASK_LABELS:
-        return f"[[{name}]]"
-    if name.startswith("image2"):
-        short = name[len("image2") :]
-        for label in sorted(MAP_TASKS):
-            if label.strip("[]").split("2")[0] == short:
-                return label
-    raise ConfigError(f"unknown task {task!r}; tasks: {[t.strip('[]') for t in TASK_LABELS]}")
+    try:
+        return token_of(task.strip("[]"))
+    except KeyError:
+        raise ConfigError(f"unknown task {task!r}; tasks: {[t.strip('[]') for t in TASK_LABELS]}") from None
 
 
 def sample_from_checkpoint(

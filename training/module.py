@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from datagen.schema import TASK_LABELS, image_marker
 from model import NextDiT, get_config
 from model.encoders import FrozenTextEncoder, FrozenVAE
+from model.flops import image_tokens
 from model.flow import flow_matching_loss, sample
 
 _DTYPES = {
@@ -270,7 +271,9 @@ class OneGenModule(pl.LightningModule):
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the denoiser computes in: bf16 on CUDA under FSDP (``model.param_dtype``)."""
-        if self.dp_mesh is None or self._root_device().type != "cuda":
+        # ``_device_mesh`` rather than ``dp_mesh``: slicing a named mesh builds a new
+        # DeviceMesh, and this runs every step.
+        if getattr(self, "_device_mesh", None) is None or self._root_device().type != "cuda":
             return torch.float32
         return parse_dtype(self.cfg.model.get("param_dtype", "bfloat16")) or torch.float32
 
@@ -372,12 +375,8 @@ class OneGenModule(pl.LightningModule):
         loss = (out.loss * has).sum() / has.sum().clamp(min=1.0)
         self._accumulate_tasks(batch["tasks"], out.loss.detach() * has, has)
         b, v, _, h, w = latents.shape
-        _, ph, pw = self.net_config.patch_size
-        self.last_batch_stats = {
-            "samples": b,
-            "tokens": b * v * (h // ph) * (w // pw),
-            "seq": v * (h // ph) * (w // pw),
-        }
+        seq = image_tokens(self.net_config, v, h, w)
+        self.last_batch_stats = {"samples": b, "tokens": b * seq, "seq": seq}
         if self._trainer is not None and self._trainer.progress_bar_callback is not None:
             # Only for the progress bar: each self.log call costs ~2 ms of Lightning
             # bookkeeping on CPU (ResultCollection moves its metric state every call); the

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datagen.shards import MANIFEST, filesystem
+from datagen.shards import MANIFEST, filesystem, is_local
 from training.tasks import FAMILIES
 
 # --- seeding ---------------------------------------------------------------------------------
@@ -115,10 +115,6 @@ class SubsetIndex:
     @property
     def num_samples(self) -> int:
         return int(self.offsets.shape[0])
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.urls)
 
     def shard_sizes(self) -> np.ndarray:
         return np.diff(self.shard_start)
@@ -246,11 +242,6 @@ def plan_window(rng: np.random.Generator, index: SubsetIndex, window: int) -> tu
     stop = min(v + window, int(sizes[s]))
     base = int(index.shard_start[s])
     return s, base + first, base + stop
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return bool({"file", "local"} & set(protocols))
 
 
 def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:

@@ -63,7 +63,6 @@ class TaskSpec:
     name: str
     token: str
     views: tuple[str, ...]
-    reverse: bool = False
 
     @property
     def num_views(self) -> int:
@@ -93,7 +92,7 @@ def reverse_task(token: str) -> TaskSpec:
     if token not in MAP_TASKS or token not in MAP_FIELDS:
         raise ValueError(f"{token} has no reverse direction")
     field, short = MAP_FIELDS[token]
-    return TaskSpec(f"image2{short}", token, (field, "jpg"), reverse=True)
+    return TaskSpec(f"image2{short}", token, (field, "jpg"))
 
 
 def faceid_task(num_views: int) -> TaskSpec:

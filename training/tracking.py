@@ -28,23 +28,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.dag import flat_params
+
 RUN_FILE = "mlflow_run.json"
-
-
-def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:
-    """``a.b.c -> str(value)`` for MLflow params (values truncated to ``max_len``)."""
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out[prefix] = str(node)[:max_len]
-
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
-    walk("", container)
-    return out
 
 
 def build_logger(cfg: DictConfig, run_id: str | None = None):
@@ -288,6 +274,9 @@ class TrackingCallback(Callback):
 
 
 def _ckpt_step(path: str) -> str:
+    """``step00000003`` for ``.../step00000003-v1.ckpt``: the step, not every digit."""
+    from training.fit import _STEP_RE
+
     name = Path(str(path)).name
-    digits = "".join(c for c in name if c.isdigit())
-    return f"step{int(digits):08d}" if digits else name
+    match = _STEP_RE.search(name)
+    return f"step{int(match.group(1)):08d}" if match else name
