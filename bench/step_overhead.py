@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+from workdir import work_folder  # noqa: E402  (bench/ is on sys.path)
 
 from model import NextDiT  # noqa: E402
 from model.flow import flow_matching_loss  # noqa: E402
@@ -171,8 +172,15 @@ def main() -> int:
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
-    ap.add_argument("--run-dir", default="/tmp/onegen-step-overhead")
+    ap.add_argument("--run-dir", help="the run's folder (default: a private temp one, removed)")
     args = ap.parse_args()
+    # Never a fixed name under /tmp, where anyone could plant a symlink first.
+    keep = args.run_dir is not None
+    with work_folder(args.run_dir, keep=keep, prefix="onegen-step-overhead-") as run_dir:
+        return measure(args, run_dir)
+
+
+def measure(args: argparse.Namespace, run_dir: Path) -> int:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,7 +188,7 @@ def main() -> int:
     cfg = load_config(
         None,
         [
-            f"run_dir={args.run_dir}",
+            f"run_dir={run_dir}",
             "mlflow.enabled=false",
             f"trainer.max_steps={args.steps}",
             "trainer.log_every_n_steps=10",
@@ -203,7 +211,7 @@ def main() -> int:
         "config": module.net_config,
         "model": {k: v.clone() for k, v in module.model.state_dict().items()},
     }
-    frozen = build_encoders(cfg, module.net_config.caption_dim, Path(args.run_dir) / "vocab")
+    frozen = build_encoders(cfg, module.net_config.caption_dim, run_dir / "vocab")
     loop = PlainLoop(cfg, init, frozen)
 
     light: list[float] = []

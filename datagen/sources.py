@@ -2,8 +2,15 @@
 
 Columns: ``key`` (stable, dot-free), ``uri`` (local path or fsspec URL),
 ``caption`` (nullable), ``byte_offset`` / ``byte_size`` (nullable; a byte range
-inside ``uri``, how members of existing tars are addressed without unpacking).
+inside ``uri``, how members of existing tars are addressed without unpacking),
+``source_error`` (nullable; ``"Class: reason"`` when the source already knows
+the row cannot be used, e.g. a caption that is not UTF-8 or a truncated tar).
 Only names and offsets travel through the driver, never pixels.
+
+One bad input never refuses the run: it keeps a row with a ``source_error``
+and the decode stage quarantines that key with the reason, naming the file.
+Only a manifest that cannot be used at all (a missing folder, an unreadable
+parquet file, wrong column types) is a :class:`SourceError`.
 """
 
 from __future__ import annotations
@@ -11,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
+from datagen.decode import BadInput, open_regular
 from datagen.schema import KEY_PATTERN
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -33,12 +44,25 @@ MANIFEST_SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("byte_offset", pa.int64()),
         ("byte_size", pa.int64()),
+        ("source_error", pa.string()),
     ]
 )
+MAX_KEY_LENGTH = 200  # datagen.schema.KEY_PATTERN
+MAX_CAPTION_BYTES = 1 << 20  # a sidecar or tar caption larger than this is not a caption
+_TAR_BLOCK = 512
 
 
 class SourceError(ValueError):
     """A manifest that cannot be used as given; the message says how to fix it."""
+
+
+def _utf8(text: str) -> bytes:
+    """Bytes of a name that may hold undecodable bytes (``surrogateescape``)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _digest(text: str, n: int = 8) -> str:
+    return hashlib.sha1(_utf8(text)).hexdigest()[:n]
 
 
 def key_from_path(relative: str) -> str:
@@ -48,8 +72,26 @@ def key_from_path(relative: str) -> str:
     and the hash keeps ``a/b.jpg`` and ``a_b.jpg`` apart.
     """
     readable = re.sub(r"[^A-Za-z0-9]+", "_", relative).strip("_")[:120] or "x"
-    digest = hashlib.sha1(relative.encode("utf-8")).hexdigest()[:8]
-    return f"{readable}-{digest}"
+    return f"{readable}-{_digest(relative)}"
+
+
+def tar_key(shard: str, stem: str) -> str:
+    """``<shard>-<stem>`` when the stem already is key-safe; otherwise the
+    cleaned stem plus a digest of the original, so ``a b`` and ``a_b`` (or two
+    long stems cut to the same prefix) stay apart and the key stays valid."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)
+    plain = f"{shard}-{cleaned}"
+    if cleaned == stem and len(plain) <= MAX_KEY_LENGTH:
+        return plain
+    digest = _digest(stem)
+    room = MAX_KEY_LENGTH - len(shard) - len(digest) - 2
+    return f"{shard}-{cleaned[:room]}-{digest}"
+
+
+def _shard_prefix(url: str) -> str:
+    """Name plus a digest of the full URL: train/000.tar and val/000.tar differ."""
+    readable = re.sub(r"[^A-Za-z0-9]+", "_", Path(url).name.removesuffix(".tar"))[:80]
+    return f"{readable}_{_digest(url, 6)}"
 
 
 def check_manifest(table: pa.Table) -> pa.Table:
@@ -68,53 +110,179 @@ def check_manifest(table: pa.Table) -> pa.Table:
     return table
 
 
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` in MANIFEST_SCHEMA, missing nullable columns added (a manifest
+    cached before ``source_error`` existed)."""
+    for name in MANIFEST_SCHEMA.names:
+        if name not in table.column_names:
+            table = table.append_column(
+                name, pa.nulls(table.num_rows, MANIFEST_SCHEMA.field(name).type)
+            )
+    return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+
+
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
     cols = {name: [r.get(name) for r in rows] for name in MANIFEST_SCHEMA.names}
     return check_manifest(pa.table(cols, schema=MANIFEST_SCHEMA))
 
 
+def dedupe_keys(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose key an earlier row already took get a new, unique key and a
+    ``DuplicateKey`` source error: quarantined by name, not refusing the run."""
+    seen: set[str] = set()
+    for row in rows:
+        key = row["key"]
+        if key not in seen:
+            seen.add(key)
+            continue
+        n = 1
+        while (new := f"{key[: MAX_KEY_LENGTH - 8]}-dup{n}") in seen:
+            n += 1
+        seen.add(new)
+        row["key"] = new
+        row["source_error"] = (
+            f"DuplicateKey: {row.get('origin') or row['uri']} maps to key {key}, already taken"
+        )
+    return rows
+
+
+# --- image folders -------------------------------------------------------------------------
+
+
+def read_caption(path: str) -> tuple[str | None, str | None]:
+    """``(caption, None)``, ``(None, None)`` without a sidecar, or ``(None,
+    reason)``: only a regular file of at most MAX_CAPTION_BYTES of UTF-8 is a
+    caption (a FIFO would block the driver, a huge file fill its memory)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"BadCaption: {path}: {exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"BadCaption: {path} is not a regular file"
+    if st.st_size > MAX_CAPTION_BYTES:
+        return None, f"BadCaption: {path} has {st.st_size} bytes > {MAX_CAPTION_BYTES}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None, f"BadCaption: {path} is not a regular file"
+            data = fh.read(MAX_CAPTION_BYTES + 1)
+    except OSError as exc:
+        return None, f"BadCaption: {path}: {exc}"
+    return _decode_caption(data, path)
+
+
+def _decode_caption(data: bytes, where: str) -> tuple[str | None, str | None]:
+    if len(data) > MAX_CAPTION_BYTES:
+        return None, f"BadCaption: {where} has more than {MAX_CAPTION_BYTES} bytes"
+    try:
+        return data.decode("utf-8").strip(), None
+    except UnicodeDecodeError as exc:
+        return None, f"BadCaption: {where} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def _folder_row(path: str, relative: str, uri: str, local: bool) -> dict[str, Any]:
+    try:
+        _utf8(uri).decode("utf-8")
+    except UnicodeDecodeError:
+        # Arrow strings are UTF-8: keep a readable, escaped name and quarantine the file.
+        shown = _utf8(uri).decode("utf-8", "backslashreplace")
+        return {
+            "key": key_from_path(relative),
+            "uri": shown,
+            "source_error": f"BadFileName: {shown} is not a valid UTF-8 path",
+        }
+    caption, error = read_caption(str(Path(path).with_suffix(".txt"))) if local else (None, None)
+    return {"key": key_from_path(relative), "uri": uri, "caption": caption, "source_error": error}
+
+
 def image_folder(root: str) -> pa.Table:
     """Every image under ``root`` (recursive), in sorted order. Non-image
     extensions are skipped; broken images with image extensions are kept, so
-    the decode stage quarantines them with a reason."""
+    the decode stage quarantines them with a reason, and so are images whose
+    sidecar caption cannot be read (with the sidecar named as the reason)."""
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.isdir(base):
         raise SourceError(f"image folder {root} does not exist or is not a folder")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    local = protocol in ("file", "local")
     rows = []
     for path in sorted(fs.find(base)):
         if not path.lower().endswith(IMAGE_EXTENSIONS):
             continue
         relative = path[len(base.rstrip("/")) + 1 :]
-        uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
-        sidecar = Path(path).with_suffix(".txt")
-        local = protocol in ("file", "local")
-        caption = sidecar.read_text(encoding="utf-8").strip() if local and sidecar.exists() else None
-        rows.append({"key": key_from_path(relative), "uri": uri, "caption": caption})
-    return _table(rows)
+        uri = path if local else f"{protocol}://{path}"
+        rows.append(_folder_row(path, relative, uri, local))
+    return _table(dedupe_keys(rows))
+
+
+# --- parquet manifests ---------------------------------------------------------------------
+
+# Column -> (accepted type test, what to say when it fails).
+_COLUMN_TYPES = {
+    "key": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    "uri": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    "caption": (
+        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t),
+        "string",
+    ),
+    "byte_offset": (lambda t: pa.types.is_integer(t) or pa.types.is_null(t), "integer"),
+    "byte_size": (lambda t: pa.types.is_integer(t) or pa.types.is_null(t), "integer"),
+}
+
+
+def _read_parquet(path: str) -> pa.Table:
+    try:
+        return pq.read_table(path, filesystem=None)
+    except FileNotFoundError as exc:
+        raise SourceError(f"parquet manifest {path} does not exist") from exc
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise SourceError(
+            f"parquet manifest {path} cannot be read: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _checked_column(table: pa.Table, name: str, path: str) -> list[Any] | None:
+    """The column as Python values, None if absent; a wrong type (``key`` as
+    int64, ``uri`` as binary) is a one-line SourceError, not a traceback later."""
+    if name not in table.column_names:
+        return None
+    column = table.column(name)
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    accepts, expected = _COLUMN_TYPES[name]
+    if not accepts(column.type):
+        raise SourceError(
+            f"{path}: manifest column {name!r} has type {column.type}, expected {expected}"
+        )
+    return column.to_pylist()
 
 
 def parquet_manifest(path: str) -> pa.Table:
-    """A user's manifest: ``key``, ``uri`` and optionally ``caption``."""
-    table = pq.read_table(path, filesystem=None)
+    """A user's manifest: ``key``, ``uri`` and optionally ``caption``,
+    ``byte_offset``, ``byte_size``. Its keys are the user's: duplicates are a
+    SourceError (renaming them would change what a key means)."""
+    table = _read_parquet(path)
     missing = {"key", "uri"} - set(table.column_names)
     if missing:
         raise SourceError(f"{path}: manifest lacks columns {sorted(missing)}")
-    rows = []
-    captions = table.column("caption").to_pylist() if "caption" in table.column_names else None
-    offsets = table.column("byte_offset").to_pylist() if "byte_offset" in table.column_names else None
-    sizes = table.column("byte_size").to_pylist() if "byte_size" in table.column_names else None
-    for i, (key, uri) in enumerate(zip(table.column("key").to_pylist(), table.column("uri").to_pylist(), strict=True)):
-        rows.append(
-            {
-                "key": key,
-                "uri": uri,
-                "caption": captions[i] if captions else None,
-                "byte_offset": offsets[i] if offsets else None,
-                "byte_size": sizes[i] if sizes else None,
-            }
-        )
-    return _table(rows)
+    columns = {name: _checked_column(table, name, path) for name in _COLUMN_TYPES}
+    n = table.num_rows
+    rows = [
+        {name: values[i] if values is not None else None for name, values in columns.items()}
+        for i in range(n)
+    ]
+    try:
+        return _table(rows)
+    except (pa.ArrowException, OverflowError) as exc:  # e.g. a uint64 offset beyond int64
+        raise SourceError(
+            f"{path}: manifest values do not fit: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# --- existing WebDataset tars --------------------------------------------------------------
 
 
 def _expand(urls: str | Iterable[str]) -> list[str]:
@@ -133,47 +301,208 @@ def _expand(urls: str | Iterable[str]) -> list[str]:
     return out
 
 
-def webdataset_shards(urls: str | Iterable[str], image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")) -> pa.Table:
-    """Samples of existing WebDataset tars, addressed by byte range.
+@dataclass
+class _Sample:
+    """The members of one tar sample seen so far."""
+
+    image: tuple[int, int] | None = None
+    caption: str | None = None
+    json_caption: str | None = None
+    exts: set[str] = field(default_factory=set)
+    error: str | None = None
+
+
+@dataclass
+class _TarScan:
+    url: str
+    size: int  # of the file; a huge stand-in when the store does not say
+    image_exts: tuple[str, ...]
+    size_known: bool = True
+    samples: dict[str, _Sample] = field(default_factory=dict)
+    end: int = 0  # where the next header starts: everything before it was read
+    problem: str | None = None  # why reading stopped early, if it did
+
+    def fail(self, sample: _Sample, reason: str) -> None:
+        if sample.error is None:
+            sample.error = reason
+
+
+def _member_text(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _TarScan, sample: _Sample
+) -> bytes | None:
+    if member.size > MAX_CAPTION_BYTES:
+        scan.fail(
+            sample,
+            f"BadCaption: {scan.url}: member {member.name} has {member.size} bytes "
+            f"> {MAX_CAPTION_BYTES}",
+        )
+        return None
+    fh = tar.extractfile(member)
+    return fh.read() if fh is not None else None
+
+
+def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _TarScan) -> bool:
+    """File one member under its sample. True when its data runs past the end
+    of the file: the sample is then marked as truncated."""
+    base = member.name.rsplit("/", 1)[-1]
+    if not member.isfile() or "." not in base:
+        return False
+    stem, ext = base.split(".", 1)
+    prefix = member.name[: len(member.name) - len(base)]
+    sample = scan.samples.setdefault(prefix + stem, _Sample())
+    ext = ext.lower()
+    if member.offset_data + member.size > scan.size:
+        scan.fail(
+            sample,
+            f"TruncatedTar: {scan.url}: member {member.name} claims {member.size} "
+            f"bytes from byte {member.offset_data}, but the file has {scan.size}",
+        )
+        return True
+    if ext in sample.exts:
+        scan.fail(
+            sample,
+            f"DuplicateMember: {scan.url}: sample {prefix + stem} has member "
+            f"{member.name} more than once (names compared case-insensitively)",
+        )
+    sample.exts.add(ext)
+    if member.issparse():
+        scan.fail(sample, f"BadTarMember: {scan.url}: member {member.name} is a sparse file")
+    elif ext in scan.image_exts and sample.image is None:
+        sample.image = (member.offset_data, member.size)
+    elif ext == "txt":
+        data = _member_text(tar, member, scan, sample)
+        if data is not None:
+            sample.caption, error = _decode_caption(data, f"{scan.url}: member {member.name}")
+            if error:
+                scan.fail(sample, error)
+    elif ext == "json":
+        data = _member_text(tar, member, scan, sample)
+        try:
+            meta = json.loads(data) if data is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None  # metadata is optional: broken json means no caption from it
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            sample.json_caption = meta["caption"]
+    return False
+
+
+def _tail_problem(fh: Any, scan: _TarScan) -> str | None:
+    """Why a tar that stopped yielding members at ``scan.end`` did not end
+    properly: an end-of-archive block (zeros) or the end of the file is fine;
+    a truncated or garbage header is what tarfile takes for the end silently."""
+    if scan.end >= scan.size:
+        return None
+    fh.seek(scan.end)
+    block = fh.read(_TAR_BLOCK)
+    if len(block) == _TAR_BLOCK and block.count(0) == _TAR_BLOCK:
+        return None
+    what = "a truncated header" if len(block) < _TAR_BLOCK else "an invalid header"
+    return f"UnreadableTar: {scan.url}: {what} at byte {scan.end}; members after it are not read"
+
+
+def _read_members(fh: Any, scan: _TarScan) -> None:
+    """Stream the headers (members' data is skipped, not read). Stops before
+    tarfile would skip past the end of the file: a lying size field (up to
+    exabytes in base-256 or PAX) would otherwise keep it reading forever."""
+    with tarfile.open(fileobj=fh, mode="r|") as tar:
+        for member in tar:
+            attributed = _add_member(tar, member, scan)
+            if tar.offset > scan.size:
+                if not attributed:
+                    scan.problem = (
+                        f"TruncatedTar: {scan.url}: member {member.name} ends past "
+                        f"the end of the file ({scan.size} bytes)"
+                    )
+                scan.end = member.offset
+                return
+            scan.end = tar.offset
+        scan.end = tar.offset
+    if scan.size_known:
+        scan.problem = _tail_problem(fh, scan)
+
+
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _compression_hint(fh: Any) -> str:
+    fh.seek(0)
+    head = fh.read(6)
+    kind = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+    return (
+        f" ({kind}-compressed: only uncompressed tars can be addressed by byte range)"
+        if kind
+        else ""
+    )
+
+
+def _scan_tar(url: str, image_exts: tuple[str, ...]) -> _TarScan:
+    """Every sample of one tar, and why reading stopped early if it did."""
+    try:
+        fh, size = open_regular(url)
+    except BadInput as exc:
+        if exc.error == "MissingFile":
+            raise SourceError(f"WebDataset shard {url} does not exist") from exc
+        scan = _TarScan(url, 0, image_exts)
+        scan.problem = f"UnreadableTar: {exc.message}"
+        return scan
+    with fh:
+        scan = _TarScan(url, size if size is not None else 1 << 62, image_exts, size is not None)
+        try:
+            _read_members(fh, scan)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            hint = _compression_hint(fh) if scan.end == 0 else ""
+            scan.problem = (
+                f"UnreadableTar: {url}: {type(exc).__name__}: {exc} after byte {scan.end}{hint}"
+            )
+    return scan
+
+
+def _tar_rows(url: str, shard: str, scan: _TarScan) -> list[dict[str, Any]]:
+    rows = []
+    for stem, sample in scan.samples.items():
+        offset, size = sample.image or (0, 0)
+        # A sample without an image keeps its row (empty range): decode quarantines it.
+        rows.append(
+            {
+                "key": tar_key(shard, stem),
+                "uri": url,
+                "caption": sample.caption if sample.caption is not None else sample.json_caption,
+                "byte_offset": offset,
+                "byte_size": size,
+                "source_error": sample.error,
+                "origin": f"{url}: sample {stem}",
+            }
+        )
+    if scan.problem:
+        # Samples before the break are kept; what could not be read is one row, named.
+        name = "unreadable_tail" if scan.samples else "unreadable"
+        rows.append(
+            {
+                "key": f"{shard}-{name}",
+                "uri": url,
+                "byte_offset": scan.end,
+                "byte_size": 0,
+                "source_error": scan.problem,
+            }
+        )
+    return rows
+
+
+def webdataset_shards(
+    urls: str | Iterable[str], image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+) -> pa.Table:
+    """Samples of existing (uncompressed) WebDataset tars, addressed by byte range.
 
     Captions come from a ``txt`` member or the ``caption`` of a ``json`` member.
     Keys are prefixed with the shard name and a digest of its URL, so two
-    shards cannot collide.
+    shards cannot collide. A truncated or corrupt tar keeps the samples read
+    before the break; the rest becomes a ``<shard>-unreadable_tail`` row, and
+    samples with duplicate or truncated members carry a source error.
     """
     rows: list[dict[str, Any]] = []
     for url in _expand(urls):
-        # Name plus a digest of the full URL: train/000.tar and val/000.tar differ.
-        readable = re.sub(r"[^A-Za-z0-9]+", "_", Path(url).name.removesuffix(".tar"))
-        shard = f"{readable}_{hashlib.sha1(url.encode()).hexdigest()[:6]}"
-        with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-            groups: dict[str, dict[str, Any]] = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                prefix = member.name[: len(member.name) - len(base)]
-                group = groups.setdefault(prefix + stem, {})
-                ext = ext.lower()
-                if ext in image_exts and "image" not in group:
-                    group["image"] = (member.offset_data, member.size)
-                elif ext == "txt":
-                    group["caption"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-                elif ext == "json" and "caption" not in group:
-                    try:
-                        meta = json.loads(tar.extractfile(member).read())
-                        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-                            group["caption"] = meta["caption"]
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        pass
-            for stem, group in groups.items():
-                key = f"{shard}-{re.sub(r'[^A-Za-z0-9_-]+', '_', stem)}"
-                offset, size = group.get("image", (None, None))
-                # A group without an image keeps a row: decode quarantines it.
-                rows.append({"key": key, "uri": url, "caption": group.get("caption"), "byte_offset": offset if offset is not None else 0, "byte_size": size if size is not None else 0})
-    return _table(rows)
+        rows.extend(_tar_rows(url, _shard_prefix(url), _scan_tar(url, image_exts)))
+    return _table(dedupe_keys(rows))
 
 
 # --- the built-in demo source ------------------------------------------------------------
@@ -253,7 +582,7 @@ def demo(cache_dir: str, n: int = 48, max_side: int = 512) -> pa.Table:
     if manifest.exists():
         table = pq.read_table(manifest)
         if table.num_rows == n and all(Path(u).exists() for u in table.column("uri").to_pylist()):
-            return check_manifest(table.cast(MANIFEST_SCHEMA))
+            return check_manifest(conform(table))
     root.mkdir(parents=True, exist_ok=True)
     bases = _base_demo_images()
     rows = []

@@ -27,18 +27,33 @@ def _load_dag(args: argparse.Namespace, address: str | None = None):
     return cfg
 
 
-def _datagen_run(args: argparse.Namespace) -> int:
-    from orchestration.datagen_job import DatagenError, run
+def _os_error(exc: OSError, where: str) -> str:
+    """``<file>: <reason>``; a failed write often carries no file name (ENOSPC from
+    ``write``), then the output it was writing to is named."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename or where}: {reason}"
 
+
+def _datagen_run(args: argparse.Namespace) -> int:
+    from orchestration.datagen_job import DatagenError, run, subset_summary
+
+    where = str(args.output or args.pipeline)
     try:
         cfg = _load_dag(args, args.address)
+        where = str(cfg.output)
         result = run(cfg)
-    except (DatagenError, ValueError, FileNotFoundError) as exc:  # DagError is a ValueError
+    except (DatagenError, ValueError) as exc:  # DagError, SourceError, ShardFileError
         print(f"onegen datagen run: error: {exc}", file=sys.stderr)
         return 1
-    print(f"done in {result.seconds:.1f}s: {result.pending} inputs processed")
+    except OSError as exc:  # unwritable output, full disk, missing file: the user's to fix
+        print(f"onegen datagen run: error: {_os_error(exc, where)}", file=sys.stderr)
+        return 1
+    print(
+        f"done in {result.seconds:.1f}s: {result.pending} inputs processed this run, "
+        f"{result.inputs - result.pending} already committed, {result.inputs} in all"
+    )
     for subset, a in result.subsets.items():
-        print(f"  {subset}: {a['written']} written, {a['quarantined']} quarantined (of {a['inputs']})")
+        print(f"  {subset_summary(subset, a)}")
     print(f"shards:  {result.output}")
     if result.preview:
         print(f"preview: {result.preview}")
@@ -77,7 +92,11 @@ def _datagen_submit(args: argparse.Namespace) -> int:
 def _datagen_status(args: argparse.Namespace) -> int:
     from datagen.shards import status
 
-    info = status(args.output)
+    try:
+        info = status(args.output)
+    except (ValueError, OSError) as exc:  # ShardFileError names the damaged file
+        print(f"onegen datagen status: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -93,9 +112,12 @@ def _datagen_status(args: argparse.Namespace) -> int:
 
 
 def _datagen_verify(args: argparse.Namespace) -> int:
-    from datagen.shards import verify
+    from datagen.shards import VerifyReport, verify
 
-    report = verify(args.output)
+    try:
+        report = verify(args.output)
+    except Exception as exc:  # verify reports damage itself; this only keeps the promise
+        report = VerifyReport(defects=[f"{args.output}: verify failed: {type(exc).__name__}: {exc}"])
     for defect in report.defects:
         print(f"DEFECT {defect}")
     print(f"checked {report.checked_shards} shards, {report.checked_samples} samples: "
@@ -106,12 +128,17 @@ def _datagen_verify(args: argparse.Namespace) -> int:
 def _datagen_preview(args: argparse.Namespace) -> int:
     from datagen.preview import contact_sheet
 
-    path = contact_sheet(args.output, args.out, samples_per_subset=args.samples)
+    try:
+        path = contact_sheet(args.output, args.out, samples_per_subset=args.samples)
+    except (ValueError, OSError) as exc:  # ShardFileError names the damaged file
+        print(f"onegen datagen preview: error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 
 
 def _train_fit(args: argparse.Namespace) -> int:
+    from training.errors import FitError
     from training.fit import ConfigError, fit, load_config, print_result
 
     try:
@@ -121,7 +148,7 @@ def _train_fit(args: argparse.Namespace) -> int:
         return 1
     try:
         result = fit(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, FitError) as exc:  # FitError: checkpoint, MLflow, data
         print(f"onegen train fit: error: {exc}", file=sys.stderr)
         return 1
     print_result(result)
@@ -129,6 +156,7 @@ def _train_fit(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from training.errors import FitError
     from training.fit import ConfigError, sample_from_checkpoint
 
     try:
@@ -145,7 +173,7 @@ def _sample(args: argparse.Namespace) -> int:
             weights=args.weights,
             device=args.device,
         )
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, FitError) as exc:  # FitError: a broken checkpoint
         print(f"onegen sample: error: {exc}", file=sys.stderr)
         return 1
     for path in paths:
@@ -217,6 +245,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestration.ray_runtime import apply_offline_env
+
+    apply_offline_env()  # before any command imports ray, mlflow, transformers
     p = parser()
     # Dotted overrides may sit anywhere on the line, before or after options.
     args, extra = p.parse_known_args(argv)

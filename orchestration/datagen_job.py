@@ -9,11 +9,15 @@ commits everything it made, then fails loudly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import socket
+import re
+import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +28,23 @@ from omegaconf import DictConfig, OmegaConf
 from datagen import shards, sources
 from datagen.preview import contact_sheet
 from orchestration import tracking
-from orchestration.ray_runtime import init_ray
+from orchestration.errors import DatagenError
+from orchestration.ray_runtime import apply_offline_env, init_ray
+from orchestration.run_lock import RunLock
 from pipelines import builder, dag
 from pipelines.ops import OPS
 
-LOCK = "_onegen.lock"
 RECIPE = "_dag.yaml"
-
-
-class DatagenError(RuntimeError):
-    pass
+PREVIEW = "_preview.png"
 
 
 @dataclass
 class RunResult:
+    """What a run did. ``subsets[s]``: ``inputs`` (keys the source lists), ``written`` and
+    ``quarantined`` (committed in all, this run and earlier ones), ``written_this_run``,
+    ``quarantined_this_run``, ``already_committed`` (before this run), ``bytes`` and
+    ``shards`` (this run), ``problems`` (accounting)."""
+
     output: str
     inputs: int
     pending: int
@@ -47,44 +54,6 @@ class RunResult:
     mlflow_run_id: str | None = None
     preview: str | None = None
     error_rate: float = 0.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RunLock:
-    """One writer per output folder: cleanup of interrupted commits is only
-    safe when nobody else is committing. A lock left by a killed job is stale
-    once its process is gone."""
-
-    def __init__(self, out: str):
-        self.fs, root = shards.filesystem(out)
-        self.path = f"{root}/{LOCK}"
-
-    def __enter__(self) -> RunLock:
-        if self.fs.exists(self.path):
-            with self.fs.open(self.path, "rb") as fh:
-                holder = json.loads(fh.read() or b"{}")
-            same_host = holder.get("host") == socket.gethostname()
-            if same_host and holder.get("pid") and _pid_alive(int(holder["pid"])) and holder["pid"] != os.getpid():
-                raise DatagenError(f"{self.path}: another datagen job (pid {holder['pid']}) is writing here")
-            if not same_host and time.time() - holder.get("started", 0) < 24 * 3600:
-                raise DatagenError(f"{self.path}: held by {holder.get('host')} pid {holder.get('pid')}; "
-                                   "remove the file if that job is dead")
-        shards.atomic_write(self.fs, self.path, json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path)
 
 
 def _absolute(out: str) -> str:
@@ -110,16 +79,22 @@ def check_recipe(cfg: DictConfig, out: str) -> str:
     return digest
 
 
-def pending_work(manifest: pa.Table, out: str, subset_names: list[str]) -> tuple[pa.Table, list[list[str]]]:
-    """Rows with at least one subset not yet committed, and which subsets."""
+def pending_work(
+    manifest: pa.Table, out: str, subset_names: list[str]
+) -> tuple[pa.Table, list[list[str]], dict[str, int]]:
+    """Rows with at least one subset not yet committed, which subsets, and per subset how
+    many of the inputs were already committed (written or quarantined) before this run."""
+    keys = manifest.column("key").to_pylist()
     done = {s: shards.committed_keys(out, s) for s in subset_names}
-    todo_all = [[s for s in subset_names if key not in done[s]]
-                for key in manifest.column("key").to_pylist()]
+    todo_all = [[s for s in subset_names if key not in done[s]] for key in keys]
     keep = [i for i, t in enumerate(todo_all) if t]
-    return manifest.take(pa.array(keep, pa.int64())), [todo_all[i] for i in keep]
+    already = {s: len(done[s].intersection(keys)) for s in subset_names}
+    return manifest.take(pa.array(keep, pa.int64())), [todo_all[i] for i in keep], already
 
 
-def account(manifest: pa.Table, committed: dict[str, tuple[pa.Table, pa.Table]]) -> dict[str, dict[str, Any]]:
+def account(
+    manifest: pa.Table, committed: dict[str, tuple[pa.Table, pa.Table]]
+) -> dict[str, dict[str, Any]]:
     """Check, per subset, input keys == written + quarantined, each once.
     ``committed``: subset -> (its index, its quarantine) as read at the end of the run."""
     inputs = set(manifest.column("key").to_pylist())
@@ -134,70 +109,206 @@ def account(manifest: pa.Table, committed: dict[str, tuple[pa.Table, pa.Table]])
         missing = inputs - written - quarantined
         problems = []
         if dup_w or dup_q:
-            problems.append(f"{len(dup_w) + len(dup_q)} keys committed twice, e.g. {(dup_w + dup_q)[:3]}")
+            problems.append(
+                f"{len(dup_w) + len(dup_q)} keys committed twice, e.g. {(dup_w + dup_q)[:3]}"
+            )
         if both:
-            problems.append(f"{len(both)} keys both written and quarantined, e.g. {sorted(both)[:3]}")
+            problems.append(
+                f"{len(both)} keys both written and quarantined, e.g. {sorted(both)[:3]}"
+            )
         if missing:
-            problems.append(f"{len(missing)} input keys neither written nor quarantined, e.g. {sorted(missing)[:3]}")
-        report[subset] = {"inputs": len(inputs), "written": len(written & inputs),
-                          "quarantined": len(quarantined & inputs), "problems": problems}
+            problems.append(
+                f"{len(missing)} input keys neither written nor quarantined, e.g. {sorted(missing)[:3]}"
+            )
+        report[subset] = {
+            "inputs": len(inputs),
+            "written": len(written & inputs),
+            "quarantined": len(quarantined & inputs),
+            "problems": problems,
+        }
     return report
+
+
+def subset_summary(subset: str, s: dict[str, Any]) -> str:
+    """One line per subset that reads right after a resume (not as a loss)."""
+    return (
+        f"{subset}: {s.get('written_this_run', 0)} written this run, "
+        f"{s.get('already_committed', 0)} already committed, "
+        f"{s.get('quarantined_this_run', 0)} quarantined, {s['inputs']} inputs in all"
+    )
 
 
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("onegen", "ray", "webdataset", "pyarrow", "numpy", "pillow", "opencv-python-headless", "torch"):
+    for name in (
+        "onegen",
+        "ray",
+        "webdataset",
+        "pyarrow",
+        "numpy",
+        "pillow",
+        "opencv-python-headless",
+        "torch",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
 
 
-def run(cfg: DictConfig, log=print) -> RunResult:
+@contextlib.contextmanager
+def work_dir(out: str) -> Iterator[Path]:
+    """Where demo inputs are staged and the preview is drawn: inside a local output, else a
+    private temporary folder (unpredictable name, mode 0700), removed afterwards. Never a
+    fixed name under /tmp, where anyone could plant a symlink first."""
+    if "://" not in out:
+        yield Path(out)
+        return
+    private = Path(tempfile.mkdtemp(prefix="onegen-run-"))
+    try:
+        yield private
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def load_inputs(cfg: DictConfig, work: Path) -> pa.Table:
+    """The source's inputs; an empty list is an error unless ``allow_empty`` (an empty
+    folder or a wrong glob would otherwise "succeed" with nothing made)."""
+    spec = OmegaConf.to_container(cfg.source, resolve=True)
+    manifest = sources.resolve(spec, work_dir=str(work / "_inputs"))
+    if manifest.num_rows == 0 and not cfg.get("allow_empty", False):
+        where = spec.get("path") or spec.get("urls") or ""
+        raise DatagenError(
+            f"the source lists no inputs: {spec.get('kind')} {where}".rstrip()
+            + "; pass allow_empty=true to accept"
+        )
+    return manifest
+
+
+def _progress(
+    done: int, pending: int, already: int, started: float, totals: dict[str, Counter]
+) -> str:
+    rate = done / max(time.time() - started, 1e-9)
+    per_subset = ", ".join(
+        f"{s}: {t['written']} written, {t['quarantined']} quarantined"
+        for s, t in sorted(totals.items())
+    )
+    return (
+        f"  {done}/{pending} keys processed this run ({already} already committed), "
+        f"{rate:.1f} samples/s; so far {per_subset or 'nothing committed'}"
+    )
+
+
+def execute(
+    cfg: DictConfig,
+    out: str,
+    pending: pa.Table,
+    todo: list[list[str]],
+    already: int,
+    log: Callable[[str], Any],
+) -> tuple[dict[str, Counter], dict[str, Counter]]:
+    """Run the plan over the pending rows; per-subset totals and per-stage counters of
+    this run, from the sink's summary rows."""
+    totals: dict[str, Counter] = defaultdict(Counter)
+    stages: dict[str, Counter] = defaultdict(Counter)
+    if not pending.num_rows:
+        return totals, stages
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    plan = builder.build(cfg, builder.input_rows(pending, todo), out)
+    done_rows, plan_started = 0, time.time()
+    for summary in _unwrapped(plan.iter_rows(), out):
+        if summary["subset"]:
+            t = totals[summary["subset"]]
+            t["written"] += int(summary["written"])
+            t["quarantined"] += int(summary["quarantined"])
+            t["bytes"] += int(summary["bytes"])
+            t["shards"] += len(json.loads(summary["shards"]))
+            continue
+        per_stage = json.loads(summary["stages"])
+        for stage, s in per_stage.items():
+            stages[stage].update(s)
+        done_rows += int(next(iter(per_stage.values()), {"in": 0})["in"])
+        log(_progress(done_rows, pending.num_rows, already, plan_started, totals))
+    return totals, stages
+
+
+# Errors of the machine, not of the code: a stage hitting one fails the run with a
+# one-line message (the CLI's); anything else keeps Ray's traceback.
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
+
+
+_ERRNO_LINE = re.compile(r"^\w*(?:Error|Exception): \[Errno (\d+)\]", re.MULTILINE)
+
+
+def _unwrapped(rows: Iterator[dict[str, Any]], out: str) -> Iterator[dict[str, Any]]:
+    """``rows``, with a worker's full disk or refused write raised as an OSError on
+    ``out``. Ray Data hands the driver a UserCodeException that keeps the worker's
+    exception only as traceback text (its ``__cause__`` does not survive pickling), so
+    the errno is read from that text's ``[Errno N]``."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        yield from rows
+    except RayTaskError as exc:
+        codes = [int(n) for n in _ERRNO_LINE.findall(str(exc))]
+        code = next((c for c in reversed(codes) if c in ENVIRONMENT_ERRNOS), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), out) from exc
+
+
+def preview(cfg: DictConfig, out: str, work: Path) -> tuple[str | None, Path | None]:
+    """(where the contact sheet is for the user, the local file MLflow logs). A URL
+    output gets it copied in beside its subsets."""
+    try:
+        sheet = contact_sheet(
+            out, work / PREVIEW, samples_per_subset=int(cfg.preview.samples_per_subset)
+        )
+    except FileNotFoundError:
+        return None, None
+    if "://" not in out:
+        return str(sheet), sheet
+    fs, root = shards.filesystem(out)
+    shards.atomic_write(fs, f"{root}/{PREVIEW}", sheet.read_bytes())
+    return f"{out.rstrip('/')}/{PREVIEW}", sheet
+
+
+def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
+    apply_offline_env()
     out = _absolute(str(cfg.output))
     fs, root = shards.filesystem(out)
     fs.makedirs(root, exist_ok=True)
     started = time.time()
-    with RunLock(out):
+    with RunLock(out), work_dir(out) as work:
         removed = shards.clean_incomplete(out)
         if removed:
-            log(f"removed {len(removed)} leftovers of an interrupted run (uncommitted, will be redone)")
+            log(
+                f"removed {len(removed)} leftovers of an interrupted run (uncommitted, will be redone)"
+            )
         digest = check_recipe(cfg, out)
-        inputs_dir = str(Path(out) / "_inputs") if "://" not in out else "/tmp/onegen-inputs"
-        manifest = sources.resolve(OmegaConf.to_container(cfg.source, resolve=True), work_dir=inputs_dir)
+        manifest = load_inputs(cfg, work)
         subset_names = [s.name for s in dag.subsets(cfg)]
-        pending, todo = pending_work(manifest, out, subset_names)
-        log(f"{manifest.num_rows} inputs, {pending.num_rows} with work left "
-            f"({manifest.num_rows - pending.num_rows} already committed in every subset)")
+        pending, todo, already = pending_work(manifest, out, subset_names)
+        log(
+            f"{manifest.num_rows} inputs, {pending.num_rows} with work left this run "
+            f"({manifest.num_rows - pending.num_rows} already committed in every subset)"
+        )
 
         run_ctx = tracking.datagen_run(cfg, out, digest)
-        result = RunResult(output=out, inputs=manifest.num_rows, pending=pending.num_rows, seconds=0.0,
-                           mlflow_run_id=run_ctx.run_id)
+        result = RunResult(
+            output=out,
+            inputs=manifest.num_rows,
+            pending=pending.num_rows,
+            seconds=0.0,
+            mlflow_run_id=run_ctx.run_id,
+        )
         with run_ctx:
-            totals: dict[str, Counter] = defaultdict(Counter)
-            stages: dict[str, Counter] = defaultdict(Counter)
-            if pending.num_rows:
-                init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-                plan = builder.build(cfg, builder.input_rows(pending, todo), out)
-                done_rows, plan_started = 0, time.time()
-                for summary in plan.iter_rows():
-                    if summary["subset"]:
-                        t = totals[summary["subset"]]
-                        t["written"] += int(summary["written"])
-                        t["quarantined"] += int(summary["quarantined"])
-                        t["bytes"] += int(summary["bytes"])
-                        t["shards"] += len(json.loads(summary["shards"]))
-                        continue
-                    per_stage = json.loads(summary["stages"])
-                    for stage, s in per_stage.items():
-                        stages[stage].update(s)
-                    first = next(iter(per_stage.values()), {"in": 0})
-                    done_rows += int(first["in"])
-                    rate = done_rows / max(time.time() - plan_started, 1e-9)
-                    log(f"  {done_rows}/{pending.num_rows} keys processed, {rate:.1f} samples/s; " +
-                        ", ".join(f"{s}: {t['written']} written {t['quarantined']} quarantined"
-                                  for s, t in sorted(totals.items())))
+            totals, stages = execute(
+                cfg, out, pending, todo, manifest.num_rows - pending.num_rows, log
+            )
             result.seconds = time.time() - started
             info = {
                 "config_digest": digest,
@@ -207,23 +318,32 @@ def run(cfg: DictConfig, log=print) -> RunResult:
             }
             # One read of every index and quarantine file serves the manifests, the
             # accounting and MLflow (on object storage each read lists and opens them all).
-            committed = {s: (shards.read_indexes(out, s), shards.read_quarantine(out, s)) for s in subset_names}
-            manifests = {s: shards.write_manifest(out, s, info, *committed[s]) for s in subset_names}
+            committed = {
+                s: (shards.read_indexes(out, s), shards.read_quarantine(out, s))
+                for s in subset_names
+            }
+            manifests = {
+                s: shards.write_manifest(out, s, info, *committed[s]) for s in subset_names
+            }
             accounting = account(manifest, committed)
             problems = [f"{s}: {p}" for s, a in accounting.items() for p in a["problems"]]
-            result.subsets = {s: {**a, **dict(totals[s])} for s, a in accounting.items()}
+            result.subsets = {
+                s: {
+                    **a,
+                    "written_this_run": totals[s]["written"],
+                    "quarantined_this_run": totals[s]["quarantined"],
+                    "already_committed": already[s],
+                    "bytes": totals[s]["bytes"],
+                    "shards": totals[s]["shards"],
+                }
+                for s, a in accounting.items()
+            }
             result.stages = {k: dict(v) for k, v in stages.items()}
             total_q = sum(a["quarantined"] for a in accounting.values())
             total_n = sum(a["inputs"] for a in accounting.values()) or 1
             result.error_rate = total_q / total_n
-            try:
-                sheet = contact_sheet(out, Path(inputs_dir).parent / "_preview.png" if "://" not in out
-                                      else "/tmp/onegen-preview.png",
-                                      samples_per_subset=int(cfg.preview.samples_per_subset))
-                result.preview = str(sheet)
-            except FileNotFoundError:
-                result.preview = None
-            run_ctx.log_result(result, manifests, {s: q for s, (_, q) in committed.items()})
+            result.preview, sheet = preview(cfg, out, work)
+            run_ctx.log_result(result, manifests, {s: q for s, (_, q) in committed.items()}, sheet)
             if problems:
                 raise DatagenError("accounting failed: " + "; ".join(problems))
             if result.error_rate > float(cfg.max_error_rate):

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from orchestration.ray_runtime import OFFLINE_ENV
+from orchestration.ray_runtime import offline_env
 
 PACKAGES = ("datagen", "pipelines", "orchestration", "model", "training")
 STAGED_DAG = "dag.yaml"
@@ -84,9 +84,9 @@ def runtime_env(staging: Path) -> dict[str, Any]:
         "working_dir": str(staging),
         "py_modules": package_dirs(),
         "excludes": ["__pycache__", "*.pyc"],
-        # Not YOLO_CONFIG_DIR: it names this machine's temp folder, which a cluster node
-        # may not have; there ultralytics keeps its default.
-        "env_vars": {k: v for k, v in OFFLINE_ENV.items() if k != "YOLO_CONFIG_DIR"},
+        # Offline, no telemetry, in the job's driver and every worker (a user's own values
+        # of these variables, set here, are what the job gets).
+        "env_vars": offline_env(),
     }
 
 

@@ -25,14 +25,18 @@ class DatagenTracking:
         self.run_id: str | None = None
         if not self.enabled:
             return
+        from orchestration.ray_runtime import apply_offline_env
+
+        apply_offline_env()  # before mlflow's import: no telemetry
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(str(cfg.mlflow.tracking_uri))
         mlflow.set_experiment(str(cfg.mlflow.experiment))
-        run = mlflow.start_run(run_name=f"datagen-{cfg.name}",
-                               tags={"onegen.kind": "datagen", "onegen.output": out,
-                                     "onegen.config_digest": digest})
+        run = mlflow.start_run(
+            run_name=f"datagen-{cfg.name}",
+            tags={"onegen.kind": "datagen", "onegen.output": out, "onegen.config_digest": digest},
+        )
         self.run_id = run.info.run_id
         params = flat_params(cfg)
         items = list(params.items())
@@ -50,9 +54,15 @@ class DatagenTracking:
             self.mlflow.set_tag("onegen.failure", str(exc)[:5000])
         self.mlflow.end_run(status="FAILED" if exc is not None else "FINISHED")
 
-    def log_result(self, result: Any, manifests: dict[str, dict], quarantine: dict[str, Any]) -> None:
-        """Metrics, every subset's manifest (also for object-store outputs) and a quarantine
-        summary, from the tables the job already read."""
+    def log_result(
+        self,
+        result: Any,
+        manifests: dict[str, dict],
+        quarantine: dict[str, Any],
+        preview: Path | None = None,
+    ) -> None:
+        """Metrics, every subset's manifest (also for object-store outputs), a quarantine
+        summary, from the tables the job already read, and the local ``preview`` file."""
         if not self.enabled:
             return
         mlflow = self.mlflow
@@ -72,6 +82,9 @@ class DatagenTracking:
         for subset, a in result.subsets.items():
             metrics[f"subset.{subset}.written"] = a["written"]
             metrics[f"subset.{subset}.quarantined"] = a["quarantined"]
+            metrics[f"subset.{subset}.written_this_run"] = a.get("written_this_run", 0)
+            metrics[f"subset.{subset}.quarantined_this_run"] = a.get("quarantined_this_run", 0)
+            metrics[f"subset.{subset}.already_committed"] = a.get("already_committed", 0)
             metrics[f"subset.{subset}.bytes_this_run"] = a.get("bytes", 0)
         mlflow.log_metrics(metrics)
         for subset, m in manifests.items():
@@ -81,14 +94,18 @@ class DatagenTracking:
             summary[subset] = {
                 "count": q.num_rows,
                 "by_stage_error": manifests[subset]["quarantine_by_error"],
-                "examples": q.slice(0, 20).select(["key", "uri", "stage", "error", "message"]).to_pylist(),
+                "examples": q.slice(0, 20)
+                .select(["key", "uri", "stage", "error", "message"])
+                .to_pylist(),
             }
         mlflow.log_dict(summary, "quarantine_summary.json")
-        if result.preview and Path(result.preview).exists():
-            mlflow.log_artifact(result.preview)
+        if preview is not None and preview.exists():
+            mlflow.log_artifact(str(preview))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "run_result.json"
-            path.write_text(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str))
+            path.write_text(
+                json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str)
+            )
             mlflow.log_artifact(str(path))
 
 

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "output": "data/out",
     "seed": 0,
     "max_error_rate": 0.05,
+    "allow_empty": False,  # a source listing no inputs is an error unless true (not in the digest)
     "shards": {"max_samples": 256, "max_bytes": 256 * 1024 * 1024},
     "stages": [],
     "subsets": {},

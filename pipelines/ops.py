@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
+from datagen.decode import BadInput, DecodeParams, check_min_side, decode_image, read_bytes
 from datagen.degrade import degrade_all
 
 # One OpenCV thread per process: parallelism comes from running one op per
@@ -75,41 +75,106 @@ def _keep_original_jpeg(data: bytes, image: np.ndarray) -> bool:
         return im.mode == "RGB" and orientation == 1 and im.size == (image.shape[1], image.shape[0])
 
 
-class DecodeOp(Op):
-    """Read the input, reject what cannot be a sample, emit upright RGB."""
+def source_failure(row: dict[str, Any]) -> BadInput | None:
+    """The manifest's reason this row cannot be used (``"Class: message"``,
+    e.g. a sidecar caption that is not UTF-8), as the error decode raises."""
+    text = row.get("source_error")
+    if not isinstance(text, str) or not text:
+        return None
+    error, sep, message = text.partition(": ")
+    if not sep or not error.isidentifier():
+        return BadInput("SourceError", text)
+    return BadInput(error, message)
 
+
+def _fit_max_side(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, bool]:
+    """Downscale so the long side is at most ``max_side``; True if it did."""
+    if not max_side or max(image.shape[:2]) <= max_side:
+        return image, False
+    scale = max_side / max(image.shape[:2])
+    size_wh = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size_wh, interpolation=cv2.INTER_AREA), True
+
+
+class DecodeOp(Op):
+    """Read the input, reject what cannot be a sample, emit upright RGB.
+
+    Geometry is judged on what is written: the aspect ratio (which a resize
+    keeps) before any pixels are decoded, the short side again after the
+    ``max_side`` resize, so a 64x100000 strip cannot become a 1x1024 sample.
+    """
+
+    # 2: source errors, regular files only, read timeout, aspect ratio and post-resize min_side.
+    version: ClassVar[str] = "2"
     outputs: ClassVar[dict[str, Any]] = {
         "image": np.zeros((1, 1, 3), np.uint8),
         "jpg": b"",
         "txt": b"",
     }
 
-    def __init__(self, seed: int = 0, min_side: int = 64, max_pixels: int = 64_000_000,
-                 max_bytes: int = 200_000_000, max_side: int | None = None, jpeg_quality: int = 95):
+    def __init__(
+        self,
+        seed: int = 0,
+        min_side: int = 64,
+        max_pixels: int = 64_000_000,
+        max_bytes: int = 200_000_000,
+        max_side: int | None = None,
+        jpeg_quality: int = 95,
+        max_aspect_ratio: float | None = 4.0,
+        read_timeout_s: float | None = 60.0,
+    ):
         super().__init__(seed)
-        self.decode_params = DecodeParams(min_side=min_side, max_pixels=max_pixels, max_bytes=max_bytes)
+        self.decode_params = DecodeParams(
+            min_side=min_side,
+            max_pixels=max_pixels,
+            max_bytes=max_bytes,
+            max_aspect_ratio=max_aspect_ratio,
+            read_timeout_s=read_timeout_s,
+        )
         self.max_side = max_side
         self.jpeg_quality = jpeg_quality
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _read(self, row: dict[str, Any]) -> bytes:
+        failure = source_failure(row)
+        if failure is not None:
+            raise failure
         offset = row.get("byte_offset")
         size = row.get("byte_size")
         has_range = offset is not None and not (isinstance(offset, float) and np.isnan(offset))
-        data = read_bytes(row["uri"], int(offset) if has_range else None, int(size) if has_range else None)
-        image = decode_image(data, self.decode_params)
-        resized = False
-        if self.max_side and max(image.shape[:2]) > self.max_side:
-            scale = self.max_side / max(image.shape[:2])
-            size_wh = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-            image = cv2.resize(image, size_wh, interpolation=cv2.INTER_AREA)
-            resized = True
-        jpg = data if not resized and _keep_original_jpeg(data, image) else encode_jpeg(image, self.jpeg_quality)
+        has_size = (
+            has_range and size is not None and not (isinstance(size, float) and np.isnan(size))
+        )
+        p = self.decode_params
+        return read_bytes(
+            row["uri"],
+            int(offset) if has_range else None,
+            int(size) if has_size else None,
+            max_bytes=p.max_bytes,
+            timeout_s=p.read_timeout_s,
+        )
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        data = self._read(row)
+        image, resized = _fit_max_side(decode_image(data, self.decode_params), self.max_side)
+        if resized:
+            check_min_side(
+                image.shape[1], image.shape[0], self.decode_params, " after resizing to max_side"
+            )
+        jpg = (
+            data
+            if not resized and _keep_original_jpeg(data, image)
+            else encode_jpeg(image, self.jpeg_quality)
+        )
         caption = row.get("caption") or ""
         return {
             "image": image,
             "jpg": jpg,
             "txt": caption.encode("utf-8"),
-            "meta": {"caption": caption, "width": int(image.shape[1]), "height": int(image.shape[0])},
+            "meta": {
+                "caption": caption,
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+            },
         }
 
 
@@ -125,8 +190,14 @@ class DegradeOp(Op):
         "mask_png": b"",
     }
 
-    def __init__(self, seed: int = 0, canny_low: int = 100, canny_high: int = 200,
-                 downscale_factors: tuple[int, ...] = (2, 3, 4), jpeg_quality: int = 95):
+    def __init__(
+        self,
+        seed: int = 0,
+        canny_low: int = 100,
+        canny_high: int = 200,
+        downscale_factors: tuple[int, ...] = (2, 3, 4),
+        jpeg_quality: int = 95,
+    ):
         super().__init__(seed)
         self.canny_low, self.canny_high = canny_low, canny_high
         self.factors = tuple(int(f) for f in downscale_factors)
@@ -136,7 +207,9 @@ class DegradeOp(Op):
         image = row["image"]
         if image.ndim != 3 or image.shape[0] < 2:
             raise BadInput("NoImage", "degrade needs the decoded image of the decode stage")
-        maps, params = degrade_all(image, row["key"], self.seed, self.canny_low, self.canny_high, self.factors)
+        maps, params = degrade_all(
+            image, row["key"], self.seed, self.canny_low, self.canny_high, self.factors
+        )
         q = self.jpeg_quality
         return {
             "canny_png": encode_png(maps["canny"]),

@@ -9,6 +9,7 @@ that never need their pixels in memory) and is a few KB on disk.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -147,4 +148,46 @@ def write_bad_inputs(folder: Path) -> dict[str, str | None]:
     for name, (data, error) in make_bad_inputs().items():
         (folder / name).write_bytes(data)
         expected[name] = error
+    return expected
+
+
+# --- inputs that are not image files at all: the reader must refuse them, fast -----------
+
+SPARSE_SIZE = 1 << 30  # a 1 GiB sparse file: > max_bytes, no disk used
+STRIP_SIZE = (2000, 64)  # (width, height): min side 64 passes, aspect ratio 31 does not
+
+
+def write_hostile_folder(folder: Path) -> dict[str, str | None]:
+    """An image folder of hostile inputs plus two good, captioned images.
+
+    Returns ``{image file name: expected BadInput.error, or None if it must be
+    written}``: a FIFO (opening it would block forever), a link to
+    ``/dev/zero`` (endless), a huge sparse file, a 31:1 strip, and an image
+    whose sidecar caption is not UTF-8.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+    for i in range(2):
+        name = f"good_{i}.jpg"
+        (folder / name).write_bytes(
+            _save(Image.fromarray(_noise_rgb(H, W, 10 + i)), "JPEG", quality=90)
+        )
+        (folder / f"good_{i}.txt").write_text(f"a good photo number {i}\n", encoding="utf-8")
+        expected[name] = None
+    os.mkfifo(folder / "pipe.jpg")
+    expected["pipe.jpg"] = "NotARegularFile"
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    expected["zero.jpg"] = "NotARegularFile"
+    with open(folder / "sparse.png", "wb") as fh:
+        fh.truncate(SPARSE_SIZE)
+    expected["sparse.png"] = "TooLarge"
+    (folder / "strip.png").write_bytes(_save(Image.new("RGB", STRIP_SIZE, (9, 99, 199)), "PNG"))
+    (folder / "strip.txt").write_text("a long thin strip\n", encoding="utf-8")
+    expected["strip.png"] = "BadAspectRatio"
+    (folder / "badcap.jpg").write_bytes(
+        _save(Image.fromarray(_noise_rgb(H, W, 20)), "JPEG", quality=90)
+    )
+    (folder / "badcap.txt").write_bytes(b"caf\xe9 au lait \xff\xfe\n")  # Latin-1, not UTF-8
+    expected["badcap.jpg"] = "BadCaption"
     return expected

@@ -9,10 +9,18 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Offline everywhere, as in production workers: no hub, no auto-installs.
-for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "YOLO_OFFLINE": "1",
-                     "YOLO_AUTOINSTALL": "False"}.items():
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "YOLO_OFFLINE": "1",
+    "YOLO_AUTOINSTALL": "False",
+}.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# No telemetry or cloud probes either (Ray usage stats, MLflow): what `onegen` sets itself.
+from orchestration.ray_runtime import apply_offline_env  # noqa: E402
+
+apply_offline_env()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +35,24 @@ def ray_local():
     init_ray(num_cpus=4, quiet=True)
     yield ray
     ray.shutdown()
+
+
+def tiny_demo_run_args(tmp_path: Path, output: Path | str, *extra: str) -> list[str]:
+    """``onegen`` arguments of a 4-input demo DAG run into ``output`` (CLI and subprocess tests)."""
+    return [
+        "datagen",
+        "run",
+        str(REPO / "pipelines" / "demo.yaml"),
+        "--output",
+        str(output),
+        "source.n=4",
+        f"source.cache_dir={tmp_path / 'inputs'}",
+        "source.max_side=96",
+        "shards.max_samples=4",
+        "ray.num_cpus=2",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -49,3 +75,25 @@ def demo_cfg(tmp_path):
         )
 
     return make
+
+
+# MLflow writes the active experiment and tracking URI into os.environ
+# (``mlflow.set_experiment``, ``mlflow.set_tracking_uri``); a later test's subprocess
+# would inherit another test's store and experiment id.
+MLFLOW_PROCESS_ENV = (
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_RUN_ID",
+)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env_per_test():
+    saved = {k: os.environ.get(k) for k in MLFLOW_PROCESS_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -16,11 +16,15 @@ from orchestration.cli import main as cli
 from orchestration.datagen_job import DatagenError, run
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _all_keys(out: Path, subset: str) -> list[str]:
-    return [k for tar in sorted((out / subset).glob("*.tar"))
-            for k, _ in shards.read_tar_samples(tar.read_bytes())]
+    return [
+        k
+        for tar in sorted((out / subset).glob("*.tar"))
+        for k, _ in shards.read_tar_samples(tar.read_bytes())
+    ]
 
 
 def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
@@ -47,7 +51,15 @@ def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
         files.pop("__local_path__", None)
         meta = validate_sample("i2i", files)
         assert meta["degradations"]["seed"] == 0
-        assert {"jpg", "canny.png", "hed.png", "blur.jpg", "lowres.jpg", "masked.jpg", "mask.png"} <= set(files)
+        assert {
+            "jpg",
+            "canny.png",
+            "hed.png",
+            "blur.jpg",
+            "lowres.jpg",
+            "masked.jpg",
+            "mask.png",
+        } <= set(files)
         seen.append(sample["__key__"])
     assert sorted(seen) == [f"demo_{i:06d}" for i in range(12)]
 
@@ -83,10 +95,50 @@ def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
     assert again.pending == 0
     assert sorted(p.name for p in out.rglob("*.tar")) == before
     # More inputs later: only the new keys are processed, old shards untouched.
-    bigger = run(demo_cfg("allow_recipe_change=true", n=16), log=lambda *_: None)
+    progress: list[str] = []
+    bigger = run(demo_cfg("allow_recipe_change=true", n=16), log=progress.append)
     assert bigger.pending == 4
     assert sorted(_all_keys(out, "i2i")) == [f"demo_{i:06d}" for i in range(16)]
     assert shards.verify(str(out)).ok
+    # ... and the summary says so, instead of reading like a loss ("4 written (of 16)").
+    for subset in ("t2i", "i2i"):
+        s = bigger.subsets[subset]
+        assert (s["written_this_run"], s["already_committed"], s["written"], s["inputs"]) == (
+            4,
+            12,
+            16,
+            16,
+        )
+    assert "4/4 keys processed this run (12 already committed)" in progress[-1]
+
+    # The CLI on the finished output: nothing to do, every key accounted for.
+    capsys.readouterr()
+    assert (
+        cli(
+            [
+                "datagen",
+                "run",
+                str(REPO / "pipelines" / "demo.yaml"),
+                "--output",
+                str(out),
+                "source.n=16",
+                f"source.cache_dir={tmp_path / 'inputs'}",
+                "source.max_side=256",
+                "shards.max_samples=4",
+                "allow_recipe_change=true",
+                f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "done in" in printed
+        and "0 inputs processed this run, 16 already committed, 16 in all" in printed
+    )
+    assert (
+        "t2i: 0 written this run, 16 already committed, 0 quarantined, 16 inputs in all" in printed
+    )
 
 
 def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, demo_cfg, tmp_path):
@@ -96,7 +148,11 @@ def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, demo_cfg, t
     folder = tmp_path / "images"
     folder.mkdir()
     expected = write_bad_inputs(folder)
-    good = sorted(p for p in (tmp_path / "inputs").glob("*.jpg")) if (tmp_path / "inputs").exists() else []
+    good = (
+        sorted(p for p in (tmp_path / "inputs").glob("*.jpg"))
+        if (tmp_path / "inputs").exists()
+        else []
+    )
     assert not good  # the folder holds only what write_bad_inputs made
     cfg = demo_cfg("max_error_rate=1.0", f"source.path={folder}", "source.kind=folder")
     result = run(cfg, log=lambda *_: None)
@@ -118,7 +174,9 @@ def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, demo_cfg, t
                 assert quarantined[key]["error"] == err, (key, quarantined[key])
                 assert quarantined[key]["stage"] == "decode"
                 assert quarantined[key]["uri"].startswith(str(folder))
-        assert result.subsets[subset]["written"] + result.subsets[subset]["quarantined"] == len(keys)
+        assert result.subsets[subset]["written"] + result.subsets[subset]["quarantined"] == len(
+            keys
+        )
     # Good images have no caption: t2i quarantines them at the schema check, with the reason.
     t2i_q = shards.read_quarantine(str(out), "t2i").to_pylist()
     assert {r["stage"] for r in t2i_q if keys[r["key"]] is None} == {"schema"}
@@ -171,12 +229,72 @@ def test_actor_pool_stage_gives_the_same_samples_as_tasks(ray_local, demo_cfg, t
     """A stage with ``actors`` runs as a Ray actor pool with fractional CPUs;
     it must produce byte-identical shards to the fused-task path."""
     tasks = run(demo_cfg(n=6), log=lambda *_: None)
-    pooled_cfg = demo_cfg("stages.degrade.resources.actors=[1,2]", "stages.degrade.resources.num_cpus=0.5",
-                          f"output={tmp_path / 'pooled'}", n=6)
+    pooled_cfg = demo_cfg(
+        "stages.degrade.resources.actors=[1,2]",
+        "stages.degrade.resources.num_cpus=0.5",
+        f"output={tmp_path / 'pooled'}",
+        n=6,
+    )
     pooled = run(pooled_cfg, log=lambda *_: None)
     for subset in ("t2i", "i2i"):
         a = sorted(p.name for p in (Path(tasks.output) / subset).glob("*.tar"))
         b = sorted(p.name for p in (Path(pooled.output) / subset).glob("*.tar"))
         assert a == b and a
         for name in a:
-            assert (Path(tasks.output) / subset / name).read_bytes() == (Path(pooled.output) / subset / name).read_bytes()
+            assert (Path(tasks.output) / subset / name).read_bytes() == (
+                Path(pooled.output) / subset / name
+            ).read_bytes()
+
+
+def test_url_output_stages_nothing_at_fixed_temp_paths(ray_local, demo_cfg, tmp_path, monkeypatch):
+    """A URL output (``file://`` here) stages demo inputs and draws its preview in a
+    private temporary folder, not at the fixed /tmp names an attacker could plant a
+    symlink at; the preview lands in the output itself."""
+    import os
+    import tempfile
+
+    from orchestration.ray_runtime import OFFLINE_ENV
+
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    (victim_dir / "keep.txt").write_text("keep")
+    victim_file = tmp_path / "victim.png"
+    victim_file.write_bytes(b"precious")
+    planted = {
+        Path("/tmp/onegen-inputs"): victim_dir,
+        Path("/tmp/onegen-preview.png"): victim_file,
+        Path(tempfile.gettempdir()) / "onegen-yolo": victim_dir,
+    }
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    seen: list[list[tuple[str, int]]] = []
+
+    def log(_: str) -> None:  # what the temp folder holds while the run is under way
+        seen.append([(p.name, p.stat().st_mode & 0o777) for p in private_tmp.iterdir()])
+
+    made = []
+    try:
+        for link, target in planted.items():
+            if link.exists() or link.is_symlink():
+                pytest.skip(f"{link} exists on this machine; cannot plant a symlink there")
+            link.symlink_to(target)
+            made.append(link)
+        out = f"file://{tmp_path / 'out'}"
+        result = run(demo_cfg(f"output={out}", "source.cache_dir=null", n=4), log=log)
+    finally:
+        for link in made:
+            link.unlink()
+    assert sorted(p.name for p in victim_dir.iterdir()) == ["keep.txt"]
+    assert (victim_dir / "keep.txt").read_text() == "keep"
+    assert victim_file.read_bytes() == b"precious"
+    assert result.subsets["i2i"]["written"] == 4
+    assert result.preview == f"{out}/_preview.png"
+    assert (tmp_path / "out" / "_preview.png").stat().st_size > 0
+    private = {entry for snapshot in seen for entry in snapshot}
+    assert private and all(
+        name.startswith("onegen-run-") and mode == 0o700 for name, mode in private
+    )
+    assert not list(private_tmp.iterdir()), "the private folder is removed after the run"
+    assert not any(str(tempfile.gettempdir()) in v or "/tmp" in v for v in OFFLINE_ENV.values())
+    assert os.environ.get("YOLO_CONFIG_DIR", "") != str(Path(tempfile.gettempdir()) / "onegen-yolo")

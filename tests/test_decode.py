@@ -283,7 +283,13 @@ def test_read_bytes_directory(tmp_path):
 
 
 def _row(path, caption="a caption", offset=None, size=None):
-    return {"key": "k", "uri": str(path), "caption": caption, "byte_offset": offset, "byte_size": size}
+    return {
+        "key": "k",
+        "uri": str(path),
+        "caption": caption,
+        "byte_offset": offset,
+        "byte_size": size,
+    }
 
 
 def test_decode_op_keeps_original_upright_rgb_jpeg(folder):
@@ -329,7 +335,8 @@ def test_decode_op_gray_jpeg_is_reencoded_as_rgb(tmp_path):
 
 def test_decode_op_resizes_and_reencodes(folder):
     root, _ = folder
-    out = DecodeOp(max_side=80)(_row(root / UPRIGHT))
+    # min_side applies to the resized image (80x60), so it is lowered with max_side.
+    out = DecodeOp(max_side=80, min_side=32)(_row(root / UPRIGHT))
     assert out["image"].shape == (60, 80, 3)
     assert out["jpg"] != (root / UPRIGHT).read_bytes()
     with Image.open(io.BytesIO(out["jpg"])) as im:

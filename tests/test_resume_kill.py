@@ -28,17 +28,34 @@ def _group_alive(pgid: int) -> bool:
 
 def _job(out: Path, tmp: Path) -> list[str]:
     return [
-        sys.executable, "-m", "orchestration.cli", "datagen", "run", str(REPO / "pipelines" / "demo.yaml"),
-        "--output", str(out), "source.n=40", f"source.cache_dir={tmp / 'inputs'}", "source.max_side=384",
-        "shards.max_samples=2", "ray.num_cpus=2", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        sys.executable,
+        "-m",
+        "orchestration.cli",
+        "datagen",
+        "run",
+        str(REPO / "pipelines" / "demo.yaml"),
+        "--output",
+        str(out),
+        "source.n=40",
+        f"source.cache_dir={tmp / 'inputs'}",
+        "source.max_side=384",
+        "shards.max_samples=2",
+        "ray.num_cpus=2",
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
     ]
 
 
 def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(_job(out, tmp_path), cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _job(out, tmp_path),
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # Kill as soon as some shards are committed but before the job can finish.
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -58,13 +75,29 @@ def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path):
         shards.read_tar_samples(tar.read_bytes())
     committed = shards.read_indexes(str(out), "i2i").num_rows
     assert 0 < committed < 40
+    before = {
+        s: shards.read_indexes(str(out), s).num_rows + shards.read_quarantine(str(out), s).num_rows
+        for s in ("t2i", "i2i")
+    }
+    assert (out / "_onegen.lock").exists(), "the killed job's lock is left behind (and is stale)"
 
-    rerun = subprocess.run(_job(out, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(
+        _job(out, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # The summary reads as a resume, not as a loss.
+    for subset, already in before.items():
+        assert (
+            f"{subset}: {40 - already} written this run, {already} already committed, 0 quarantined, "
+            "40 inputs in all" in rerun.stdout
+        ), rerun.stdout
+    assert not (out / "_onegen.lock").exists()
     for subset in ("t2i", "i2i"):
-        keys = [k for tar in sorted((out / subset).glob("*.tar"))
-                for k, _ in shards.read_tar_samples(tar.read_bytes())]
+        keys = [
+            k
+            for tar in sorted((out / subset).glob("*.tar"))
+            for k, _ in shards.read_tar_samples(tar.read_bytes())
+        ]
         quarantined = shards.read_quarantine(str(out), subset).column("key").to_pylist()
         assert not [k for k, c in Counter(keys + quarantined).items() if c > 1], "duplicate keys"
         assert sorted(keys + quarantined) == [f"demo_{i:06d}" for i in range(40)]

@@ -22,6 +22,7 @@ from datagen import shards
 from datagen.schema import make_meta, palette_rgb
 from training import tasks as T
 from training.data import (
+    SKIP_REASONS,
     DataConfig,
     OneGenDataModule,
     OneGenStream,
@@ -444,14 +445,21 @@ def test_corrupt_samples_are_skipped_and_counted(synth, tmp_path):
     broken |= {k1, k2, k3}
 
     dm = OneGenDataModule(cfg(str(out), paths={"t2i": str(out)}, batch_size=4, reads_per_batch=1))
-    skipped, keys = 0, set()
+    skipped, keys, reasons = 0, set(), {}
     for k in range(40):
         b = dm.stream().make_batch(k)
         assert b["pixels"].shape[0] == 4 and len(b["keys"]) == 4  # still full
+        assert sum(b["skip_reasons"].values()) == b["skipped"]
+        assert bool(b["skip_last"]) == bool(b["skipped"])
         skipped += b["skipped"]
         keys.update(b["keys"])
+        for reason, n in b["skip_reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
     assert not keys & broken
     assert skipped >= len(broken) // 2 and skipped > 0
+    # each breakage has its stable reason: cut short, bad tar header, no image, bad metadata
+    assert set(reasons) <= set(SKIP_REASONS) and reasons.get("truncated", 0) > 0, reasons
+    assert {"unreadable", "decode", "schema"} <= set(reasons), reasons
 
     # all data broken: a clear error, not a hang
     for tar in tars:

@@ -108,7 +108,7 @@ def _state(runs: dict, name: str) -> dict:
 @pytest.mark.slow
 def test_fsdp_fit_shards_parameters_and_writes_sharded_checkpoints(fsdp_runs):
     start = _report(fsdp_runs, "A", "start")
-    assert start["strategy"] == "ModelParallelStrategy" and start["world_size"] == 2
+    assert start["strategy"] == "SafeModelParallelStrategy" and start["world_size"] == 2
     rank0, rank1 = start["ranks"]
     assert set(rank0) == set(rank1) and any(k.startswith("ema.") for k in rank0)
     for key, info in rank0.items():
@@ -319,8 +319,12 @@ def test_cli_keeps_datagen_commands_and_parses_training():
 # --------------------------------------------------------------------------- configs and data
 
 
-def test_configs_resolve_and_pick_strategies():
+def test_configs_resolve_and_pick_strategies(monkeypatch):
     from training.fit import _precision, load_config, use_fsdp
+
+    # No tracking URI in the configs: MLflow's environment variable, else sqlite:///mlflow.db
+    # (an earlier in-process fit may have set it: mlflow.set_tracking_uri exports it).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from training.module import model_config
 
     demo = load_config(REPO / "training/configs/demo.yaml", ["trainer.max_steps=7"])

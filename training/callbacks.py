@@ -115,6 +115,7 @@ class ThroughputMonitor(Callback):
         }
         if self._peak:
             metrics["perf/mfu"] = flops / dt / (self._peak * world)
+        pl_module.last_perf = metrics  # for the module's progress line, printed after this hook
         if trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
         self._reset()

@@ -9,7 +9,10 @@ Batch contract (what the LightningModule gets, every batch one shape)::
      "subsets":   list[str] (B)
      "keys":      list[str] (B)
      "skipped":   int                  samples dropped while building this batch
-                                       (unreadable, failing the schema, undecodable)
+     "skip_reasons": dict[str, int]    the same by reason (SKIP_REASONS): unreadable (read or
+                                       tar error), truncated (shard cut short), schema
+                                       (fields / metadata fail the schema), decode (image bytes)
+     "skip_last": str                  "reason: message" of the batch's last skip, or ""
      "batch_index": int}               the rank's batch number k
 
 Determinism and resume: batch ``k`` of rank ``r`` is a pure function of
@@ -28,8 +31,9 @@ per sample a task (uniform over the sample's tasks; map tasks reversed with
 aspect ratio of the batch's first sample (or drawn, ``bucket_mode=random``);
 every view of a sample gets the same cover-and-center-crop geometry. Samples
 that cannot be read, fail ``validate_sample`` or do not decode are skipped,
-counted in ``skipped``, and replaced by further reads, so batches are always
-full; a batch that skips more than ``max_skipped_per_batch`` raises.
+counted in ``skipped`` / ``skip_reasons``, and replaced by further reads, so batches are
+always full; a batch that skips more than ``max_skipped_per_batch`` raises. The trainer sums
+the counts over ranks, logs them and stops past ``max_skip_rate`` (``training.module``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ from training.sampling import (
 
 DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((256, 256), (256, 384), (384, 256))
 IMPLEMENTED_SUBSETS = ("t2i", "i2i", "semantic", "depth", "pose", "faceid")
+# Why a sample was skipped: stable names, used in metric keys (data/skipped.<subset>.<reason>).
+SKIP_REASONS = ("unreadable", "truncated", "schema", "decode")
 
 
 @dataclass
@@ -96,6 +102,8 @@ class DataConfig:
     persistent_workers: bool = True
     validate: bool = True                        # datagen.schema.validate_sample on every sample
     max_skipped_per_batch: int = 256             # more than this in one batch: the data is broken, raise
+    max_skip_rate: float = 0.05                  # a subset's skipped / read over the run: stop above
+    skip_rate_min_samples: int = 200             # ... once this many of its samples were read
     batches_per_step: int = 1                    # gradient accumulation, when no trainer says it
     rank: int | None = None                      # default: trainer.global_rank / torch.distributed
     # None: the platform default (fork on Linux). Note: do not call cv2.setNumThreads in a
@@ -152,6 +160,8 @@ class DataConfig:
                 raise ValueError(f"unknown task names {bad}; known: {T.all_task_names()}")
         if self.faceid_max_views < 2:
             raise ValueError("faceid_max_views must be >= 2")
+        if not 0.0 <= self.max_skip_rate <= 1.0 or self.skip_rate_min_samples < 0:
+            raise ValueError("max_skip_rate must be in [0, 1] and skip_rate_min_samples >= 0")
 
 
 def resolve_paths(paths: Any) -> dict[str, list[str]]:
@@ -371,6 +381,16 @@ class _Candidate:
     index: int                    # global sample index in its subset
     files: dict[str, bytes] | None
     error: str | None = None
+    reason: str = "unreadable"    # one of SKIP_REASONS when error is set
+
+
+def skip_reason(exc: BaseException) -> str:
+    """The SKIP_REASONS class of an exception raised while building a sample."""
+    if isinstance(exc, SchemaError):
+        return "schema"
+    if isinstance(exc, DecodeError | cv2.error | OSError):  # PIL's errors are OSErrors
+        return "decode"
+    return "schema"  # a missing field, a mistyped metadata value, bad JSON
 
 
 class OneGenStream(IterableDataset):
@@ -413,6 +433,7 @@ class OneGenStream(IterableDataset):
 
         samples: list[tuple[str, T.TaskSpec, list[np.ndarray], str]] = []
         skipped, ineligible, last_error = 0, 0, None
+        reasons: dict[str, int] = {}
         num_views: int | None = {"t2i": 1, "faceid": None}.get(subset, 2)
         rounds = 0
         seen: set[int] = set()
@@ -436,14 +457,18 @@ class OneGenStream(IterableDataset):
                     break
                 cand = cands[j]
                 if cand.error is not None:
-                    skipped, last_error = skipped + 1, cand.error
+                    skipped, last_error = skipped + 1, f"{cand.reason}: {cand.error}"
+                    reasons[cand.reason] = reasons.get(cand.reason, 0) + 1
                     continue
                 try:
                     built = self._build_sample(subset, index.key(cand.index), cand.files, draws[j],
                                                bucket, num_views)
                 except (SchemaError, ValueError, KeyError, TypeError, AttributeError, IndexError, cv2.error,
                         OSError) as exc:
-                    skipped, last_error = skipped + 1, f"{type(exc).__name__}: {exc}"
+                    reason = skip_reason(exc)
+                    skipped = skipped + 1
+                    last_error = f"{reason}: {index.key(cand.index)}: {type(exc).__name__}: {exc}"
+                    reasons[reason] = reasons.get(reason, 0) + 1
                     continue
                 if built is None:
                     ineligible += 1
@@ -467,6 +492,8 @@ class OneGenStream(IterableDataset):
             "subsets": [subset] * bsz,
             "keys": [s[0] for s in samples],
             "skipped": int(skipped),
+            "skip_reasons": dict(sorted(reasons.items())),
+            "skip_last": " ".join(str(last_error or "").split())[:300],
             "batch_index": int(k),
         }
 
@@ -485,17 +512,19 @@ class OneGenStream(IterableDataset):
             fs, path = self._filesystem(url)
             data = memoryview(read_range(fs, path, start, end))
         except (OSError, ValueError) as exc:
-            return [_Candidate(i, None, f"{url}: {type(exc).__name__}: {exc}") for i in range(first, stop)]
+            return [_Candidate(i, None, f"{url}: {type(exc).__name__}: {exc}", "unreadable")
+                    for i in range(first, stop)]
         out = []
         for i in range(first, stop):
             rel, n = int(index.offsets[i]) - start, int(index.lengths[i])
             if rel + n > len(data):
-                out.append(_Candidate(i, None, f"{url}: sample {index.key(i)} is cut short (truncated tar)"))
+                out.append(_Candidate(i, None, f"{url}: sample {index.key(i)} is cut short (truncated tar)",
+                                      "truncated"))
                 continue
             try:
                 out.append(_Candidate(i, sample_files(data[rel : rel + n], index.key(i))))
             except (ValueError, UnicodeDecodeError) as exc:
-                out.append(_Candidate(i, None, f"{url}: {exc}"))
+                out.append(_Candidate(i, None, f"{url}: {exc}", "unreadable"))
         return out
 
     def _build_sample(self, subset: str, key: str, files: dict[str, bytes], draws: np.ndarray,

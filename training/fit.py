@@ -18,14 +18,24 @@ contract, batch k of rank r a pure function of (seed, r, k). Either source deriv
 position from ``trainer.global_step`` when the loader is built (after a checkpoint restore),
 so a resume continues the stream exactly where it stopped.
 
-Resume: ``resume: last`` (newest checkpoint in ``checkpoint.dir``) or a checkpoint path. The
-checkpoint restores model, EMA, optimizer, scheduler and step; the MLflow run id stored in
-the checkpoint (or ``<run_dir>/mlflow_run.json``) makes the logger continue the same run.
+Resume: ``resume: last`` (newest checkpoint in ``checkpoint.dir``; an error when there is
+none), ``auto`` (the newest, or a fresh start when there is none) or a checkpoint path. A newest
+checkpoint that is cut short or incomplete is skipped with a warning for the one before it; a
+named one must be whole. Checkpoints are read without unpickling code
+(``training.checkpoint_io``). The checkpoint restores model, EMA, optimizer, scheduler and
+step; the MLflow run id stored in the checkpoint (or ``<run_dir>/mlflow_run.json``) makes the
+logger continue the same run.
+
+MLflow: ``mlflow.tracking_uri`` (default: ``MLFLOW_TRACKING_URI``, else
+``sqlite:///mlflow.db``); an HTTP server is checked at start-up with a short timeout and an
+unreachable one stops the fit in seconds, or, with ``mlflow.required: false``, the fit runs
+without tracking.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import warnings
@@ -99,6 +109,10 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "kind": "synthetic",
         "batch_size": 2,
+        # Stop when a subset skipped more than this fraction of its samples (corrupt ones),
+        # counted over the run once skip_rate_min_samples were read from it.
+        "max_skip_rate": 0.05,
+        "skip_rate_min_samples": 200,
         "synthetic": {
             "resolution": 64,
             "max_views": 2,
@@ -118,7 +132,8 @@ DEFAULTS: dict[str, Any] = {
     "throughput": {"every_n_steps": None, "peak_flops": None},
     "mlflow": {
         "enabled": True,
-        "tracking_uri": "sqlite:///mlflow.db",
+        "tracking_uri": None,  # None: MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI
+        "required": True,  # false: an unreachable server turns tracking off with a warning
         "experiment": "onegen-train",
         "run_name": None,
         "run_id": None,
@@ -128,6 +143,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "debug": {"report_dir": None, "save_state": True},
 }
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class ConfigError(ValueError):
@@ -146,6 +164,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
     apply_overrides(cfg, list(overrides or []))
     OmegaConf.resolve(cfg)
+    if not cfg.mlflow.get("tracking_uri"):
+        # What MLflow itself and Lightning's MLFlowLogger would use; never a hard-coded store
+        # over the user's environment.
+        cfg.mlflow.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return cfg
 
 
@@ -290,11 +312,11 @@ def use_fsdp(cfg: DictConfig) -> bool:
 def build_strategy(cfg: DictConfig) -> Any:
     if not use_fsdp(cfg):
         return "auto"
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from training.checkpoint_io import SafeModelParallelStrategy
 
     t = cfg.trainer
     backend = t.get("process_group_backend") or ("gloo" if str(t.accelerator) == "cpu" else None)
-    return ModelParallelStrategy(
+    return SafeModelParallelStrategy(
         data_parallel_size=_devices(cfg) * int(t.num_nodes),
         tensor_parallel_size=1,
         save_distributed_checkpoint=True,
@@ -325,25 +347,62 @@ def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from, checked whole and safe (``verify_checkpoint``).
+
+    ``last`` / ``auto``: the newest whole checkpoint in ``checkpoint.dir``; broken newer ones
+    are skipped with a warning naming each (a crash mid-save leaves one cut short), unsafe ones
+    stop the fit. None found: ``last`` is an error, ``auto`` a fresh start."""
+    from training.checkpoint_io import verify_checkpoint
+    from training.errors import CheckpointError, UnsafeCheckpointError
+
     resume = cfg.get("resume")
     if resume in (None, "", False):
         return None
-    if str(resume) == "last":
-        found = find_checkpoints(cfg.checkpoint.dir)
-        if not found:
-            return None  # nothing to resume: a fresh start
-        return str(found[-1])
-    if not Path(str(resume)).exists():
-        raise ConfigError(f"resume checkpoint not found: {resume}")
-    return str(resume)
+    mode = str(resume)
+    if mode not in ("last", "auto"):
+        verify_checkpoint(mode)  # named explicitly: it must be whole
+        return mode
+    folder = str(cfg.checkpoint.dir)
+    found = find_checkpoints(folder)
+    broken: list[str] = []
+    for cand in reversed(found):
+        try:
+            verify_checkpoint(cand)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as exc:
+            _warn(f"resume={mode}: skipping checkpoint {cand}: {exc}")
+            broken.append(cand.name)
+            continue
+        if broken:
+            _warn(f"resume={mode}: resuming from {cand} instead")
+        return str(cand)
+    if broken:
+        raise ConfigError(
+            f"resume={mode}: no whole checkpoint in {folder} (broken: {', '.join(broken)})"
+        )
+    if mode == "last":
+        raise ConfigError(
+            f"resume=last but no checkpoint in {folder}; "
+            "use resume=auto to start fresh when there is none"
+        )
+    return None
+
+
+def _warn(message: str) -> None:
+    """A one-line warning on stderr, from the rank-0 process only."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(f"onegen: warning: {message}", file=sys.stderr, flush=True)
 
 
 def checkpoint_meta(path: str | Path) -> dict:
-    """The ``onegen`` entry (config YAML, MLflow run id) of a checkpoint file or folder."""
-    p = Path(path)
-    target = p / "meta.pt" if p.is_dir() else p
-    meta = torch.load(target, map_location="cpu", weights_only=True, mmap=not p.is_dir())
-    return dict(meta.get("onegen") or {})
+    """The ``onegen`` entry (config YAML, MLflow run id) of a checkpoint file or folder,
+    after ``verify_checkpoint`` (whole, nothing but weights and plain data)."""
+    from training.checkpoint_io import verify_checkpoint
+
+    return dict(verify_checkpoint(path).get("onegen") or {})
 
 
 def build_callbacks(cfg: DictConfig, resumed_from: str | None) -> list[pl.Callback]:
@@ -418,9 +477,10 @@ class FitResult:
 def fit(cfg: DictConfig) -> FitResult:
     """Build everything from ``cfg`` and run ``trainer.fit`` (every process runs this)."""
     from training.module import OneGenModule
-    from training.tracking import build_logger, read_run_file
+    from training.tracking import build_logger, ensure_tracking, read_run_file
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ensure_tracking(cfg, warn=_warn)
     ckpt_path = resolve_resume(cfg)
     run_id = cfg.mlflow.get("run_id")
     if ckpt_path and not run_id:
@@ -432,7 +492,8 @@ def fit(cfg: DictConfig) -> FitResult:
     module = OneGenModule(cfg)
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, logger, build_callbacks(cfg, ckpt_path))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: Lightning's meta.pt / checkpoint file loads (checked already, loaded again).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     final_run_id = module.mlflow_run_id if trainer.is_global_zero else None
     return FitResult(
         run_id=final_run_id,
@@ -450,18 +511,19 @@ def fit(cfg: DictConfig) -> FitResult:
 def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> None:
     """Load ``ema.*`` (or ``model.*``) weights of a Lightning checkpoint into a plain NextDiT.
 
-    A file: a single-device checkpoint. A folder: a sharded (DCP) checkpoint, read in one
-    process with ``no_dist=True`` (only the requested tensors are read)."""
+    A file: a single-device checkpoint (weights only). A folder: a sharded (DCP) checkpoint,
+    read in one process with ``no_dist=True`` (only the requested tensors are read) through
+    the restricted reader of ``training.checkpoint_io``."""
     p = Path(ckpt)
     prefix = f"{which}."
     if p.is_dir():
-        import torch.distributed.checkpoint as dcp
+        from training.checkpoint_io import safe_dcp_load
 
         target = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
         state = {"state_dict": target}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(p), no_dist=True)
+            safe_dcp_load(state, p, no_dist=True)
         net.load_state_dict({k[len(prefix) :]: v for k, v in state["state_dict"].items()})
         return
     ck = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -493,7 +555,9 @@ def task_token(task: str) -> str:
     try:
         return token_of(task.strip("[]"))
     except KeyError:
-        raise ConfigError(f"unknown task {task!r}; tasks: {[t.strip('[]') for t in TASK_LABELS]}") from None
+        raise ConfigError(
+            f"unknown task {task!r}; tasks: {[t.strip('[]') for t in TASK_LABELS]}"
+        ) from None
 
 
 def sample_from_checkpoint(
@@ -511,8 +575,11 @@ def sample_from_checkpoint(
     device: str = "cpu",
 ) -> list[Path]:
     """Generate with a checkpoint's EMA weights; writes one PNG per view plus a strip."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from model import NextDiT
     from training.callbacks import save_grid, to_uint8
+    from training.errors import CheckpointError
     from training.module import build_encoders, generate, model_config
 
     if device == "auto":
@@ -522,7 +589,16 @@ def sample_from_checkpoint(
         raise ConfigError(f"{checkpoint} has no One-Gen config (not a OneGenModule checkpoint?)")
     cfg = OmegaConf.create(meta["config"])
     net = NextDiT(model_config(cfg))
-    load_weights(checkpoint, net, weights)
+    try:
+        load_weights(checkpoint, net, weights)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, CheckpointException) as exc:
+        lines = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"{checkpoint}: its {weights} weights do not load into the model its config "
+            f"describes ({lines[-1] if lines else type(exc).__name__})"
+        ) from None
     net.eval().to(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -576,7 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = fit(cfg)
+    from training.errors import FitError
+
+    try:
+        result = fit(cfg)
+    except (ConfigError, FitError) as exc:  # a checkpoint, the MLflow server, the data
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print_result(result)
     return 0
 

@@ -269,16 +269,28 @@ def _octal(field: bytes) -> int:
 
 
 def _pax_path(data: bytes) -> str | None:
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length - 1]
-        k, _, v = record.partition(b"=")
-        if k == b"path":
-            return v.decode("utf-8")
-        pos += length
-    return None
+    """The ``path`` of a PAX extended header (records ``"<len> <key>=<value>\\n"``), the
+    last one winning as in tarfile; None without one. The writer uses PAX for names over
+    100 bytes (long keys), so this is on the hot path of long-key samples. A malformed
+    record is a :class:`TarFormatError`, never a hang on a zero length."""
+    path, pos = None, 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos)
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        end = pos + length
+        if length <= space - pos + 1 or end > len(data) or data[end - 1] != 0x0A:
+            raise TarFormatError(f"malformed PAX record at byte {pos} of an extended header")
+        name, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError(f"PAX record without '=' at byte {pos} of an extended header")
+        if name == b"path":
+            try:
+                path = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TarFormatError(f"PAX path is not UTF-8: {value[:60]!r}") from exc
+        pos = end
+    return path
 
 
 def parse_members(chunk: bytes | memoryview) -> list[tuple[str, bytes]]:

@@ -31,6 +31,52 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines.dag import flat_params
 
 RUN_FILE = "mlflow_run.json"
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why an HTTP(S) tracking server cannot be reached, or None when it answers (any HTTP
+    status but 502-504 counts: auth may refuse ``/health`` yet serve the API). Other stores
+    (sqlite, file, databricks) are not probed: None. MLflow's own client retries for minutes
+    before failing; this GET waits ``timeout`` seconds once."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if urllib.parse.urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        # 502-504: a proxy or load balancer answered for a server that is down.
+        return f"HTTP {exc.code} {exc.reason}" if exc.code in (502, 503, 504) else None
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except (OSError, ValueError) as exc:  # timeouts, resets, a malformed URL
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def ensure_tracking(cfg: DictConfig, warn: Any = print) -> None:
+    """Fail fast on an unreachable tracking server (``TrackingError``, one line), or with
+    ``mlflow.required: false`` turn tracking off for this fit (``mlflow.enabled = false``)
+    and ``warn``."""
+    from training.errors import TrackingError
+
+    mcfg = cfg.mlflow
+    if not mcfg.get("enabled", True):
+        return
+    uri = str(mcfg.tracking_uri)
+    reason = probe_tracking_server(uri)
+    if reason is None:
+        return
+    if mcfg.get("required", True):
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
+            "mlflow.tracking_uri, or set mlflow.required=false"
+        )
+    warn(f"MLflow tracking server {uri} is unreachable ({reason}); this fit runs without tracking")
+    mcfg.enabled = False
 
 
 def build_logger(cfg: DictConfig, run_id: str | None = None):

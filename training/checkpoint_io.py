@@ -1,0 +1,297 @@
+"""Opening checkpoints without running code from them, and telling whole ones from broken ones.
+
+A sharded (torch distributed checkpoint) folder holds ``.metadata``, which torch's
+``FileSystemReader`` reads with plain ``pickle.load``, and non-tensor items (optimizer
+hyper-parameters) that ``DefaultLoadPlanner.load_bytes`` reads with
+``torch.load(weights_only=False)``: either way a crafted folder is code. Here
+
+* ``.metadata`` goes through ``RestrictedUnpickler``, which resolves only the classes a DCP
+  ``Metadata`` is made of (the set found by unpickling folders this project's trainer writes
+  under FSDP2 and ones ``dcp.save`` writes) and refuses anything else by name;
+* non-tensor items load with ``torch.load(weights_only=True)`` (``SafeLoadPlanner``);
+* Lightning's ``meta.pt`` and single-file checkpoints load with ``weights_only=True``.
+
+``verify_checkpoint`` also checks that a checkpoint is whole (a file whose zip directory reads;
+a folder with its ``.metadata``, ``meta.pt`` and every shard file at least as long as the
+metadata says), so ``resume=last`` can step past a checkpoint cut short by a crash.
+``SafeModelParallelStrategy`` is Lightning's FSDP2 strategy loading through all of the above.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path, PurePath
+from typing import IO, Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+
+from training.errors import CheckpointError, UnsafeCheckpointError
+
+LIGHTNING_META = "meta.pt"  # lightning.fabric.strategies.model_parallel._METADATA_FILENAME
+DCP_METADATA = ".metadata"
+
+_DCP_META = "torch.distributed.checkpoint.metadata"
+# Everything a DCP .metadata pickle needs (torch 2.14, checked on FSDP2 and dcp.save output),
+# besides torch dtypes / layouts / memory formats (see ``_allowed``).
+ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        (_DCP_META, "Metadata"),
+        (_DCP_META, "StorageMeta"),
+        (_DCP_META, "TensorProperties"),
+        (_DCP_META, "TensorStorageMetadata"),
+        (_DCP_META, "BytesStorageMetadata"),
+        (_DCP_META, "ChunkStorageMetadata"),
+        (_DCP_META, "MetadataIndex"),
+        (_DCP_META, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),  # layout by name from a fixed table
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("pathlib", "Path"),
+    }
+)
+
+
+def _allowed(module: str, name: str) -> bool:
+    if (module, name) in ALLOWED_GLOBALS:
+        return True
+    if module == "torch":
+        value = getattr(torch, name, None)
+        return isinstance(value, torch.dtype | torch.layout | torch.memory_format)
+    return False
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata; any other global is refused with an ``UnsafeCheckpointError``
+    naming it (``find_class`` is the only way a pickle reaches a callable)."""
+
+    def __init__(self, file: IO[bytes], source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _allowed(module, name):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source} refers to {module}.{name}, which a checkpoint may not contain; "
+            "refusing to load it"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(
+            f"{self.source} holds a persistent reference; refusing to load it"
+        )
+
+
+def load_dcp_metadata(stream: IO[bytes], source: str) -> Metadata:
+    """A DCP ``Metadata`` from an open ``.metadata`` stream, through ``RestrictedUnpickler``."""
+    try:
+        metadata = RestrictedUnpickler(stream, source).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated / garbled pickle: EOFError, UnpicklingError, ...
+        raise CheckpointError(
+            f"{source} is unreadable ({type(exc).__name__}: {exc}); truncated or corrupt"
+        ) from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{source} holds a {type(metadata).__name__}, not DCP metadata")
+    for info in (metadata.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or PurePath(rel).name != rel or rel in (".", ".."):
+            raise UnsafeCheckpointError(
+                f"{source} points at {rel!r}, outside its checkpoint folder; refusing to load it"
+            )
+    return metadata
+
+
+def read_dcp_metadata(folder: str | Path) -> Metadata:
+    path = Path(folder) / DCP_METADATA
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {DCP_METADATA}: an incomplete sharded checkpoint")
+    with open(path, "rb") as f:
+        return load_dcp_metadata(f, str(path))
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` whose ``read_metadata`` uses ``RestrictedUnpickler``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = load_dcp_metadata(f, str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _weights_only_load(data: IO[bytes], source: str) -> Any:
+    try:
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        raise UnsafeCheckpointError(
+            f"{source} holds objects a checkpoint may not contain "
+            f"({first[0] if first else 'UnpicklingError'}); refusing to load it"
+        ) from None
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` reading non-tensor items with ``weights_only=True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._nested_dict import set_element
+
+        obj = _weights_only_load(value, f"checkpoint item {read_item.dest_index.fqn!r}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_dcp_load(state: dict[str, Any], folder: str | Path, *, no_dist: bool = False) -> None:
+    """``dcp.load`` through ``SafeFileSystemReader`` and ``SafeLoadPlanner``; a refusal comes
+    out as the ``CheckpointError`` itself, not wrapped in torch's ``CheckpointException``."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(str(folder)),
+            planner=SafeLoadPlanner(),
+            no_dist=no_dist,
+        )
+    except CheckpointException as exc:
+        for failure in exc.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, CheckpointError):
+                raise inner from None
+        raise
+
+
+def _load_meta_file(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            meta = _weights_only_load(f, str(path))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is unreadable ({type(exc).__name__}: {_first_line(exc)}); truncated or corrupt"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a {type(meta).__name__}, not a checkpoint dict")
+    return meta
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Lightning's checkpoint metadata (``meta.pt`` of a folder, or the whole file with its
+    tensors memory-mapped) after checking the checkpoint is whole and safe to read; a
+    ``CheckpointError`` (``UnsafeCheckpointError`` for code) otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file():
+        try:
+            with open(p, "rb") as f:
+                ck = _weights_only_load_mmap(p) if _is_zip(f) else _weights_only_load(f, str(p))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"{p} is unreadable ({type(exc).__name__}: {_first_line(exc)}); truncated or corrupt"
+            ) from None
+        if not isinstance(ck, dict) or "state_dict" not in ck:
+            raise CheckpointError(f"{p} is not a Lightning checkpoint (no state_dict)")
+        return ck
+    metadata = read_dcp_metadata(p)
+    meta_file = p / LIGHTNING_META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{p} has no {LIGHTNING_META}: an incomplete sharded checkpoint")
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        shard = p / name
+        if not shard.is_file():
+            raise CheckpointError(f"{p} is missing its shard file {name}")
+        size = shard.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"{shard} is cut short ({size} bytes, the metadata needs {end}); truncated"
+            )
+    return _load_meta_file(meta_file)
+
+
+def _is_zip(f: IO[bytes]) -> bool:
+    head = f.read(4)
+    f.seek(0)
+    return head == b"PK\x03\x04"
+
+
+def _weights_only_load_mmap(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path} holds objects a checkpoint may not contain ({_first_line(exc)}); "
+            "refusing to load it"
+        ) from None
+
+
+class SafeModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy, resuming through ``verify_checkpoint`` and
+    ``safe_dcp_load`` (Lightning's own path uses torch's default reader and planner, which
+    unpickle freely). Same steps as ``lightning.fabric.strategies.model_parallel``'s sharded
+    branch: model, then each optimizer, then ``meta.pt`` (weights only) as the remaining state.
+    """
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            verify_checkpoint(path)
+            return super().load_checkpoint(path, weights_only=True)
+        meta = verify_checkpoint(path)
+        module = self.model
+        assert module is not None and self.lightning_module is not None
+        module_state = {"state_dict": get_model_state_dict(module)}
+        safe_dcp_load(module_state, path)
+        module.load_state_dict(
+            module_state["state_dict"], strict=self.lightning_module.strict_loading
+        )
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+            safe_dcp_load(optim_state, path)
+            set_optimizer_state_dict(
+                module,
+                optimizer,
+                optim_state_dict=optim_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        return meta
