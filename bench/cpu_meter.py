@@ -59,8 +59,11 @@ class CpuMeter:
         self.wall = max(time.perf_counter() - self.t0, 1e-9)
         busy1, own1 = _machine_busy_s(), _tree_cpu_s()
         self.own_cores = (own1 - self.own0) / self.wall
-        self.other_cores = (max(0.0, busy1 - self.busy0 - (own1 - self.own0)) / self.wall
-                            if busy1 is not None and self.busy0 is not None else 0.0)
+        self.other_cores = (
+            max(0.0, busy1 - self.busy0 - (own1 - self.own0)) / self.wall
+            if busy1 is not None and self.busy0 is not None
+            else 0.0
+        )
 
     def __enter__(self) -> CpuMeter:
         return self.start()

@@ -104,17 +104,26 @@ def check_same(out_a: str, out_b: str, inputs: int, n_keys: int) -> dict[str, An
             if a[field] != b[field]:
                 raise BenchError(f"{subset}: {field} single {a[field]} != ray {b[field]}")
         if a["written"] + a["quarantined"] != inputs:
-            raise BenchError(f"{subset}: {a['written']} written + {a['quarantined']} quarantined != {inputs} inputs")
+            raise BenchError(
+                f"{subset}: {a['written']} written + {a['quarantined']} quarantined != {inputs} inputs"
+            )
         samples_a, samples_b = samples_by_key(out_a, subset), samples_by_key(out_b, subset)
         if sorted(samples_a) != sorted(samples_b) or len(samples_a) != a["written"]:
             raise BenchError(f"{subset}: the written keys differ between single and ray")
         keys = sorted(samples_a)
         if n_keys and len(keys) > n_keys:
-            keys = [keys[round(i * (len(keys) - 1) / (n_keys - 1))] for i in range(n_keys)] if n_keys > 1 else keys[:1]
+            keys = (
+                [keys[round(i * (len(keys) - 1) / (n_keys - 1))] for i in range(n_keys)]
+                if n_keys > 1
+                else keys[:1]
+            )
         for key in keys:
             if samples_a[key] != samples_b[key]:
-                names = sorted(n for n in set(samples_a[key]) | set(samples_b[key])
-                               if samples_a[key].get(n) != samples_b[key].get(n))
+                names = sorted(
+                    n
+                    for n in set(samples_a[key]) | set(samples_b[key])
+                    if samples_a[key].get(n) != samples_b[key].get(n)
+                )
                 raise BenchError(f"{subset}/{key}: files {names} differ between single and ray")
             compared += 1
     return {"subsets": status_a, "keys_compared": compared}
@@ -124,26 +133,56 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--n", type=int, default=400, help="demo inputs to process (default 400)")
     parser.add_argument("--max-side", type=int, default=512, help="demo input size (default 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="measured runs of each path, alternated (default 3)")
-    parser.add_argument("--shard-size", type=int, default=16,
-                        help="shards.max_samples, also the rows per Ray block and task (default 16, as "
-                             "pipelines/demo.yaml: 25 tasks for 400 inputs; 8 and 32 measured the same "
-                             "within the noise)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs for ray.init (default: what a local datagen run gets, "
-                             "orchestration.ray_runtime.local_logical_cpus)")
-    parser.add_argument("--warmup", type=int, default=16, help="inputs of the warm-up run of each path (default 16)")
-    parser.add_argument("--check-keys", type=int, default=8,
-                        help="keys per subset whose bytes are compared (0: all; default 8)")
-    parser.add_argument("--wait-quiet", type=float, default=60.0,
-                        help="before each measured run, wait up to this many seconds for other processes "
-                             "to use < 0.15 cores (0: don't wait; default 60)")
-    parser.add_argument("--max-other-load", type=float, default=0.2,
-                        help="a run during which other processes used more cores than this is "
-                             "disturbed: rerun (see --retries) and flagged (default 0.2)")
-    parser.add_argument("--retries", type=int, default=2, help="reruns of a disturbed run (default 2)")
-    parser.add_argument("--progress-bars", action="store_true", help="show Ray Data's progress bars")
-    parser.add_argument("--workdir", default=None, help="folder for inputs and outputs (default: a temp folder)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="measured runs of each path, alternated (default 3)"
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=16,
+        help="shards.max_samples, also the rows per Ray block and task (default 16, as "
+        "pipelines/demo.yaml: 25 tasks for 400 inputs; 8 and 32 measured the same "
+        "within the noise)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs for ray.init (default: what a local datagen run gets, "
+        "orchestration.ray_runtime.local_logical_cpus)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=16, help="inputs of the warm-up run of each path (default 16)"
+    )
+    parser.add_argument(
+        "--check-keys",
+        type=int,
+        default=8,
+        help="keys per subset whose bytes are compared (0: all; default 8)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each measured run, wait up to this many seconds for other processes "
+        "to use < 0.15 cores (0: don't wait; default 60)",
+    )
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.2,
+        help="a run during which other processes used more cores than this is "
+        "disturbed: rerun (see --retries) and flagged (default 0.2)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="reruns of a disturbed run (default 2)"
+    )
+    parser.add_argument(
+        "--progress-bars", action="store_true", help="show Ray Data's progress bars"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="folder for inputs and outputs (default: a temp folder)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if args.n < 1 or args.repeats < 1 or args.shard_size < 1 or args.warmup < 0:
@@ -162,9 +201,12 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     manifest = sources.demo(str(work / "inputs"), n=args.n, max_side=args.max_side)
     rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows)
     n = manifest.num_rows
-    print(f"inputs: {n} demo images (max side {args.max_side}) made in {time.perf_counter() - t0:.1f}s; "
-          f"shards.max_samples={args.shard_size}; os.cpu_count()={os.cpu_count()}; "
-          f"cv2 threads={cv2.getNumThreads()}; ray {ray.__version__}", flush=True)
+    print(
+        f"inputs: {n} demo images (max side {args.max_side}) made in {time.perf_counter() - t0:.1f}s; "
+        f"shards.max_samples={args.shard_size}; os.cpu_count()={os.cpu_count()}; "
+        f"cv2 threads={cv2.getNumThreads()}; ray {ray.__version__}",
+        flush=True,
+    )
 
     num_cpus = local_logical_cpus(args.num_cpus)
     t0 = time.perf_counter()
@@ -188,12 +230,16 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     workers = warm_ray_workers(num_cpus)
     warm_n = min(args.warmup, n)
     if warm_n:
-        warm_cfg = dag.load(DAG, [f"shards.max_samples={max(1, warm_n // (2 * num_cpus))}",
-                                  "mlflow.enabled=false"])
+        warm_cfg = dag.load(
+            DAG, [f"shards.max_samples={max(1, warm_n // (2 * num_cpus))}", "mlflow.enabled=false"]
+        )
         run_single(warm_cfg, rows.slice(0, warm_n), fresh("warm-single"))
         run_ray(warm_cfg, rows.slice(0, warm_n), fresh("warm-ray"))
-    print(f"warm-up: {workers} Ray workers started, both paths ran {warm_n} inputs "
-          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(
+        f"warm-up: {workers} Ray workers started, both paths ran {warm_n} inputs "
+        f"({time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
 
     times: dict[str, list[float]] = {"single": [], "ray": []}
     other_load: dict[str, list[float]] = {"single": [], "ray": []}
@@ -201,7 +247,9 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     for r in range(args.repeats):
         order = ("ray", "single") if r % 2 == 0 else ("single", "ray")
         for path in order:
-            kept: tuple[float, float] | None = None  # (other cores, seconds): the least disturbed attempt
+            kept: tuple[float, float] | None = (
+                None  # (other cores, seconds): the least disturbed attempt
+            )
             for _ in range(args.retries + 1):
                 out = fresh(path)
                 if args.wait_quiet > 0:
@@ -209,9 +257,12 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
                 with CpuMeter() as meter:
                     seconds = (run_ray if path == "ray" else run_single)(cfg, rows, out)
                 disturbed = meter.other_cores > args.max_other_load
-                print(f"  run {r + 1}/{args.repeats} {path:6s} {seconds:7.2f}s {n / seconds:7.1f} samples/s"
-                      f"   cores busy: this bench {meter.own_cores:.2f}, other processes "
-                      f"{meter.other_cores:.2f}{'  (disturbed)' if disturbed else ''}", flush=True)
+                print(
+                    f"  run {r + 1}/{args.repeats} {path:6s} {seconds:7.2f}s {n / seconds:7.1f} samples/s"
+                    f"   cores busy: this bench {meter.own_cores:.2f}, other processes "
+                    f"{meter.other_cores:.2f}{'  (disturbed)' if disturbed else ''}",
+                    flush=True,
+                )
                 if path in last:
                     shutil.rmtree(last[path], ignore_errors=True)
                 last[path] = out
@@ -229,22 +280,32 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     median = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: n / best[k] for k in best}
     ratio = rate["ray"] / rate["single"]
-    pair_ratio = statistics.median(s / r for s, r in zip(times["single"], times["ray"], strict=True))
+    pair_ratio = statistics.median(
+        s / r for s, r in zip(times["single"], times["ray"], strict=True)
+    )
     busiest = max(max(v) for v in other_load.values())
     written = {s: v["written"] for s, v in check["subsets"].items()}
 
     print()
-    print(f"{'path':8s} {'best s':>8s} {'median s':>9s} {'samples/s':>10s}   (N={n}, shards.max_samples="
-          f"{args.shard_size}, Ray on {num_cpus} logical CPUs, {os.cpu_count()} cores)")
+    print(
+        f"{'path':8s} {'best s':>8s} {'median s':>9s} {'samples/s':>10s}   (N={n}, shards.max_samples="
+        f"{args.shard_size}, Ray on {num_cpus} logical CPUs, {os.cpu_count()} cores)"
+    )
     for k in ("single", "ray"):
         print(f"{k:8s} {best[k]:8.2f} {median[k]:9.2f} {rate[k]:10.1f}")
-    print(f"ratio ray/single: {ratio:.2f}x best vs best, {pair_ratio:.2f}x median of the {args.repeats} "
-          f"side-by-side pairs  (target >= 1.5x on 2 cores)")
+    print(
+        f"ratio ray/single: {ratio:.2f}x best vs best, {pair_ratio:.2f}x median of the {args.repeats} "
+        f"side-by-side pairs  (target >= 1.5x on 2 cores)"
+    )
     print(f"ray init: {ray_init_s:.2f}s (not in the ray timing)")
-    print(f"outputs identical: written per subset {written}, {check['keys_compared']} samples byte-compared")
+    print(
+        f"outputs identical: written per subset {written}, {check['keys_compared']} samples byte-compared"
+    )
     if busiest > args.max_other_load:
-        print(f"WARNING: other processes used up to {busiest:.2f} cores during a measured run; "
-              "the figures are skewed, rerun on a quiet machine")
+        print(
+            f"WARNING: other processes used up to {busiest:.2f} cores during a measured run; "
+            "the figures are skewed, rerun on a quiet machine"
+        )
     record = {
         "bench": "datagen_throughput",
         "ratio": round(ratio, 3),

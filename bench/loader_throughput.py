@@ -56,7 +56,9 @@ from training.data import OneGenDataModule  # noqa: E402
 DAG = ROOT / "pipelines" / "demo.yaml"
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 I2I_CONDITIONS = ("canny.png", "hed.png", "blur.jpg", "masked.jpg")
-PREFETCH = 2  # DataLoader prefetch_factor of every path; the backlog it builds is skipped before timing
+PREFETCH = (
+    2  # DataLoader prefetch_factor of every path; the backlog it builds is skipped before timing
+)
 
 
 # --- the bare baseline -----------------------------------------------------------------------
@@ -105,8 +107,13 @@ class BareTars(IterableDataset):
 
 
 def run_bare(tars: list[str], mode: str, workers: int, total: int) -> tuple[float, int, CpuMeter]:
-    loader = DataLoader(BareTars(tars, mode), batch_size=None, num_workers=workers,
-                        prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
+    loader = DataLoader(
+        BareTars(tars, mode),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=PREFETCH if workers else None,
+        persistent_workers=False,
+    )
     it = iter(loader)
     skip = (PREFETCH + 1) * max(1, workers)  # start-up and the prefetched backlog, not timed
     for _ in range(skip):
@@ -125,12 +132,25 @@ def run_bare(tars: list[str], mode: str, workers: int, total: int) -> tuple[floa
 # --- the loader ------------------------------------------------------------------------------
 
 
-def run_loader(out: str, workers: int, batch_size: int, batches: int, seed: int) -> tuple[float, int, CpuMeter]:
-    dm = OneGenDataModule({"paths": out, "batch_size": batch_size, "num_workers": workers, "seed": seed,
-                           "prefetch_factor": PREFETCH, "persistent_workers": False, "caption_dropout": 0.1})
+def run_loader(
+    out: str, workers: int, batch_size: int, batches: int, seed: int
+) -> tuple[float, int, CpuMeter]:
+    dm = OneGenDataModule(
+        {
+            "paths": out,
+            "batch_size": batch_size,
+            "num_workers": workers,
+            "seed": seed,
+            "prefetch_factor": PREFETCH,
+            "persistent_workers": False,
+            "caption_dropout": 0.1,
+        }
+    )
     dm.setup()
     it = iter(dm.loader())
-    for _ in range((PREFETCH + 1) * max(1, workers)):  # start-up and the prefetched backlog, not timed
+    for _ in range(
+        (PREFETCH + 1) * max(1, workers)
+    ):  # start-up and the prefetched backlog, not timed
         next(it)
     meter = CpuMeter().start()
     samples, skipped = 0, 0
@@ -160,16 +180,26 @@ def make_shards(work: Path, n: int, max_side: int, shard_size: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--n", type=int, default=240, help="demo inputs (samples per subset; default 240)")
+    parser.add_argument(
+        "--n", type=int, default=240, help="demo inputs (samples per subset; default 240)"
+    )
     parser.add_argument("--max-side", type=int, default=512, help="demo image size (default 512)")
     parser.add_argument("--shard-size", type=int, default=16, help="samples per shard (default 16)")
     parser.add_argument("--batch-size", type=int, default=16, help="loader batch size (default 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="measured runs per path, best kept (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="measured runs per path, best kept (default 3)"
+    )
     parser.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
-    parser.add_argument("--wait-quiet", type=float, default=60.0,
-                        help="before each measured run, wait up to this many seconds for other processes "
-                             "to use < 0.15 cores (0: don't wait; default 60)")
-    parser.add_argument("--workdir", default=None, help="folder for the shards (default: a temp folder)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each measured run, wait up to this many seconds for other processes "
+        "to use < 0.15 cores (0: don't wait; default 60)",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="folder for the shards (default: a temp folder)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     with work_folder(args.workdir, keep=args.keep, prefix="onegen-loader-bench-") as work:
@@ -180,17 +210,22 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     t0 = time.perf_counter()
     out = make_shards(work, args.n, args.max_side, args.shard_size)
     tars = sorted(str(p) for p in Path(out).glob("*/*.tar"))
-    total = sum(json.loads((Path(out) / s / "manifest.json").read_text())["written"] for s in ("t2i", "i2i"))
-    print(f"shards: {len(tars)} tars, {total} samples (t2i + i2i, demo max side {args.max_side}) made in "
-          f"{time.perf_counter() - t0:.1f}s; os.cpu_count()={os.cpu_count()}, cv2 threads={cv2.getNumThreads()}",
-          flush=True)
+    total = sum(
+        json.loads((Path(out) / s / "manifest.json").read_text())["written"] for s in ("t2i", "i2i")
+    )
+    print(
+        f"shards: {len(tars)} tars, {total} samples (t2i + i2i, demo max side {args.max_side}) made in "
+        f"{time.perf_counter() - t0:.1f}s; os.cpu_count()={os.cpu_count()}, cv2 threads={cv2.getNumThreads()}",
+        flush=True,
+    )
     batches = max(4, total // args.batch_size)  # about as many samples as one pass of the baseline
     worker_counts = [int(w) for w in args.workers.split(",")]
     for path in tars:  # warm the page cache for everyone
         Path(path).read_bytes()
 
-    rates: dict[str, dict[int, list[float]]] = {p: {w: [] for w in worker_counts}
-                                                for p in ("loader", "bare-all", "bare-used")}
+    rates: dict[str, dict[int, list[float]]] = {
+        p: {w: [] for w in worker_counts} for p in ("loader", "bare-all", "bare-used")
+    }
     cpu_ms: dict[str, dict[int, list[float]]] = {p: {w: [] for w in worker_counts} for p in rates}
     other: list[float] = []
     for r in range(args.repeats):
@@ -207,44 +242,77 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
                 rates[path][w].append(rate)
                 cpu_ms[path][w].append(1e3 * meter.own_cores * meter.wall / count)
                 other.append(meter.other_cores)
-                print(f"  run {r + 1}/{args.repeats} workers={w} {path:9s} {count:5d} samples "
-                      f"{meter.wall:6.2f}s {rate:7.1f} samples/s {cpu_ms[path][w][-1]:6.2f} CPU ms/sample   "
-                      f"cores: bench {meter.own_cores:.2f}, others {meter.other_cores:.2f}", flush=True)
+                print(
+                    f"  run {r + 1}/{args.repeats} workers={w} {path:9s} {count:5d} samples "
+                    f"{meter.wall:6.2f}s {rate:7.1f} samples/s {cpu_ms[path][w][-1]:6.2f} CPU ms/sample   "
+                    f"cores: bench {meter.own_cores:.2f}, others {meter.other_cores:.2f}",
+                    flush=True,
+                )
 
     best = {p: {w: max(v) for w, v in d.items()} for p, d in rates.items()}
     print()
-    print(f"{'workers':>7s} {'loader':>9s} {'bare-all':>9s} {'bare-used':>9s} {'ratio/all':>9s} "
-          f"{'ratio/used':>10s}   (samples/s, best of {args.repeats}; batch {args.batch_size})")
+    print(
+        f"{'workers':>7s} {'loader':>9s} {'bare-all':>9s} {'bare-used':>9s} {'ratio/all':>9s} "
+        f"{'ratio/used':>10s}   (samples/s, best of {args.repeats}; batch {args.batch_size})"
+    )
     record: dict[str, Any] = {"bench": "loader_throughput"}
     for w in worker_counts:
         ra, ru = best["loader"][w] / best["bare-all"][w], best["loader"][w] / best["bare-used"][w]
-        print(f"{w:7d} {best['loader'][w]:9.1f} {best['bare-all'][w]:9.1f} {best['bare-used'][w]:9.1f} "
-              f"{ra:8.2f}x {ru:9.2f}x")
-        record[f"workers{w}"] = {"loader": round(best["loader"][w], 1), "bare_all": round(best["bare-all"][w], 1),
-                                 "bare_used": round(best["bare-used"][w], 1), "ratio_all": round(ra, 3),
-                                 "ratio_used": round(ru, 3)}
+        print(
+            f"{w:7d} {best['loader'][w]:9.1f} {best['bare-all'][w]:9.1f} {best['bare-used'][w]:9.1f} "
+            f"{ra:8.2f}x {ru:9.2f}x"
+        )
+        record[f"workers{w}"] = {
+            "loader": round(best["loader"][w], 1),
+            "bare_all": round(best["bare-all"][w], 1),
+            "bare_used": round(best["bare-used"][w], 1),
+            "ratio_all": round(ra, 3),
+            "ratio_used": round(ru, 3),
+        }
     # CPU cost per sample (this process tree's CPU seconds / samples): steadier than
     # wall time when other processes share the cores.
     cost = {p: {w: min(v) for w, v in d.items()} for p, d in cpu_ms.items()}
-    print(f"{'workers':>7s} {'loader':>9s} {'bare-all':>9s} {'bare-used':>9s} {'ratio/all':>9s} "
-          f"{'ratio/used':>10s}   (CPU ms per sample, lowest; ratio = bare / loader)")
+    print(
+        f"{'workers':>7s} {'loader':>9s} {'bare-all':>9s} {'bare-used':>9s} {'ratio/all':>9s} "
+        f"{'ratio/used':>10s}   (CPU ms per sample, lowest; ratio = bare / loader)"
+    )
     for w in worker_counts:
         ca, cu = cost["bare-all"][w] / cost["loader"][w], cost["bare-used"][w] / cost["loader"][w]
-        print(f"{w:7d} {cost['loader'][w]:9.2f} {cost['bare-all'][w]:9.2f} {cost['bare-used'][w]:9.2f} "
-              f"{ca:8.2f}x {cu:9.2f}x")
-        record[f"workers{w}"].update({"cpu_ms_loader": round(cost["loader"][w], 3),
-                                      "cpu_ms_bare_all": round(cost["bare-all"][w], 3),
-                                      "cpu_ms_bare_used": round(cost["bare-used"][w], 3),
-                                      "cpu_ratio_all": round(ca, 3), "cpu_ratio_used": round(cu, 3)})
+        print(
+            f"{w:7d} {cost['loader'][w]:9.2f} {cost['bare-all'][w]:9.2f} {cost['bare-used'][w]:9.2f} "
+            f"{ca:8.2f}x {cu:9.2f}x"
+        )
+        record[f"workers{w}"].update(
+            {
+                "cpu_ms_loader": round(cost["loader"][w], 3),
+                "cpu_ms_bare_all": round(cost["bare-all"][w], 3),
+                "cpu_ms_bare_used": round(cost["bare-used"][w], 3),
+                "cpu_ratio_all": round(ca, 3),
+                "cpu_ratio_used": round(cu, 3),
+            }
+        )
     ratio = min(record[f"workers{w}"]["ratio_all"] for w in worker_counts)
-    print(f"ratio loader / bare tar+decode (all fields): min over worker counts {ratio:.2f}x (target >= 0.85x)")
+    print(
+        f"ratio loader / bare tar+decode (all fields): min over worker counts {ratio:.2f}x (target >= 0.85x)"
+    )
     if max(other) > 0.2:
-        print(f"WARNING: other processes used up to {max(other):.2f} cores during a measured run; "
-              "rerun on a quiet machine")
-    record.update({"ratio": round(ratio, 3), "samples": total, "batch_size": args.batch_size,
-                   "batches_per_run": batches, "repeats": args.repeats, "max_side": args.max_side,
-                   "shard_size": args.shard_size, "cpu_count": os.cpu_count(),
-                   "other_cores_max": round(max(other), 3)})
+        print(
+            f"WARNING: other processes used up to {max(other):.2f} cores during a measured run; "
+            "rerun on a quiet machine"
+        )
+    record.update(
+        {
+            "ratio": round(ratio, 3),
+            "samples": total,
+            "batch_size": args.batch_size,
+            "batches_per_run": batches,
+            "repeats": args.repeats,
+            "max_side": args.max_side,
+            "shard_size": args.shard_size,
+            "cpu_count": os.cpu_count(),
+            "other_cores_max": round(max(other), 3),
+        }
+    )
     print(json.dumps(record))
     return 0
 

@@ -86,7 +86,9 @@ def single_rank_mesh(device: torch.device):
     return init_device_mesh(device.type, (1,))
 
 
-def build_for_step(name: str, device: torch.device, precision: str, compile_blocks: bool) -> NextDiT:
+def build_for_step(
+    name: str, device: torch.device, precision: str, compile_blocks: bool
+) -> NextDiT:
     """The model as the trainer sets it up: per-block activation checkpointing, then
     per-block compile; ``fsdp-bf16`` adds the trainer's FSDP2 sharding with bf16 compute
     over fp32 master weights, the other modes keep one unsharded model in one dtype."""
@@ -203,7 +205,9 @@ def measure_mfu(args: argparse.Namespace) -> None:
             f"{r['achieved_executed'] / 1e12:.1f} TFLOP/s executed"
         )
         if peak is None:
-            print(f"  MFU: unknown peak bf16 FLOPs for {name!r} (add it to model/flops.py PEAK_BF16_FLOPS)")
+            print(
+                f"  MFU: unknown peak bf16 FLOPs for {name!r} (add it to model/flops.py PEAK_BF16_FLOPS)"
+            )
         else:
             print(
                 f"  MFU {100 * r['achieved'] / peak:.1f}% headline "
@@ -246,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         measure_mfu(args)
         return
     compiled = "compiled, checkpointed blocks" if not args.no_compile else "checkpointed blocks"
-    print(f"\nMFU needs CUDA (none here). Exercising the same step on CPU with `tiny` ({compiled}):")
+    print(
+        f"\nMFU needs CUDA (none here). Exercising the same step on CPU with `tiny` ({compiled}):"
+    )
     torch.set_num_threads(1)
     r = measure_step(
         "tiny",

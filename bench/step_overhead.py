@@ -144,9 +144,7 @@ class PlainLoop:
         self.opt.step()
         self.sched.step()
         with torch.no_grad():
-            torch._foreach_lerp_(
-                self.ema_params, self.params, 1.0 - float(self.cfg.ema.decay)
-            )
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - float(self.cfg.ema.decay))
         self.step_count += 1
         return loss.detach()
 

@@ -74,7 +74,11 @@ def random_blur(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
         return gaussian_blur(image, sigma), {"kind": "gaussian", "sigma": round(sigma, 4)}
     length = int(rng.integers(7, 22)) | 1
     angle = float(rng.uniform(0.0, 180.0))
-    return motion_blur(image, length, angle), {"kind": "motion", "length": length, "angle": round(angle, 2)}
+    return motion_blur(image, length, angle), {
+        "kind": "motion",
+        "length": length,
+        "angle": round(angle, 2),
+    }
 
 
 def downscale(image: np.ndarray, factor: int) -> np.ndarray:

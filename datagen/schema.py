@@ -200,7 +200,9 @@ SUBSETS: dict[str, Subset] = {
             "multiview",
             (
                 Field("img{i}.jpg", "view i of the scene"),
-                Field("cameras.npy", "float32 [V, 4, 4] OpenCV camera-to-world, camera 0 = identity"),
+                Field(
+                    "cameras.npy", "float32 [V, 4, 4] OpenCV camera-to-world, camera 0 = identity"
+                ),
                 Field("intrinsics.npy", "float32 [V, 3, 3] pixel intrinsics of each view"),
                 _JSON,
             ),
@@ -281,7 +283,9 @@ def validate_sample(subset_name: str, sample: Mapping[str, object]) -> dict:
                     f"views of {f.name!r}, got {len(got)}"
                 )
             if got != set(range(len(got))):
-                raise SchemaError(f"{key}: views of {f.name!r} are not numbered 0..n-1: {sorted(got)}")
+                raise SchemaError(
+                    f"{key}: views of {f.name!r} are not numbered 0..n-1: {sorted(got)}"
+                )
         elif f.name not in sample:
             raise SchemaError(f"{key}: missing required field {f.name!r}")
 

@@ -45,7 +45,10 @@ def flops_per_token(model: NextDiT, seq_len: int) -> float:
     """Training FLOPs per image token: ``6 N + 12 L D S`` (forward + backward, torchtitan);
     N leaves out adaLN modulation and the embedders."""
     cfg = model.config
-    return 6.0 * count_parameters(model, flops_only=True) + 12.0 * cfg.depth * cfg.hidden_size * seq_len
+    return (
+        6.0 * count_parameters(model, flops_only=True)
+        + 12.0 * cfg.depth * cfg.hidden_size * seq_len
+    )
 
 
 def executed_flops_per_token(model: NextDiT, seq_len: int, views: int, text_len: int) -> float:

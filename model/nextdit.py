@@ -350,4 +350,3 @@ def count_parameters(model: nn.Module, flops_only: bool = False) -> int:
         for name, p in model.named_parameters()
         if not (flops_only and (_is_modulation(name) or _is_embedding(name)))
     )
-

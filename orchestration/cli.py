@@ -58,8 +58,10 @@ def _datagen_run(args: argparse.Namespace) -> int:
     if result.preview:
         print(f"preview: {result.preview}")
     if result.mlflow_run_id:
-        print(f"mlflow:  run {result.mlflow_run_id} in {cfg.mlflow.tracking_uri} "
-              f"(review: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri})")
+        print(
+            f"mlflow:  run {result.mlflow_run_id} in {cfg.mlflow.tracking_uri} "
+            f"(review: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri})"
+        )
     return 0
 
 
@@ -70,7 +72,9 @@ def _datagen_submit(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load_dag(args)
-        job_id, job_cfg = submit(cfg, args.address, submission_id=args.submission_id, python=args.python)
+        job_id, job_cfg = submit(
+            cfg, args.address, submission_id=args.submission_id, python=args.python
+        )
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError, RayError) as exc:
         print(f"onegen datagen submit: error: {exc}", file=sys.stderr)
         return 1
@@ -105,7 +109,9 @@ def _datagen_status(args: argparse.Namespace) -> int:
         return 1
     print(f"{'subset':<12}{'written':>10}{'quarantined':>13}{'shards':>8}{'bytes':>14}")
     for subset, s in info.items():
-        print(f"{subset:<12}{s['written']:>10}{s['quarantined']:>13}{s['shards']:>8}{s['bytes']:>14}")
+        print(
+            f"{subset:<12}{s['written']:>10}{s['quarantined']:>13}{s['shards']:>8}{s['bytes']:>14}"
+        )
         for error, count in sorted(s["errors"].items()):
             print(f"{'':<14}{count:>6} x {error}")
     return 0
@@ -117,11 +123,15 @@ def _datagen_verify(args: argparse.Namespace) -> int:
     try:
         report = verify(args.output)
     except Exception as exc:  # verify reports damage itself; this only keeps the promise
-        report = VerifyReport(defects=[f"{args.output}: verify failed: {type(exc).__name__}: {exc}"])
+        report = VerifyReport(
+            defects=[f"{args.output}: verify failed: {type(exc).__name__}: {exc}"]
+        )
     for defect in report.defects:
         print(f"DEFECT {defect}")
-    print(f"checked {report.checked_shards} shards, {report.checked_samples} samples: "
-          f"{'OK' if report.ok else f'{len(report.defects)} defects'}")
+    print(
+        f"checked {report.checked_shards} shards, {report.checked_samples} samples: "
+        f"{'OK' if report.ok else f'{len(report.defects)} defects'}"
+    )
     return 0 if report.ok else 1
 
 
@@ -184,8 +194,9 @@ def _sample(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onegen", description="One-Gen datagen and training")
     top = p.add_subparsers(dest="command", required=True)
-    datagen = top.add_parser("datagen", help="build One-Gen WebDataset shards with Ray").add_subparsers(
-        dest="action", required=True)
+    datagen = top.add_parser(
+        "datagen", help="build One-Gen WebDataset shards with Ray"
+    ).add_subparsers(dest="action", required=True)
 
     r = datagen.add_parser("run", help="run a pipeline DAG (resumes by key on an existing output)")
     r.add_argument("pipeline", type=Path, help="pipelines/<dag>.yaml")
@@ -195,9 +206,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the DAG")
     r.set_defaults(func=_datagen_run)
 
-    sb = datagen.add_parser("submit", help="run a pipeline DAG as a Ray job on a cluster (follows its log)")
+    sb = datagen.add_parser(
+        "submit", help="run a pipeline DAG as a Ray job on a cluster (follows its log)"
+    )
     sb.add_argument("pipeline", type=Path, help="pipelines/<dag>.yaml")
-    sb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://head:8265")
+    sb.add_argument(
+        "--address", required=True, help="the cluster's dashboard, e.g. http://head:8265"
+    )
     sb.add_argument("--output", help="output every node can reach: shared folder or fsspec URL")
     sb.add_argument("--input", help="a folder, a .parquet manifest, tar shards, or 'demo'")
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
@@ -221,8 +236,9 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("--samples", type=int, default=4, help="samples per subset")
     pv.set_defaults(func=_datagen_preview)
 
-    train = top.add_parser("train", help="fit the model with Lightning (FSDP2 when devices > 1)").add_subparsers(
-        dest="action", required=True)
+    train = top.add_parser(
+        "train", help="fit the model with Lightning (FSDP2 when devices > 1)"
+    ).add_subparsers(dest="action", required=True)
     f = train.add_parser("fit", help="run a fit from an OmegaConf YAML (resume: resume=last)")
     f.add_argument("--config", required=True, type=Path, help="training/configs/<cfg>.yaml")
     f.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
@@ -230,7 +246,9 @@ def parser() -> argparse.ArgumentParser:
 
     sm = top.add_parser("sample", help="generate with a checkpoint's EMA weights, write PNGs")
     sm.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded .ckpt folder")
-    sm.add_argument("--task", required=True, help="e.g. text2image, depth2image (no brackets needed)")
+    sm.add_argument(
+        "--task", required=True, help="e.g. text2image, depth2image (no brackets needed)"
+    )
     sm.add_argument("--image", help="condition image (view 1; view 0 is generated)")
     sm.add_argument("--prompt", default="a photo", help="caption after the task token")
     sm.add_argument("--out", required=True, help="output folder")

@@ -35,7 +35,9 @@ def input_rows(manifest: pa.Table, todo: list[list[str]]) -> pa.Table:
 
 
 def process_rows(rows_table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
-    blocks = [rows_table.slice(i, rows_per_block) for i in range(0, rows_table.num_rows, rows_per_block)]
+    blocks = [
+        rows_table.slice(i, rows_per_block) for i in range(0, rows_table.num_rows, rows_per_block)
+    ]
     return ray.data.from_arrow(blocks or [rows_table])
 
 
@@ -45,17 +47,22 @@ def _task_groups(stages: list[dag.Stage], max_samples: int) -> list[list[dag.Sta
     groups: list[list[dag.Stage]] = []
     for stage in stages:
         last = groups[-1][-1] if groups else None
-        if (last is not None and not stage.actors and not last.actors
-                and (stage.num_cpus, stage.num_gpus, stage.batch_size or max_samples)
-                == (last.num_cpus, last.num_gpus, last.batch_size or max_samples)):
+        if (
+            last is not None
+            and not stage.actors
+            and not last.actors
+            and (stage.num_cpus, stage.num_gpus, stage.batch_size or max_samples)
+            == (last.num_cpus, last.num_gpus, last.batch_size or max_samples)
+        ):
             groups[-1].append(stage)
         else:
             groups.append([stage])
     return groups
 
 
-def stages_and_sink_task(batch: dict[str, Any], *, stages: list[dict[str, Any]],
-                         sink: dict[str, Any]) -> dict[str, Any]:
+def stages_and_sink_task(
+    batch: dict[str, Any], *, stages: list[dict[str, Any]], sink: dict[str, Any]
+) -> dict[str, Any]:
     """The last cheap stages and the shard writer in one call: no Arrow round
     trip of images and encoded files between them."""
     return write_batch(stages_task(batch, stages=stages), **sink)
@@ -96,18 +103,35 @@ def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
         }
         if head.num_gpus:
             kwargs["num_gpus"] = head.num_gpus
-        args = [{"op_name": s.op, "stage": s.name, "params": s.params, "seed": int(cfg.seed),
-                 "needs": _needs(s, first)} for s in group]
+        args = [
+            {
+                "op_name": s.op,
+                "stage": s.name,
+                "params": s.params,
+                "seed": int(cfg.seed),
+                "needs": _needs(s, first),
+            }
+            for s in group
+        ]
         if head.actors:
-            ds = ds.map_batches(StageFn, fn_constructor_kwargs=args[0], concurrency=head.actors, **kwargs)
+            ds = ds.map_batches(
+                StageFn, fn_constructor_kwargs=args[0], concurrency=head.actors, **kwargs
+            )
         elif i == len(groups) - 1 and not head.num_gpus and kwargs["batch_size"] == max_samples:
-            ds = ds.map_batches(stages_and_sink_task, fn_kwargs={"stages": args, "sink": sink}, **kwargs)
+            ds = ds.map_batches(
+                stages_and_sink_task, fn_kwargs={"stages": args, "sink": sink}, **kwargs
+            )
             sink_done = True
         else:
             ds = ds.map_batches(stages_task, fn_kwargs={"stages": args}, **kwargs)
     if not sink_done:
-        ds = ds.map_batches(write_batch, fn_kwargs=sink, batch_size=max_samples, batch_format="numpy",
-                            num_cpus=stages[-1].num_cpus if not stages[-1].actors else 1)
+        ds = ds.map_batches(
+            write_batch,
+            fn_kwargs=sink,
+            batch_size=max_samples,
+            batch_format="numpy",
+            num_cpus=stages[-1].num_cpus if not stages[-1].actors else 1,
+        )
     if not any(s.actors for s in stages):
         # One task operator whose outputs are a few summary rows: nothing for
         # Ray Data's per-operator resource reservation to balance, and it costs

@@ -30,7 +30,11 @@ DEFAULTS: dict[str, Any] = {
     "stages": [],
     "subsets": {},
     "ray": {"address": None, "num_cpus": None, "object_store_memory": None},
-    "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "onegen-datagen", "enabled": True},
+    "mlflow": {
+        "tracking_uri": "sqlite:///mlflow.db",
+        "experiment": "onegen-datagen",
+        "enabled": True,
+    },
     "preview": {"samples_per_subset": 4},
 }
 
@@ -92,11 +96,15 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
 def stages(cfg: DictConfig) -> list[Stage]:
     out = []
     for raw in cfg.stages:
-        merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(STAGE_DEFAULTS), raw), resolve=True)
+        merged = OmegaConf.to_container(
+            OmegaConf.merge(OmegaConf.create(STAGE_DEFAULTS), raw), resolve=True
+        )
         res = merged["resources"]
         actors = res.get("actors")
         if actors is not None:
-            actors = (int(actors[0]), int(actors[1])) if isinstance(actors, list) else (1, int(actors))
+            actors = (
+                (int(actors[0]), int(actors[1])) if isinstance(actors, list) else (1, int(actors))
+            )
         out.append(
             Stage(
                 name=merged.get("name") or merged["op"],
@@ -112,7 +120,9 @@ def stages(cfg: DictConfig) -> list[Stage]:
 
 
 def subsets(cfg: DictConfig) -> list[SubsetSpec]:
-    return [SubsetSpec(name, tuple(spec.get("needs", []) or [])) for name, spec in cfg.subsets.items()]
+    return [
+        SubsetSpec(name, tuple(spec.get("needs", []) or [])) for name, spec in cfg.subsets.items()
+    ]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -153,10 +163,15 @@ def config_digest(cfg: DictConfig) -> str:
         "schema_version": SCHEMA_VERSION,
         "source": plain["source"],
         "seed": plain["seed"],
-        "stages": [{"name": s.get("name"), "op": s["op"], "params": s.get("params", {})} for s in plain["stages"]],
+        "stages": [
+            {"name": s.get("name"), "op": s["op"], "params": s.get("params", {})}
+            for s in plain["stages"]
+        ],
         "subsets": plain["subsets"],
     }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:

@@ -58,16 +58,24 @@ def build_sample(subset_name: str, row: dict[str, Any]) -> dict[str, bytes]:
     return files
 
 
-def first_failure(failures: dict[str, dict[str, str]], first_stage: str,
-                  needs: tuple[str, ...]) -> tuple[str, dict[str, str]] | None:
+def first_failure(
+    failures: dict[str, dict[str, str]], first_stage: str, needs: tuple[str, ...]
+) -> tuple[str, dict[str, str]] | None:
     for stage in (first_stage, *needs):
         if stage in failures:
             return stage, failures[stage]
     return None
 
 
-def write_batch(batch: dict[str, np.ndarray], *, out: str, subsets: list[SubsetSpec], first_stage: str,
-                max_samples: int, max_bytes: int) -> dict[str, np.ndarray]:
+def write_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    out: str,
+    subsets: list[SubsetSpec],
+    first_stage: str,
+    max_samples: int,
+    max_bytes: int,
+) -> dict[str, np.ndarray]:
     rows = sorted(batch_to_rows(batch), key=lambda r: str(r["key"]))
     summaries: list[dict[str, Any]] = []
     for spec in subsets:
@@ -80,30 +88,54 @@ def write_batch(batch: dict[str, np.ndarray], *, out: str, subsets: list[SubsetS
             failed = first_failure(json.loads(row["failures"]), first_stage, spec.needs)
             if failed is not None:
                 stage, record = failed
-                quarantine.append({"key": key, "uri": uri, "subset": spec.name, "stage": stage, **record})
+                quarantine.append(
+                    {"key": key, "uri": uri, "subset": spec.name, "stage": stage, **record}
+                )
                 continue
             try:
                 files = build_sample(spec.name, row)
                 validate_sample(spec.name, {"__key__": key, **files})
             except (SchemaError, TypeError, ValueError) as exc:
-                quarantine.append({"key": key, "uri": uri, "subset": spec.name, "stage": "schema",
-                                   "error": type(exc).__name__, "message": str(exc)[:500]})
+                quarantine.append(
+                    {
+                        "key": key,
+                        "uri": uri,
+                        "subset": spec.name,
+                        "stage": "schema",
+                        "error": type(exc).__name__,
+                        "message": str(exc)[:500],
+                    }
+                )
                 continue
             samples.append((key, files))
-        shards = [commit_shard(out, spec.name, group) for group in split_shards(samples, max_samples, max_bytes)]
+        shards = [
+            commit_shard(out, spec.name, group)
+            for group in split_shards(samples, max_samples, max_bytes)
+        ]
         if quarantine:
             commit_quarantine(out, spec.name, quarantine)
-        summaries.append({
-            "subset": spec.name,
-            "written": len(samples),
-            "quarantined": len(quarantine),
-            "bytes": sum(s.tar_bytes for s in shards),
-            "shards": json.dumps([s.name for s in shards]),
-            "errors": json.dumps(Counter(f"{q['stage']}:{q['error']}" for q in quarantine)),
-            "stages": "{}",
-        })
-    summaries.append({"subset": "", "written": 0, "quarantined": 0, "bytes": 0, "shards": "[]",
-                      "errors": "{}", "stages": json.dumps(stage_stats(rows))})
+        summaries.append(
+            {
+                "subset": spec.name,
+                "written": len(samples),
+                "quarantined": len(quarantine),
+                "bytes": sum(s.tar_bytes for s in shards),
+                "shards": json.dumps([s.name for s in shards]),
+                "errors": json.dumps(Counter(f"{q['stage']}:{q['error']}" for q in quarantine)),
+                "stages": "{}",
+            }
+        )
+    summaries.append(
+        {
+            "subset": "",
+            "written": 0,
+            "quarantined": 0,
+            "bytes": 0,
+            "shards": "[]",
+            "errors": "{}",
+            "stages": json.dumps(stage_stats(rows)),
+        }
+    )
     return rows_to_batch(summaries)
 
 

@@ -49,7 +49,9 @@ def failure_record(exc: BaseException) -> dict[str, str]:
     return {"error": type(exc).__name__, "message": str(exc)[:MESSAGE_LIMIT]}
 
 
-def apply_op(op: Op, stage: str, needs: tuple[str, ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def apply_op(
+    op: Op, stage: str, needs: tuple[str, ...], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Apply ``op`` to every row whose ``needs`` stages all succeeded."""
     for row in rows:
         failures = json.loads(row["failures"])
@@ -75,7 +77,9 @@ def apply_op(op: Op, stage: str, needs: tuple[str, ...], rows: list[dict[str, An
     return rows
 
 
-def apply_stages(stages: list[tuple[Op, str, tuple[str, ...]]], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def apply_stages(
+    stages: list[tuple[Op, str, tuple[str, ...]]], batch: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """``(op, stage, needs)`` after one another over one batch, the rows kept
     as Python objects in between: a decoded image reaches the next stage as
     the same array, not converted to Arrow and back."""
@@ -89,7 +93,9 @@ class StageFn:
     """The callable handed to ``map_batches``: a task function for cheap CPU
     stages, an actor class for model stages (the op is built once per actor)."""
 
-    def __init__(self, op_name: str, stage: str, params: dict[str, Any], seed: int, needs: tuple[str, ...]):
+    def __init__(
+        self, op_name: str, stage: str, params: dict[str, Any], seed: int, needs: tuple[str, ...]
+    ):
         self.op = build_op(op_name, seed, params)
         self.stage = stage
         self.needs = needs
@@ -98,11 +104,16 @@ class StageFn:
         return apply_stages([(self.op, self.stage, self.needs)], batch)
 
 
-def stages_task(batch: dict[str, np.ndarray], *, stages: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def stages_task(
+    batch: dict[str, np.ndarray], *, stages: list[dict[str, Any]]
+) -> dict[str, np.ndarray]:
     """Several cheap stages in one ``map_batches`` call. Ray does fuse
     consecutive ``map_batches`` into one task, but converts each one's output
     batch to an Arrow block and back into numpy for the next (for the demo
     DAG, 20-40 ms per 16-row batch at each boundary, images included); one
     call has no boundary. ``stages``: dicts of :class:`StageFn`'s arguments."""
-    ops = [(build_op(s["op_name"], int(s["seed"]), s["params"]), s["stage"], tuple(s["needs"])) for s in stages]
+    ops = [
+        (build_op(s["op_name"], int(s["seed"]), s["params"]), s["stage"], tuple(s["needs"]))
+        for s in stages
+    ]
     return apply_stages(ops, batch)

@@ -13,12 +13,22 @@ DEMO = REPO / "pipelines" / "demo.yaml"
 
 
 def test_demo_dag_resolves_with_overrides():
-    cfg = dag.load(DEMO, ["shards.max_samples=3", "stages.1.params.canny_low=50", "stages.degrade.params.canny_high=90"])
+    cfg = dag.load(
+        DEMO,
+        [
+            "shards.max_samples=3",
+            "stages.1.params.canny_low=50",
+            "stages.degrade.params.canny_high=90",
+        ],
+    )
     assert cfg.shards.max_samples == 3
     stages = dag.stages(cfg)
     assert [s.name for s in stages] == ["decode", "degrade"]
     assert stages[1].params["canny_low"] == 50 and stages[1].params["canny_high"] == 90
-    assert {s.name: s.needs for s in dag.subsets(cfg)} == {"t2i": ("decode",), "i2i": ("decode", "degrade")}
+    assert {s.name: s.needs for s in dag.subsets(cfg)} == {
+        "t2i": ("decode",),
+        "i2i": ("decode", "degrade"),
+    }
     assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db" and cfg.max_error_rate == 0.05
 
 
@@ -43,8 +53,20 @@ def test_bad_dags_fail_with_a_clear_message(tmp_path, text, message):
 
 def test_recipe_digest_tracks_content_not_placement():
     base = dag.config_digest(dag.load(DEMO))
-    assert dag.config_digest(dag.load(DEMO, ["output=/elsewhere", "stages.0.resources.num_cpus=0.5",
-                                             "ray.num_cpus=8", "shards.max_samples=7"])) == base
+    assert (
+        dag.config_digest(
+            dag.load(
+                DEMO,
+                [
+                    "output=/elsewhere",
+                    "stages.0.resources.num_cpus=0.5",
+                    "ray.num_cpus=8",
+                    "shards.max_samples=7",
+                ],
+            )
+        )
+        == base
+    )
     assert dag.config_digest(dag.load(DEMO, ["seed=1"])) != base
     assert dag.config_digest(dag.load(DEMO, ["stages.1.params.canny_high=150"])) != base
 

@@ -40,4 +40,3 @@ def test_headline_flops_do_not_inflate_mfu_at_the_benchmark_shape():
     assert seq == 4096
     counted = counted_training_flops(model.config, 1, 4, 64, 64, 300)
     assert flops_per_token(model, seq) * seq == pytest.approx(counted, rel=0.01)
-

@@ -82,7 +82,9 @@ def test_well_formed_sample_of_each_subset_is_accepted(subset):
 
 
 def test_handwritten_t2i_sample():
-    meta = make_meta("cat_01", "t2i", "folder", ["[[text2image]]"], caption="a cat", width=3, height=2)
+    meta = make_meta(
+        "cat_01", "t2i", "folder", ["[[text2image]]"], caption="a cat", width=3, height=2
+    )
     sample = {
         "__key__": "cat_01",
         "__url__": "shard-000000.tar",  # webdataset's own fields are ignored
@@ -218,7 +220,9 @@ def test_unknown_or_foreign_task(subset, tasks):
 
 @pytest.mark.parametrize("subset", ["multiview", "faceid"])
 def test_multi_image_subsets_need_two_views(subset):
-    _rejects(subset, _sample(subset, views=1), re.escape("needs at least 2 views of 'img{i}.jpg', got 1"))
+    _rejects(
+        subset, _sample(subset, views=1), re.escape("needs at least 2 views of 'img{i}.jpg', got 1")
+    )
     _rejects(subset, _sample(subset, views=0), "got 0")
 
 

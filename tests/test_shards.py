@@ -11,8 +11,14 @@ from datagen.schema import make_meta
 
 
 def _sample(key: str, caption: str = "a cat") -> tuple[str, dict[str, bytes]]:
-    meta = make_meta(key, "t2i", f"/in/{key}.jpg", ["[[text2image]]"], caption=caption, width=8, height=8)
-    return key, {"jpg": b"\xff\xd8\xff" + key.encode() * 50, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+    meta = make_meta(
+        key, "t2i", f"/in/{key}.jpg", ["[[text2image]]"], caption=caption, width=8, height=8
+    )
+    return key, {
+        "jpg": b"\xff\xd8\xff" + key.encode() * 50,
+        "txt": caption.encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def test_commit_is_reproducible_and_readable_by_webdataset(tmp_path):
@@ -23,7 +29,10 @@ def test_commit_is_reproducible_and_readable_by_webdataset(tmp_path):
     first = tar.read_bytes()
     again = shards.commit_shard(out, "t2i", list(reversed(samples)))  # same keys -> same name
     assert again.name == info.name
-    assert sorted(p.name for p in (tmp_path / "t2i").iterdir()) == [f"{info.name}.parquet", f"{info.name}.tar"]
+    assert sorted(p.name for p in (tmp_path / "t2i").iterdir()) == [
+        f"{info.name}.parquet",
+        f"{info.name}.tar",
+    ]
     assert shards.tar_bytes(samples) == first
     got = {s["__key__"]: s for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)}
     assert sorted(got) == [k for k, _ in samples]
@@ -49,22 +58,44 @@ def test_interrupted_commit_leftovers_are_uncommitted_and_cleaned(tmp_path):
     assert shards.committed_keys(out, "t2i") == {"a", "b"}
     removed = shards.clean_incomplete(out)
     assert len(removed) == 2
-    assert sorted(p.name for p in (tmp_path / "t2i").iterdir()) == [f"{good.name}.parquet", f"{good.name}.tar"]
+    assert sorted(p.name for p in (tmp_path / "t2i").iterdir()) == [
+        f"{good.name}.parquet",
+        f"{good.name}.tar",
+    ]
 
 
 def test_quarantine_counts_as_committed_and_verify_flags_overlap(tmp_path):
     out = str(tmp_path)
     shards.commit_shard(out, "t2i", [_sample("a")])
-    shards.commit_quarantine(out, "t2i", [{"key": "b", "uri": "/in/b", "subset": "t2i", "stage": "decode",
-                                           "error": "CorruptImage", "message": "truncated"}])
+    shards.commit_quarantine(
+        out,
+        "t2i",
+        [
+            {
+                "key": "b",
+                "uri": "/in/b",
+                "subset": "t2i",
+                "stage": "decode",
+                "error": "CorruptImage",
+                "message": "truncated",
+            }
+        ],
+    )
     assert shards.committed_keys(out, "t2i") == {"a", "b"}
     shards.write_manifest(out, "t2i", {})
     assert shards.verify(out).ok
-    assert shards.status(out)["t2i"] == {"written": 1, "quarantined": 1, "shards": 1,
-                                         "bytes": shards.status(out)["t2i"]["bytes"],
-                                         "errors": {"CorruptImage": 1}}
-    shards.commit_quarantine(out, "t2i", [{"key": "a", "uri": "/in/a", "subset": "t2i", "stage": "x",
-                                           "error": "E", "message": ""}])
+    assert shards.status(out)["t2i"] == {
+        "written": 1,
+        "quarantined": 1,
+        "shards": 1,
+        "bytes": shards.status(out)["t2i"]["bytes"],
+        "errors": {"CorruptImage": 1},
+    }
+    shards.commit_quarantine(
+        out,
+        "t2i",
+        [{"key": "a", "uri": "/in/a", "subset": "t2i", "stage": "x", "error": "E", "message": ""}],
+    )
     assert any("both written and quarantined" in d for d in shards.verify(out).defects)
 
 
@@ -96,4 +127,7 @@ def test_index_byte_ranges_address_each_sample(tmp_path):
     # One range covering samples 1..2 reads exactly those two.
     start = rows[1]["offset"]
     end = rows[2]["offset"] + rows[2]["length"]
-    assert [k for k, _ in shards.read_tar_samples(data[start:end] + b"\0" * 1024)] == ["k001", "k002"]
+    assert [k for k, _ in shards.read_tar_samples(data[start:end] + b"\0" * 1024)] == [
+        "k001",
+        "k002",
+    ]

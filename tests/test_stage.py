@@ -123,7 +123,10 @@ def test_needs_is_any_of_several_stages():
 
 
 def test_failure_record():
-    assert failure_record(BadInput("EmptyFile", "zero bytes")) == {"error": "EmptyFile", "message": "zero bytes"}
+    assert failure_record(BadInput("EmptyFile", "zero bytes")) == {
+        "error": "EmptyFile",
+        "message": "zero bytes",
+    }
     assert failure_record(KeyError("image")) == {"error": "KeyError", "message": "'image'"}
     long = failure_record(BadInput("X", "y" * 10_000))
     assert long["message"] == "y" * MESSAGE_LIMIT
@@ -184,14 +187,27 @@ def test_stage_fn_decode_over_a_batch(tmp_path):
     empty.write_bytes(b"")
     rows = [
         {**_row("good"), "uri": str(good), "caption": "c", "byte_offset": None, "byte_size": None},
-        {**_row("empty"), "uri": str(empty), "caption": None, "byte_offset": None, "byte_size": None},
-        {**_row("gone"), "uri": str(tmp_path / "gone.jpg"), "caption": None, "byte_offset": None,
-         "byte_size": None},
+        {
+            **_row("empty"),
+            "uri": str(empty),
+            "caption": None,
+            "byte_offset": None,
+            "byte_size": None,
+        },
+        {
+            **_row("gone"),
+            "uri": str(tmp_path / "gone.jpg"),
+            "caption": None,
+            "byte_offset": None,
+            "byte_size": None,
+        },
     ]
     batch = rows_to_batch(rows)
     for result in (
         StageFn("decode", "decode", {}, 0, ())(batch),
-        stages_task(batch, stages=[dict(op_name="decode", stage="decode", params={}, seed=0, needs=())]),
+        stages_task(
+            batch, stages=[dict(op_name="decode", stage="decode", params={}, seed=0, needs=())]
+        ),
     ):
         out = batch_to_rows(result)
         assert [r["key"] for r in out] == ["good", "empty", "gone"]
@@ -208,14 +224,22 @@ def test_stage_fn_degrade_skips_rows_whose_decode_failed(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (72, 96, 3), dtype=np.uint8)
     rows = [
         _row("ok", image=image),
-        _row("bad", failures={"decode": {"error": "EmptyFile", "message": "zero bytes"}},
-             image=np.zeros((1, 1, 3), np.uint8)),
+        _row(
+            "bad",
+            failures={"decode": {"error": "EmptyFile", "message": "zero bytes"}},
+            image=np.zeros((1, 1, 3), np.uint8),
+        ),
     ]
     out = batch_to_rows(StageFn("degrade", "degrade", {}, 5, ("decode",))(rows_to_batch(rows)))
     assert out[0]["canny_png"][:4] == b"\x89PNG" and out[0]["mask_png"][:4] == b"\x89PNG"
     assert "degradations" in json.loads(out[0]["meta"])
-    assert all(out[1][c] == b"" for c in ("canny_png", "hed_png", "blur_jpg", "lowres_jpg", "masked_jpg", "mask_png"))
-    assert json.loads(out[1]["failures"]) == {"decode": {"error": "EmptyFile", "message": "zero bytes"}}
+    assert all(
+        out[1][c] == b""
+        for c in ("canny_png", "hed_png", "blur_jpg", "lowres_jpg", "masked_jpg", "mask_png")
+    )
+    assert json.loads(out[1]["failures"]) == {
+        "decode": {"error": "EmptyFile", "message": "zero bytes"}
+    }
     assert "degrade" not in json.loads(out[1]["timings"])
 
 

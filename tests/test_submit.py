@@ -52,7 +52,9 @@ def test_paths_become_absolute_urls_stay(tmp_path, monkeypatch):
 
 def test_prepare_resolves_the_dag_for_the_cluster(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = dag.load(ROOT / "pipelines" / "demo.yaml", ["output=data/x", "ray.address=auto", "ray.num_cpus=8"])
+    cfg = dag.load(
+        ROOT / "pipelines" / "demo.yaml", ["output=data/x", "ray.address=auto", "ray.num_cpus=8"]
+    )
     cfg.source = OmegaConf.create({"kind": "folder", "path": "images"})
     job = prepare(cfg)
     assert job.output == str(tmp_path / "data" / "x")
@@ -66,9 +68,20 @@ def test_prepare_resolves_the_dag_for_the_cluster(tmp_path, monkeypatch):
 def test_unreachable_cluster_is_a_clear_error(tmp_path):
     port = _free_port()  # nothing listens there
     proc = subprocess.run(
-        [*ONEGEN, "datagen", "submit", str(ROOT / "pipelines" / "demo.yaml"),
-         "--address", f"http://127.0.0.1:{port}", "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            *ONEGEN,
+            "datagen",
+            "submit",
+            str(ROOT / "pipelines" / "demo.yaml"),
+            "--address",
+            f"http://127.0.0.1:{port}",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "onegen datagen submit: error:" in proc.stderr and str(port) in proc.stderr
@@ -83,19 +96,43 @@ def ray_head(tmp_path_factory):
     """A one-node Ray cluster with the dashboard (job server) and token auth."""
     temp_dir = Path(f"/tmp/ray_onegen_{secrets.token_hex(3)}")  # short: socket paths
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     dash = _free_port()
     cmd = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-        "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--dashboard-agent-listen-port", str(_free_port()), "--num-cpus", "4",
-        "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", str(temp_dir),
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(_free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--num-cpus",
+        "4",
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+        "--temp-dir",
+        str(temp_dir),
     ]
     log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     address = f"http://127.0.0.1:{dash}"
-    request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+    request = urllib.request.Request(
+        f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
+    )
     deadline = time.time() + 120
     try:
         while True:
@@ -117,15 +154,31 @@ def ray_head(tmp_path_factory):
                 break
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
-        subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)  # stragglers of this head only
+        subprocess.run(
+            ["pkill", "-9", "-f", str(temp_dir)], check=False
+        )  # stragglers of this head only
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(address: str, auth: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _submit(
+    address: str, auth: dict[str, str], cwd: Path, *args: str
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*ONEGEN, "datagen", "submit", str(ROOT / "pipelines" / "demo.yaml"), "--address", address,
-         "--python", sys.executable, *args],
-        capture_output=True, text=True, cwd=cwd, timeout=420,
+        [
+            *ONEGEN,
+            "datagen",
+            "submit",
+            str(ROOT / "pipelines" / "demo.yaml"),
+            "--address",
+            address,
+            "--python",
+            sys.executable,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=420,
         env={**os.environ, **auth, "PYTHONPATH": str(ROOT)},
     )
 
@@ -144,8 +197,13 @@ def test_submitted_dag_runs_on_the_cluster_and_a_recipe_change_fails_the_job(ray
         manifest = json.loads((out / subset / "manifest.json").read_text())
         assert manifest["written"] + manifest["quarantined"] == 10
         assert manifest["written"] == 10 and len(list((out / subset).glob("*.tar"))) == 3
-    verify = subprocess.run([*ONEGEN, "datagen", "verify", str(out)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    verify = subprocess.run(
+        [*ONEGEN, "datagen", "verify", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
     import mlflow
@@ -158,7 +216,9 @@ def test_submitted_dag_runs_on_the_cluster_and_a_recipe_change_fails_the_job(ray
     # Same output, different recipe (another seed changes the degradations): the job's
     # driver refuses, the job FAILS, the command exits non-zero; nothing written changes.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
-    bad = _submit(address, auth, work, "--output", "out", "source.n=10", "shards.max_samples=4", "seed=1")
+    bad = _submit(
+        address, auth, work, "--output", "out", "source.n=10", "shards.max_samples=4", "seed=1"
+    )
     assert bad.returncode == 1
     assert "FAILED" in bad.stdout and "recipe" in bad.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")} == before

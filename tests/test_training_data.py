@@ -68,36 +68,68 @@ def make_sample(subset: str, i: int) -> tuple[str, dict[str, bytes]]:
     common = {"caption": cap, "width": w, "height": h}
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     if subset == "t2i":
-        return key, {"jpg": _jpg(img), "txt": cap.encode(), "json": _meta(key, "t2i", ["[[text2image]]"], **common)}
+        return key, {
+            "jpg": _jpg(img),
+            "txt": cap.encode(),
+            "json": _meta(key, "t2i", ["[[text2image]]"], **common),
+        }
     if subset == "i2i":
         tokens = ["[[canny2image]]", "[[hed2img]]", "[[deblurring]]", "[[image_inpainting]]"]
-        return key, {"jpg": _jpg(img), "canny.png": _png(cv2.Canny(gray, 50, 100)), "hed.png": _png(gray),
-                     "blur.jpg": _jpg(cv2.GaussianBlur(img, (0, 0), 2)),
-                     "lowres.jpg": _jpg(img[::2, ::2]), "masked.jpg": _jpg(img // 2),
-                     "mask.png": _png(np.zeros((h, w), np.uint8)),
-                     "json": _meta(key, "i2i", tokens, degradations={}, **common)}
+        return key, {
+            "jpg": _jpg(img),
+            "canny.png": _png(cv2.Canny(gray, 50, 100)),
+            "hed.png": _png(gray),
+            "blur.jpg": _jpg(cv2.GaussianBlur(img, (0, 0), 2)),
+            "lowres.jpg": _jpg(img[::2, ::2]),
+            "masked.jpg": _jpg(img // 2),
+            "mask.png": _png(np.zeros((h, w), np.uint8)),
+            "json": _meta(key, "i2i", tokens, degradations={}, **common),
+        }
     if subset == "semantic":
         sem = np.zeros((h, w, 3), np.uint8)
         sem[: h // 2, : w // 2] = palette_rgb(0)
         sem[h // 2 :, w // 2 :] = palette_rgb(1)
-        entities = [{"label": "cat", "color": "red", "box": [0, 0, w // 2, h // 2]},
-                    {"label": "dog", "color": "lime", "box": [w // 2, h // 2, w, h]}]
-        return key, {"jpg": _jpg(img), "semantic.png": _png(sem), "boxes.png": _png(sem),
-                     "json": _meta(key, "semantic", ["[[semanticmap2image]]", "[[boundingbox2image]]"],
-                                   entities=entities, **common)}
+        entities = [
+            {"label": "cat", "color": "red", "box": [0, 0, w // 2, h // 2]},
+            {"label": "dog", "color": "lime", "box": [w // 2, h // 2, w, h]},
+        ]
+        return key, {
+            "jpg": _jpg(img),
+            "semantic.png": _png(sem),
+            "boxes.png": _png(sem),
+            "json": _meta(
+                key,
+                "semantic",
+                ["[[semanticmap2image]]", "[[boundingbox2image]]"],
+                entities=entities,
+                **common,
+            ),
+        }
     if subset == "depth":
         depth = np.zeros((h, w), np.uint16)
         depth[:, w // 2 :] = 65535
-        return key, {"jpg": _jpg(img), "depth.png": _png(depth),
-                     "json": _meta(key, "depth", ["[[depth2image]]"], depth_model="test", **common)}
+        return key, {
+            "jpg": _jpg(img),
+            "depth.png": _png(depth),
+            "json": _meta(key, "depth", ["[[depth2image]]"], depth_model="test", **common),
+        }
     if subset == "pose":
-        return key, {"jpg": _jpg(img), "pose.png": _png(np.zeros((h, w, 3), np.uint8)),
-                     "json": _meta(key, "pose", ["[[pose2image]]"], people=[], **common)}
+        return key, {
+            "jpg": _jpg(img),
+            "pose.png": _png(np.zeros((h, w, 3), np.uint8)),
+            "json": _meta(key, "pose", ["[[pose2image]]"], people=[], **common),
+        }
     if subset == "faceid":
         n = 2 + i % 3
         files = {f"img{v}.jpg": _jpg(_image(h, w, seed=i * 10 + v)) for v in range(n)}
-        files["json"] = _meta(key, "faceid", ["[[faceid]]"], identity=f"id{i}",
-                              captions=[f"person {i} view {v}" for v in range(n)], num_views=n)
+        files["json"] = _meta(
+            key,
+            "faceid",
+            ["[[faceid]]"],
+            identity=f"id{i}",
+            captions=[f"person {i} view {v}" for v in range(n)],
+            num_views=n,
+        )
         return key, files
     raise ValueError(subset)
 
@@ -123,15 +155,27 @@ def synth(tmp_path_factory) -> str:
 
 
 def cfg(out: str, **kw) -> dict:
-    base = {"paths": {"t2i": out, "i2i": out}, "batch_size": 4, "num_workers": 0, "seed": 7,
-            "buckets": BUCKETS, "reads_per_batch": 2, "caption_dropout": 0.2}
+    base = {
+        "paths": {"t2i": out, "i2i": out},
+        "batch_size": 4,
+        "num_workers": 0,
+        "seed": 7,
+        "buckets": BUCKETS,
+        "reads_per_batch": 2,
+        "caption_dropout": 0.2,
+    }
     base.update(kw)
     return base
 
 
 def same_batch(a: dict, b: dict) -> bool:
-    return (torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["cond_mask"], b["cond_mask"])
-            and all(a[k] == b[k] for k in ("prompts", "tasks", "subsets", "keys", "skipped", "batch_index")))
+    return (
+        torch.equal(a["pixels"], b["pixels"])
+        and torch.equal(a["cond_mask"], b["cond_mask"])
+        and all(
+            a[k] == b[k] for k in ("prompts", "tasks", "subsets", "keys", "skipped", "batch_index")
+        )
+    )
 
 
 def take(loader, n: int) -> list[dict]:
@@ -155,8 +199,9 @@ def test_default_mix_is_equal_budget_per_family():
         mix_weights(["t2i"], {"depth": 1.0})
 
 
-@pytest.mark.parametrize("mix", [None, {"t2i": 3.0, "i2i": 1.0}, {"t2i": 1.0, "i2i": 1.0, "depth": 2.0,
-                                                                   "faceid": 0.5}])
+@pytest.mark.parametrize(
+    "mix", [None, {"t2i": 3.0, "i2i": 1.0}, {"t2i": 1.0, "i2i": 1.0, "depth": 2.0, "faceid": 0.5}]
+)
 def test_mixing_proportions_match_weights(synth, mix):
     paths = {s: synth for s in (mix or {"t2i": 1, "i2i": 1})}
     dm = OneGenDataModule(cfg(synth, paths=paths, mix=mix))
@@ -193,7 +238,14 @@ def test_windows_cover_samples_uniformly(synth):
 def test_batches_follow_the_contract(synth):
     dm = OneGenDataModule(cfg(synth))
     stream = dm.stream()
-    i2i_tasks = {"canny2image", "image2canny", "hed2img", "image2hed", "deblurring", "image_inpainting"}
+    i2i_tasks = {
+        "canny2image",
+        "image2canny",
+        "hed2img",
+        "image2hed",
+        "deblurring",
+        "image_inpainting",
+    }
     seen_tasks, buckets = set(), set()
     for k in range(24):
         b = stream.make_batch(k)
@@ -232,13 +284,22 @@ def test_views_are_aligned_and_reverse_swaps_them(synth):
     assert torch.equal(fwd["pixels"][:, 0], rev["pixels"][:, 1])
     assert torch.equal(fwd["pixels"][:, 1], rev["pixels"][:, 0])
     canny = fwd["pixels"][:, 1]
-    assert torch.equal(canny[:, 0], canny[:, 1]) and torch.equal(canny[:, 0], canny[:, 2])  # gray -> 3 ch
+    assert torch.equal(canny[:, 0], canny[:, 1]) and torch.equal(
+        canny[:, 0], canny[:, 2]
+    )  # gray -> 3 ch
 
 
 def test_other_subsets_decode_and_prompt(synth):
     paths = {s: synth for s in ("semantic", "depth", "pose", "faceid")}
-    dm = OneGenDataModule(cfg(synth, paths=paths, mix={"semantic": 1, "depth": 1, "pose": 1, "faceid": 1},
-                              caption_dropout=0.0, reverse_prob=0.0))
+    dm = OneGenDataModule(
+        cfg(
+            synth,
+            paths=paths,
+            mix={"semantic": 1, "depth": 1, "pose": 1, "faceid": 1},
+            caption_dropout=0.0,
+            reverse_prob=0.0,
+        )
+    )
     stream = dm.stream()
     got = set()
     for k in range(24):
@@ -247,50 +308,81 @@ def test_other_subsets_decode_and_prompt(synth):
         got.add(subset)
         if subset == "faceid":
             V = px.shape[1]
-            assert 2 <= V <= 4 and b["cond_mask"].tolist() == [[False] + [True] * (V - 1)] * px.shape[0]
+            assert (
+                2 <= V <= 4
+                and b["cond_mask"].tolist() == [[False] + [True] * (V - 1)] * px.shape[0]
+            )
             for prompt in b["prompts"]:
                 assert prompt.startswith("[[faceid]] [[img0]] person ")
                 assert f"[[img{V - 1}]]" in prompt and f"[[img{V}]]" not in prompt
         elif subset == "depth":
             assert set(b["tasks"]) == {"depth2image"}
             depth = px[:, 1]
-            assert torch.all(depth[..., :2] == -1) and torch.all(depth[..., -2:] == 1)  # 16-bit, full range
+            assert torch.all(depth[..., :2] == -1) and torch.all(
+                depth[..., -2:] == 1
+            )  # 16-bit, full range
         elif subset == "semantic":
             for task, prompt in zip(b["tasks"], b["prompts"], strict=True):
                 kind = "mask" if task == "semanticmap2image" else "boundingbox"
-                assert prompt.startswith(f"[[{task}]] <#FF0000 red {kind}: cat> <#00FF00 lime {kind}: dog>")
+                assert prompt.startswith(
+                    f"[[{task}]] <#FF0000 red {kind}: cat> <#00FF00 lime {kind}: dog>"
+                )
             sem = px[[i for i, t in enumerate(b["tasks"]) if t == "semanticmap2image"], 1]
             assert set(sem.unique().tolist()) <= {-1.0, 1.0}  # nearest resize keeps palette colours
         else:
-            assert set(b["tasks"]) == {"pose2image"} and b["prompts"][0].startswith("[[pose2image]] caption")
+            assert set(b["tasks"]) == {"pose2image"} and b["prompts"][0].startswith(
+                "[[pose2image]] caption"
+            )
     assert got == {"semantic", "depth", "pose", "faceid"}
 
 
 def test_prompt_building_matches_the_release_format():
     fwd, rev = T.forward_task("[[depth2image]]"), T.reverse_task("[[depth2image]]")
-    assert (fwd.name, fwd.views, fwd.cond_mask) == ("depth2image", ("jpg", "depth.png"), [False, True])
+    assert (fwd.name, fwd.views, fwd.cond_mask) == (
+        "depth2image",
+        ("jpg", "depth.png"),
+        [False, True],
+    )
     assert (rev.name, rev.views) == ("image2depth", ("depth.png", "jpg"))
     assert T.build_prompt(fwd, "a room") == "[[depth2image]] a room"
     assert T.build_prompt(rev, "a room") == "[[depth2image]] a room"
-    assert T.build_prompt(T.forward_task("[[text2image]]"), "a cat", drop_caption=True) == "[[text2image]]"
+    assert (
+        T.build_prompt(T.forward_task("[[text2image]]"), "a cat", drop_caption=True)
+        == "[[text2image]]"
+    )
     assert T.reverse_task("[[hed2img]]").name == "image2hed"
-    meta = {"entities": [{"label": "mouse", "color": "yellow"}, {"label": "moon", "color": "#00FFFF"},
-                         {"label": "sun"}]}
+    meta = {
+        "entities": [
+            {"label": "mouse", "color": "yellow"},
+            {"label": "moon", "color": "#00FFFF"},
+            {"label": "sun"},
+        ]
+    }
     box = T.forward_task("[[boundingbox2image]]")
-    assert T.build_prompt(box, "sky", meta) == ("[[boundingbox2image]] <#FFFF00 yellow boundingbox: mouse> "
-                                                "<#00FFFF cyan boundingbox: moon> "
-                                                "<#0000FF blue boundingbox: sun> sky")
+    assert T.build_prompt(box, "sky", meta) == (
+        "[[boundingbox2image]] <#FFFF00 yellow boundingbox: mouse> "
+        "<#00FFFF cyan boundingbox: moon> "
+        "<#0000FF blue boundingbox: sun> sky"
+    )
     sem = T.reverse_task("[[semanticmap2image]]")
     assert T.build_prompt(sem, "x", meta, drop_caption=True).endswith("<#0000FF blue mask: sun>")
     face = T.faceid_task(3)
     assert T.build_prompt(face, ["a", "b", "c"]) == "[[faceid]] [[img0]] a [[img1]] b [[img2]] c"
-    assert T.build_prompt(face, ["a", "b", "c"], drop_caption=True) == "[[faceid]] [[img0]] [[img1]] [[img2]]"
+    assert (
+        T.build_prompt(face, ["a", "b", "c"], drop_caption=True)
+        == "[[faceid]] [[img0]] [[img1]] [[img2]]"
+    )
     with pytest.raises(ValueError, match="palette"):
         T.colour_tags([{"label": "x", "color": "beige"}], "mask")
-    pairs = T.candidate_tasks("i2i", ["jpg", "canny.png", "blur.jpg", "json"],
-                              {"tasks": ["[[canny2image]]", "[[hed2img]]", "[[deblurring]]"]})
-    assert [(f.name, r.name if r else None) for f, r in pairs] == [("canny2image", "image2canny"),
-                                                                  ("deblurring", None)]
+    pairs = T.candidate_tasks(
+        "i2i",
+        ["jpg", "canny.png", "blur.jpg", "json"],
+        {"tasks": ["[[canny2image]]", "[[hed2img]]", "[[deblurring]]"]},
+    )
+    assert [(f.name, r.name if r else None) for f, r in pairs] == [
+        ("canny2image", "image2canny"),
+        ("deblurring", None),
+    ]
 
 
 def test_geometry_cover_and_center_crop():
@@ -298,8 +390,13 @@ def test_geometry_cover_and_center_crop():
     img[:, 100:200] = 255  # a white centre third
     view = decode_view(_png(img), "x.png", (64, 64))
     assert view.shape == (3, 64, 64)
-    assert view.min() >= -1 and view.max() <= 1 and float(view.mean()) > 0.9  # crop keeps the centre
-    assert nearest_bucket(BUCKETS, 60, 40) == (32, 48) and nearest_bucket(BUCKETS, 40, 60) == (48, 32)
+    assert (
+        view.min() >= -1 and view.max() <= 1 and float(view.mean()) > 0.9
+    )  # crop keeps the centre
+    assert nearest_bucket(BUCKETS, 60, 40) == (32, 48) and nearest_bucket(BUCKETS, 40, 60) == (
+        48,
+        32,
+    )
     big = _image(256, 384, 1)  # JPEG decoded at a reduced DCT scale still fills the bucket
     assert decode_view(_jpg(big), "jpg", (32, 48)).shape == (3, 32, 48)
 
@@ -393,10 +490,16 @@ def test_lightning_resume_continues_the_stream(synth, tmp_path):
 
     def fit(max_steps: int, ckpt: str | None = None) -> Recorder:
         model, run_dir = Recorder(), tmp_path / ("resumed" if ckpt else "first")
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=2,
-                             logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[ModelCheckpoint(dirpath=run_dir, every_n_train_steps=1,
-                                                        save_top_k=-1)])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=max_steps,
+            accumulate_grad_batches=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ModelCheckpoint(dirpath=run_dir, every_n_train_steps=1, save_top_k=-1)],
+        )
         trainer.fit(model, datamodule=OneGenDataModule(cfg(synth)), ckpt_path=ckpt)
         return model
 
@@ -465,7 +568,9 @@ def test_corrupt_samples_are_skipped_and_counted(synth, tmp_path):
     for tar in tars:
         tar.write_bytes(b"\0" * 10)
     with pytest.raises(RuntimeError, match="shards look broken"):
-        OneGenDataModule(cfg(str(out), paths={"t2i": str(out)}, max_skipped_per_batch=8)).stream().make_batch(0)
+        OneGenDataModule(
+            cfg(str(out), paths={"t2i": str(out)}, max_skipped_per_batch=8)
+        ).stream().make_batch(0)
 
 
 def test_index_without_byte_ranges_falls_back_to_scanning(synth, tmp_path):
@@ -476,7 +581,9 @@ def test_index_without_byte_ranges_falls_back_to_scanning(synth, tmp_path):
         pq.write_table(table.drop_columns(["offset", "length"]), idx)
     scanned, indexed = build_subset_index([str(out)], "i2i"), build_subset_index([synth], "i2i")
     assert scanned.keys.equals(indexed.keys)
-    assert np.array_equal(scanned.offsets, indexed.offsets) and np.array_equal(scanned.lengths, indexed.lengths)
+    assert np.array_equal(scanned.offsets, indexed.offsets) and np.array_equal(
+        scanned.lengths, indexed.lengths
+    )
     a = OneGenStream({"i2i": scanned}, {"i2i": 1.0}, DataConfig.from_any(cfg(synth))).make_batch(3)
     b = OneGenStream({"i2i": indexed}, {"i2i": 1.0}, DataConfig.from_any(cfg(synth))).make_batch(3)
     assert same_batch(a, b)
@@ -505,7 +612,10 @@ def test_batch_rng_is_distinct_per_rank_and_step():
     draws = {(r, k): batch_rng(0, r, k).random() for r in range(3) for k in range(50)}
     assert len(set(draws.values())) == len(draws)
     assert batch_rng(0, 1, 5).random() == batch_rng(0, 1, 5).random()
-    assert T.task_token("image2canny") == "[[canny2image]]" and T.task_token("hed2img") == "[[hed2img]]"
+    assert (
+        T.task_token("image2canny") == "[[canny2image]]"
+        and T.task_token("hed2img") == "[[hed2img]]"
+    )
 
 
 # --- shards from the real demo DAG (Ray) ----------------------------------------------------
@@ -517,16 +627,32 @@ def demo_out(ray_local, tmp_path_factory) -> str:
     from pipelines import dag
 
     tmp = tmp_path_factory.mktemp("demo")
-    config = dag.load(REPO / "pipelines" / "demo.yaml", [
-        f"output={tmp / 'out'}", "source.n=12", f"source.cache_dir={tmp / 'inputs'}", "source.max_side=256",
-        "shards.max_samples=4", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"])
+    config = dag.load(
+        REPO / "pipelines" / "demo.yaml",
+        [
+            f"output={tmp / 'out'}",
+            "source.n=12",
+            f"source.cache_dir={tmp / 'inputs'}",
+            "source.max_side=256",
+            "shards.max_samples=4",
+            f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        ],
+    )
     return run(config, log=lambda *_: None).output
 
 
 @pytest.mark.slow
 def test_reads_the_demo_dag_output_end_to_end(demo_out):
-    dm = OneGenDataModule({"paths": demo_out, "batch_size": 4, "num_workers": 2, "seed": 0,
-                           "buckets": [[64, 64], [64, 96], [96, 64]], "reads_per_batch": 2})
+    dm = OneGenDataModule(
+        {
+            "paths": demo_out,
+            "batch_size": 4,
+            "num_workers": 2,
+            "seed": 0,
+            "buckets": [[64, 64], [64, 96], [96, 64]],
+            "reads_per_batch": 2,
+        }
+    )
     dm.setup()
     assert sorted(dm.probs) == ["i2i", "t2i"]
     assert {s: i.num_samples for s, i in dm.indexes.items()} == {"t2i": 12, "i2i": 12}

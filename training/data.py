@@ -84,28 +84,30 @@ class DataConfig:
     """
 
     paths: Any = None
-    mix: dict[str, float] | None = None          # None: equal budget per task family
-    batch_size: int = 8                          # per rank
+    mix: dict[str, float] | None = None  # None: equal budget per task family
+    batch_size: int = 8  # per rank
     num_workers: int = 2
     seed: int = 0
-    buckets: list[list[int]] = field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])  # (H, W)
-    bucket_mode: str = "aspect"                  # "aspect": nearest to the batch's first sample; "random"
-    bucket_weights: list[float] | None = None    # for bucket_mode=random
+    buckets: list[list[int]] = field(
+        default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS]
+    )  # (H, W)
+    bucket_mode: str = "aspect"  # "aspect": nearest to the batch's first sample; "random"
+    bucket_weights: list[float] | None = None  # for bucket_mode=random
     caption_dropout: float = 0.1
-    reads_per_batch: int = 4                     # byte-range reads (windows) per batch
-    overread: float = 0.25                       # read this fraction more samples than needed
-    reverse_prob: float = 0.5                    # map tasks: P(image -> map)
-    tasks: list[str] | None = None               # restrict to these task names
+    reads_per_batch: int = 4  # byte-range reads (windows) per batch
+    overread: float = 0.25  # read this fraction more samples than needed
+    reverse_prob: float = 0.5  # map tasks: P(image -> map)
+    tasks: list[str] | None = None  # restrict to these task names
     faceid_max_views: int = 4
     prefetch_factor: int = 2
     pin_memory: bool = False
     persistent_workers: bool = True
-    validate: bool = True                        # datagen.schema.validate_sample on every sample
-    max_skipped_per_batch: int = 256             # more than this in one batch: the data is broken, raise
-    max_skip_rate: float = 0.05                  # a subset's skipped / read over the run: stop above
-    skip_rate_min_samples: int = 200             # ... once this many of its samples were read
-    batches_per_step: int = 1                    # gradient accumulation, when no trainer says it
-    rank: int | None = None                      # default: trainer.global_rank / torch.distributed
+    validate: bool = True  # datagen.schema.validate_sample on every sample
+    max_skipped_per_batch: int = 256  # more than this in one batch: the data is broken, raise
+    max_skip_rate: float = 0.05  # a subset's skipped / read over the run: stop above
+    skip_rate_min_samples: int = 200  # ... once this many of its samples were read
+    batches_per_step: int = 1  # gradient accumulation, when no trainer says it
+    rank: int | None = None  # default: trainer.global_rank / torch.distributed
     # None: the platform default (fork on Linux). Note: do not call cv2.setNumThreads in a
     # forked worker after the parent used OpenCV's thread pool: it deadlocks.
     multiprocessing_context: str | None = None
@@ -149,7 +151,9 @@ class DataConfig:
             raise ValueError("buckets must list at least one [H, W]")
         for b in self.buckets:
             if len(b) != 2 or any(int(x) <= 0 or int(x) % 16 for x in b):
-                raise ValueError(f"bucket {list(b)} must be [H, W] with multiples of 16 (VAE /8, patch 2)")
+                raise ValueError(
+                    f"bucket {list(b)} must be [H, W] with multiples of 16 (VAE /8, patch 2)"
+                )
         if self.bucket_mode not in ("aspect", "random"):
             raise ValueError("bucket_mode must be 'aspect' or 'random'")
         if self.bucket_weights is not None and len(self.bucket_weights) != len(self.buckets):
@@ -186,8 +190,12 @@ def resolve_paths(paths: Any) -> dict[str, list[str]]:
 
 # --- decoding and geometry --------------------------------------------------------------------
 
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
+_REDUCED = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -210,7 +218,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 2
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(
+                data[i + 5 : i + 7], "big"
+            )
         i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return None
 
@@ -230,7 +240,10 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 def nearest_bucket(buckets: Sequence[Sequence[int]], width: int, height: int) -> tuple[int, int]:
     target = math.log(max(width, 1) / max(height, 1))
-    best = min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - target), i))
+    best = min(
+        range(len(buckets)),
+        key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - target), i),
+    )
     return int(buckets[best][0]), int(buckets[best][1])
 
 
@@ -244,8 +257,8 @@ class CropPlan:
     of the same frame, at any of these resolutions, gets the same geometry.
     """
 
-    frame: tuple[int, int]     # (W, H)
-    size: tuple[int, int]      # bucket (H, W)
+    frame: tuple[int, int]  # (W, H)
+    size: tuple[int, int]  # bucket (H, W)
     reduce: int
     box: tuple[int, int, int, int]  # x0, y0, width, height in frame pixels, multiples of reduce
 
@@ -284,8 +297,9 @@ def _decode_raw(data: bytes, field_name: str, reduce: int) -> np.ndarray:
     return img
 
 
-def load_view(data: bytes, field_name: str, size: tuple[int, int],
-              frame: tuple[int, int] | None = None) -> np.ndarray:
+def load_view(
+    data: bytes, field_name: str, size: tuple[int, int], frame: tuple[int, int] | None = None
+) -> np.ndarray:
     """One view at the bucket size ``(H, W)``: ``[H, W]`` (gray) or
     ``[H, W, 3]`` RGB, uint8 or uint16 (16-bit PNGs keep their precision).
 
@@ -314,11 +328,16 @@ def load_view(data: bytes, field_name: str, size: tuple[int, int],
     else:
         crop = img[y0 : y0 + ch, x0 : x0 + cw]
         if plan.reduce > 1:  # exact integer shrink: fast area filter
-            crop = cv2.resize(crop, (cw // plan.reduce, ch // plan.reduce),
-                              interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+            crop = cv2.resize(
+                crop,
+                (cw // plan.reduce, ch // plan.reduce),
+                interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA,
+            )
     th, tw = size
     if crop.shape[:2] != (th, tw):
-        crop = cv2.resize(crop, (tw, th), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+        crop = cv2.resize(
+            crop, (tw, th), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+        )
     if crop.ndim == 3:
         crop = cv2.cvtColor(crop, cv2.COLOR_BGRA2RGB if crop.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return crop
@@ -348,13 +367,16 @@ def to_unit(view: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_view(data: bytes, field_name: str, size: tuple[int, int],
-                frame: tuple[int, int] | None = None) -> np.ndarray:
+def decode_view(
+    data: bytes, field_name: str, size: tuple[int, int], frame: tuple[int, int] | None = None
+) -> np.ndarray:
     """:func:`load_view` as float32 ``[3, H, W]`` in [-1, 1]."""
     return to_unit(load_view(data, field_name, size, frame))
 
 
-def assemble_pixels(views: list[list[np.ndarray]], size: tuple[int, int], shared: bool = False) -> torch.Tensor:
+def assemble_pixels(
+    views: list[list[np.ndarray]], size: tuple[int, int], shared: bool = False
+) -> torch.Tensor:
     """``[B, V, 3, H, W]`` float32 in [-1, 1] from per-sample views of
     :func:`load_view`, written in place. With ``shared`` the tensor lives in
     shared memory from the start: what a DataLoader worker sends must be
@@ -378,10 +400,10 @@ def assemble_pixels(views: list[list[np.ndarray]], size: tuple[int, int], shared
 
 @dataclass
 class _Candidate:
-    index: int                    # global sample index in its subset
+    index: int  # global sample index in its subset
     files: dict[str, bytes] | None
     error: str | None = None
-    reason: str = "unreadable"    # one of SKIP_REASONS when error is set
+    reason: str = "unreadable"  # one of SKIP_REASONS when error is set
 
 
 def skip_reason(exc: BaseException) -> str:
@@ -396,8 +418,14 @@ def skip_reason(exc: BaseException) -> str:
 class OneGenStream(IterableDataset):
     """Infinite stream of whole batches for one rank (use with ``batch_size=None``)."""
 
-    def __init__(self, indexes: Mapping[str, SubsetIndex], probs: Mapping[str, float], cfg: DataConfig,
-                 rank: int = 0, start_batch: int = 0):
+    def __init__(
+        self,
+        indexes: Mapping[str, SubsetIndex],
+        probs: Mapping[str, float],
+        cfg: DataConfig,
+        rank: int = 0,
+        start_batch: int = 0,
+    ):
         super().__init__()
         self.indexes = dict(indexes)
         self.names = [s for s in probs if probs[s] > 0]
@@ -428,7 +456,9 @@ class OneGenStream(IterableDataset):
         bucket: tuple[int, int] | None = None
         if cfg.bucket_mode == "random":
             w = np.asarray(cfg.bucket_weights or [1.0] * len(cfg.buckets), np.float64)
-            i = min(int(np.searchsorted(np.cumsum(w) / w.sum(), bucket_u, side="right")), len(w) - 1)
+            i = min(
+                int(np.searchsorted(np.cumsum(w) / w.sum(), bucket_u, side="right")), len(w) - 1
+            )
             bucket = (int(cfg.buckets[i][0]), int(cfg.buckets[i][1]))
 
         samples: list[tuple[str, T.TaskSpec, list[np.ndarray], str]] = []
@@ -461,10 +491,19 @@ class OneGenStream(IterableDataset):
                     reasons[cand.reason] = reasons.get(cand.reason, 0) + 1
                     continue
                 try:
-                    built = self._build_sample(subset, index.key(cand.index), cand.files, draws[j],
-                                               bucket, num_views)
-                except (SchemaError, ValueError, KeyError, TypeError, AttributeError, IndexError, cv2.error,
-                        OSError) as exc:
+                    built = self._build_sample(
+                        subset, index.key(cand.index), cand.files, draws[j], bucket, num_views
+                    )
+                except (
+                    SchemaError,
+                    ValueError,
+                    KeyError,
+                    TypeError,
+                    AttributeError,
+                    IndexError,
+                    cv2.error,
+                    OSError,
+                ) as exc:
                     reason = skip_reason(exc)
                     skipped = skipped + 1
                     last_error = f"{reason}: {index.key(cand.index)}: {type(exc).__name__}: {exc}"
@@ -480,10 +519,13 @@ class OneGenStream(IterableDataset):
             if skipped > cfg.max_skipped_per_batch or rounds > 16 + 4 * bsz:
                 raise RuntimeError(
                     f"batch {k} of subset {subset!r}: {skipped} unreadable and {ineligible} unusable samples "
-                    f"after {rounds} reads; last error: {last_error}. The shards look broken.")
+                    f"after {rounds} reads; last error: {last_error}. The shards look broken."
+                )
 
         assert bucket is not None and num_views is not None
-        pixels = assemble_pixels([s[2] for s in samples], bucket, shared=get_worker_info() is not None)
+        pixels = assemble_pixels(
+            [s[2] for s in samples], bucket, shared=get_worker_info() is not None
+        )
         return {
             "pixels": pixels,
             "cond_mask": torch.tensor([s[1].cond_mask for s in samples], dtype=torch.bool),
@@ -504,7 +546,9 @@ class OneGenStream(IterableDataset):
             self._fs[url] = filesystem(url)
         return self._fs[url]
 
-    def _read_window(self, index: SubsetIndex, shard: int, first: int, stop: int) -> list[_Candidate]:
+    def _read_window(
+        self, index: SubsetIndex, shard: int, first: int, stop: int
+    ) -> list[_Candidate]:
         url = index.urls[shard]
         start = int(index.offsets[first])
         end = int(index.offsets[stop - 1] + index.lengths[stop - 1])
@@ -512,14 +556,22 @@ class OneGenStream(IterableDataset):
             fs, path = self._filesystem(url)
             data = memoryview(read_range(fs, path, start, end))
         except (OSError, ValueError) as exc:
-            return [_Candidate(i, None, f"{url}: {type(exc).__name__}: {exc}", "unreadable")
-                    for i in range(first, stop)]
+            return [
+                _Candidate(i, None, f"{url}: {type(exc).__name__}: {exc}", "unreadable")
+                for i in range(first, stop)
+            ]
         out = []
         for i in range(first, stop):
             rel, n = int(index.offsets[i]) - start, int(index.lengths[i])
             if rel + n > len(data):
-                out.append(_Candidate(i, None, f"{url}: sample {index.key(i)} is cut short (truncated tar)",
-                                      "truncated"))
+                out.append(
+                    _Candidate(
+                        i,
+                        None,
+                        f"{url}: sample {index.key(i)} is cut short (truncated tar)",
+                        "truncated",
+                    )
+                )
                 continue
             try:
                 out.append(_Candidate(i, sample_files(data[rel : rel + n], index.key(i))))
@@ -527,8 +579,15 @@ class OneGenStream(IterableDataset):
                 out.append(_Candidate(i, None, f"{url}: {exc}", "unreadable"))
         return out
 
-    def _build_sample(self, subset: str, key: str, files: dict[str, bytes], draws: np.ndarray,
-                      bucket: tuple[int, int] | None, num_views: int | None):
+    def _build_sample(
+        self,
+        subset: str,
+        key: str,
+        files: dict[str, bytes],
+        draws: np.ndarray,
+        bucket: tuple[int, int] | None,
+        num_views: int | None,
+    ):
         cfg = self.cfg
         if cfg.validate:
             meta = validate_sample(subset, {"__key__": key, **files})
@@ -536,7 +595,9 @@ class OneGenStream(IterableDataset):
             meta = json.loads(files["json"].decode("utf-8"))
         drop = bool(draws[2] < cfg.caption_dropout)
         if subset == "faceid":
-            views_have = sorted(int(n[3:-4]) for n in files if n.startswith("img") and n.endswith(".jpg"))
+            views_have = sorted(
+                int(n[3:-4]) for n in files if n.startswith("img") and n.endswith(".jpg")
+            )
             have = len(views_have)
             if num_views is None:
                 num_views = min(have, cfg.faceid_max_views)
@@ -544,7 +605,9 @@ class OneGenStream(IterableDataset):
                 return None
             task = T.faceid_task(num_views)
             captions = meta.get("captions") or []
-            caption: str | list[str] = [str(c) for c in captions] if isinstance(captions, list) else str(captions)
+            caption: str | list[str] = (
+                [str(c) for c in captions] if isinstance(captions, list) else str(captions)
+            )
         else:
             pairs = T.candidate_tasks(subset, files.keys(), meta, self.allowed)
             task = T.choose_task(pairs, float(draws[0]), float(draws[1]), cfg.reverse_prob)
@@ -557,7 +620,9 @@ class OneGenStream(IterableDataset):
         frame: tuple[int, int] | None = None
         if subset != "faceid":
             width, height = meta.get("width"), meta.get("height")
-            ok = all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (width, height))
+            ok = all(
+                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (width, height)
+            )
             frame = (width, height) if ok else image_size(files["jpg"])
         if bucket is None:
             bucket_frame = frame or image_size(files[task.views[0]])
@@ -607,12 +672,15 @@ class OneGenDataModule(LightningDataModule):
             raise NotImplementedError(
                 f"training on subset(s) {missing} is not implemented yet: multiview samples need "
                 "Plücker ray views at the latent grid, which the next issue adds. Drop them from "
-                "data.paths or give them weight 0 in data.mix.")
+                "data.paths or give them weight 0 in data.mix."
+            )
         if self.cfg.tasks is not None:
             idle = [s for s in wanted if not set(T.subset_task_names(s)) & set(self.cfg.tasks)]
             if idle:
-                raise ValueError(f"data.tasks {self.cfg.tasks} leaves subset(s) {idle} nothing to train; "
-                                 "give them weight 0 in data.mix or allow one of their tasks")
+                raise ValueError(
+                    f"data.tasks {self.cfg.tasks} leaves subset(s) {idle} nothing to train; "
+                    "give them weight 0 in data.mix or allow one of their tasks"
+                )
         self.indexes = {s: build_subset_index(paths[s], s) for s in wanted}
         self.probs = {s: probs[s] for s in wanted}
 
@@ -654,8 +722,13 @@ class OneGenDataModule(LightningDataModule):
     def stream(self, start_batch: int | None = None, rank: int | None = None) -> OneGenStream:
         self.setup()
         assert self.indexes is not None and self.probs is not None
-        return OneGenStream(self.indexes, self.probs, self.cfg, self.rank() if rank is None else rank,
-                            self.start_batch() if start_batch is None else start_batch)
+        return OneGenStream(
+            self.indexes,
+            self.probs,
+            self.cfg,
+            self.rank() if rank is None else rank,
+            self.start_batch() if start_batch is None else start_batch,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.loader()
@@ -676,16 +749,26 @@ class OneGenDataModule(LightningDataModule):
     # -- checkpoint state --
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.current_step(), "seed": int(self.cfg.seed),
-                "batches_per_step": self.batches_per_step(), "batch_size": int(self.cfg.batch_size)}
+        return {
+            "step": self.current_step(),
+            "seed": int(self.cfg.seed),
+            "batches_per_step": self.batches_per_step(),
+            "batch_size": int(self.cfg.batch_size),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.start_step = int(state_dict.get("step", 0))
         seed = int(state_dict.get("seed", self.cfg.seed))
         if seed != self.cfg.seed:
-            warnings.warn(f"data seed {self.cfg.seed} differs from the checkpoint's {seed}: using the "
-                          "checkpoint's so the resumed stream continues the original one", stacklevel=2)
+            warnings.warn(
+                f"data seed {self.cfg.seed} differs from the checkpoint's {seed}: using the "
+                "checkpoint's so the resumed stream continues the original one",
+                stacklevel=2,
+            )
             self.cfg.seed = seed
         if int(state_dict.get("batch_size", self.cfg.batch_size)) != self.cfg.batch_size:
-            warnings.warn("data.batch_size differs from the checkpoint's: the resumed stream is not the "
-                          "continuation of the original one", stacklevel=2)
+            warnings.warn(
+                "data.batch_size differs from the checkpoint's: the resumed stream is not the "
+                "continuation of the original one",
+                stacklevel=2,
+            )

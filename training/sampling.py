@@ -71,7 +71,9 @@ def mix_weights(present: Sequence[str], mix: Mapping[str, float] | None = None) 
     if mix:
         unknown = sorted(set(mix) - set(present))
         if unknown:
-            raise ValueError(f"mix names subsets with no data configured: {unknown}; present: {present}")
+            raise ValueError(
+                f"mix names subsets with no data configured: {unknown}; present: {present}"
+            )
         weights = {s: float(mix.get(s, 0.0)) for s in present}
         if any(w < 0 for w in weights.values()):
             raise ValueError(f"mix weights must be >= 0: {weights}")
@@ -106,11 +108,11 @@ class SubsetIndex:
     """All readable samples of one subset, grouped by shard, in tar order."""
 
     name: str
-    urls: list[str]            # shard s's tar URL
-    shard_start: np.ndarray    # int64 [S + 1]: shard s holds samples shard_start[s]:shard_start[s+1]
-    offsets: np.ndarray        # int64 [N]: byte offset of the sample's first member header
-    lengths: np.ndarray        # int64 [N]: bytes up to the next sample (headers + padding)
-    keys: pa.Array             # string [N]
+    urls: list[str]  # shard s's tar URL
+    shard_start: np.ndarray  # int64 [S + 1]: shard s holds samples shard_start[s]:shard_start[s+1]
+    offsets: np.ndarray  # int64 [N]: byte offset of the sample's first member header
+    lengths: np.ndarray  # int64 [N]: bytes up to the next sample (headers + padding)
+    keys: pa.Array  # string [N]
 
     @property
     def num_samples(self) -> int:
@@ -153,7 +155,8 @@ def _subset_dir(root: str, subset: str) -> tuple[fsspec.AbstractFileSystem, str,
     elif not fs.exists(f"{path}/{MANIFEST}"):
         raise FileNotFoundError(
             f"no {MANIFEST} for subset {subset!r} under {root} (looked in {root}/{subset}/ and {root}/): "
-            "run or finish the datagen DAG first")
+            "run or finish the datagen DAG first"
+        )
     if "://" not in url:
         url = path
     return fs, path, url
@@ -164,7 +167,9 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, directory: str) -> dict:
         return json.loads(fh.read())
 
 
-def _shard_table(fs: fsspec.AbstractFileSystem, directory: str, tar_name: str) -> list[tuple[str, int, int]]:
+def _shard_table(
+    fs: fsspec.AbstractFileSystem, directory: str, tar_name: str
+) -> list[tuple[str, int, int]]:
     base = tar_name[: -len(".tar")] if tar_name.endswith(".tar") else tar_name
     index_path = f"{directory}/{base}.parquet"
     if fs.exists(index_path):
@@ -181,8 +186,11 @@ def _shard_table(fs: fsspec.AbstractFileSystem, directory: str, tar_name: str) -
     try:
         return scan_tar_ranges(fs, f"{directory}/{tar_name}")
     except (OSError, tarfile.TarError, EOFError) as exc:
-        warnings.warn(f"{directory}/{tar_name}: no usable index and the tar does not scan ({exc}); "
-                      "leaving this shard out", stacklevel=2)
+        warnings.warn(
+            f"{directory}/{tar_name}: no usable index and the tar does not scan ({exc}); "
+            "leaving this shard out",
+            stacklevel=2,
+        )
         return []
 
 
@@ -197,7 +205,9 @@ def build_subset_index(roots: Sequence[str], subset: str, threads: int = 8) -> S
         fs, directory, url = _subset_dir(root, subset)
         manifest = _read_manifest(fs, directory)
         if manifest.get("subset", subset) != subset:
-            raise ValueError(f"{directory}/{MANIFEST} describes subset {manifest['subset']!r}, not {subset!r}")
+            raise ValueError(
+                f"{directory}/{MANIFEST} describes subset {manifest['subset']!r}, not {subset!r}"
+            )
         for shard in manifest.get("shards", []):
             jobs.append((fs, directory, url, shard["name"]))
     if not jobs:
@@ -215,8 +225,14 @@ def build_subset_index(roots: Sequence[str], subset: str, threads: int = 8) -> S
         lengths += [r[2] for r in rows]
     if not keys:
         raise ValueError(f"subset {subset!r}: no written samples under {list(roots)}")
-    return SubsetIndex(subset, urls, np.asarray(starts, np.int64), np.asarray(offsets, np.int64),
-                       np.asarray(lengths, np.int64), pa.array(keys, pa.string()))
+    return SubsetIndex(
+        subset,
+        urls,
+        np.asarray(starts, np.int64),
+        np.asarray(offsets, np.int64),
+        np.asarray(lengths, np.int64),
+        pa.array(keys, pa.string()),
+    )
 
 
 # --- window planning -------------------------------------------------------------------------
@@ -311,7 +327,9 @@ def parse_members(chunk: bytes | memoryview) -> list[tuple[str, bytes]]:
         kind = header[156:157]
         data_start, data_end = pos + 512, pos + 512 + size
         if data_end > len(buf):
-            raise TarFormatError(f"member at byte {pos} is cut short ({len(buf) - data_start} of {size} bytes)")
+            raise TarFormatError(
+                f"member at byte {pos} is cut short ({len(buf) - data_start} of {size} bytes)"
+            )
         data = bytes(buf[data_start:data_end])
         pos = data_start + ((size + 511) // 512) * 512
         if kind in (b"L",):
@@ -327,7 +345,11 @@ def parse_members(chunk: bytes | memoryview) -> list[tuple[str, bytes]]:
             name = long_name
         else:
             name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            prefix = (
+                header[345:500].split(b"\0", 1)[0].decode("utf-8")
+                if header[257:262] == b"ustar"
+                else ""
+            )
             if prefix:
                 name = f"{prefix}/{name}"
         long_name = None
@@ -342,7 +364,9 @@ def sample_files(chunk: bytes | memoryview, expected_key: str) -> dict[str, byte
     for name, data in parse_members(chunk):
         key, _, field = name.rsplit("/", 1)[-1].partition(".")
         if key != expected_key:
-            raise TarFormatError(f"member {name!r} found where the index puts sample {expected_key!r}")
+            raise TarFormatError(
+                f"member {name!r} found where the index puts sample {expected_key!r}"
+            )
         files[field.lower()] = data
     if not files:
         raise TarFormatError(f"no members for sample {expected_key!r}")

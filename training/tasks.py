@@ -47,7 +47,10 @@ DEGRADATION_FIELDS: dict[str, str] = {
     "[[image_inpainting]]": "masked.jpg",
 }
 # Tags attached to the prompt for these tokens: (kind for color_tag).
-TAG_KINDS: dict[str, str] = {"[[semanticmap2image]]": "mask", "[[boundingbox2image]]": "boundingbox"}
+TAG_KINDS: dict[str, str] = {
+    "[[semanticmap2image]]": "mask",
+    "[[boundingbox2image]]": "boundingbox",
+}
 
 _HEX_TO_NAME = {h.upper(): n for h, n in PALETTE}
 _NAMES = {n for _, n in PALETTE}
@@ -84,8 +87,9 @@ def forward_task(token: str) -> TaskSpec:
         return TaskSpec(_stem(token), token, ("jpg", MAP_FIELDS[token][0]))
     if token in DEGRADATION_FIELDS:
         return TaskSpec(_stem(token), token, ("jpg", DEGRADATION_FIELDS[token]))
-    raise NotImplementedError(f"task {token} has no fixed two-view layout (faceid/multiview are "
-                              "built per sample)")
+    raise NotImplementedError(
+        f"task {token} has no fixed two-view layout (faceid/multiview are built per sample)"
+    )
 
 
 def reverse_task(token: str) -> TaskSpec:
@@ -141,8 +145,12 @@ def subset_task_names(subset: str) -> list[str]:
     return names
 
 
-def candidate_tasks(subset: str, fields: Sequence[str] | set[str], meta: Mapping[str, Any],
-                    allowed: set[str] | None = None) -> list[tuple[TaskSpec, TaskSpec | None]]:
+def candidate_tasks(
+    subset: str,
+    fields: Sequence[str] | set[str],
+    meta: Mapping[str, Any],
+    allowed: set[str] | None = None,
+) -> list[tuple[TaskSpec, TaskSpec | None]]:
     """The (forward, reverse-or-None) task pairs a sample of ``subset`` supports.
 
     A task counts when the subset trains it, the sample's metadata lists its
@@ -172,8 +180,12 @@ def candidate_tasks(subset: str, fields: Sequence[str] | set[str], meta: Mapping
     return out
 
 
-def choose_task(pairs: list[tuple[TaskSpec | None, TaskSpec | None]], u_task: float,
-                u_direction: float, reverse_prob: float) -> TaskSpec | None:
+def choose_task(
+    pairs: list[tuple[TaskSpec | None, TaskSpec | None]],
+    u_task: float,
+    u_direction: float,
+    reverse_prob: float,
+) -> TaskSpec | None:
     """Pick a pair uniformly with ``u_task`` in [0, 1), then the reverse
     direction with probability ``reverse_prob`` (when both exist)."""
     if not pairs:
@@ -214,8 +226,12 @@ def colour_tags(entities: Sequence[Mapping[str, Any]] | None, kind: str) -> list
     return tags
 
 
-def build_prompt(task: TaskSpec, caption: str | Sequence[str], meta: Mapping[str, Any] | None = None,
-                 drop_caption: bool = False) -> str:
+def build_prompt(
+    task: TaskSpec,
+    caption: str | Sequence[str],
+    meta: Mapping[str, Any] | None = None,
+    drop_caption: bool = False,
+) -> str:
     """The training prompt for one sample. ``caption`` is one string, or one
     per view for multi-image tasks. Caption dropout empties the caption(s) but
     keeps the task token, the image markers and the colour tags (the tags say
