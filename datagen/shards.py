@@ -431,6 +431,12 @@ def read_manifest(out: str, subset: str) -> dict[str, Any] | None:
     path = f"{root}/{subset}/{MANIFEST}"
     if not fs.exists(path):
         return None
+    return read_manifest_file(fs, path)
+
+
+def read_manifest_file(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    """A ``manifest.json``, checked (:func:`manifest_problem`); :class:`ShardFileError`
+    naming it if damaged. Every reader of manifests (verify, preview, training) uses this."""
     try:
         with fs.open(path, "rb") as fh:
             manifest = json.loads(fh.read().decode("utf-8"))

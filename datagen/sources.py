@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import re
-import stat
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
-from datagen.decode import BadInput, open_regular
+from datagen.decode import BadInput, open_regular, read_bytes
 from datagen.schema import KEY_PATTERN
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -49,7 +48,14 @@ MANIFEST_SCHEMA = pa.schema(
 )
 MAX_KEY_LENGTH = 200  # datagen.schema.KEY_PATTERN
 MAX_CAPTION_BYTES = 1 << 20  # a sidecar or tar caption larger than this is not a caption
+CAPTION_TIMEOUT_S = 30.0  # reading one sidecar caption
 _TAR_BLOCK = 512
+
+
+# Bumped whenever the keys derived for the same inputs change (2: tar stems that
+# cleaning alters get a digest of the original stem), so resuming an output made
+# with the old keys is refused instead of writing those inputs again.
+KEY_SCHEME_VERSION = "2"
 
 
 class SourceError(ValueError):
@@ -152,25 +158,14 @@ def dedupe_keys(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def read_caption(path: str) -> tuple[str | None, str | None]:
     """``(caption, None)``, ``(None, None)`` without a sidecar, or ``(None,
     reason)``: only a regular file of at most MAX_CAPTION_BYTES of UTF-8 is a
-    caption (a FIFO would block the driver, a huge file fill its memory)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    caption, read as every input is (:func:`datagen.decode.read_bytes`: a FIFO
+    would block the driver, a huge file fill its memory, a hung mount stall it)."""
+    if not os.path.lexists(path):
         return None, None
-    except OSError as exc:
-        return None, f"BadCaption: {path}: {exc}"
-    if not stat.S_ISREG(st.st_mode):
-        return None, f"BadCaption: {path} is not a regular file"
-    if st.st_size > MAX_CAPTION_BYTES:
-        return None, f"BadCaption: {path} has {st.st_size} bytes > {MAX_CAPTION_BYTES}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return None, f"BadCaption: {path} is not a regular file"
-            data = fh.read(MAX_CAPTION_BYTES + 1)
-    except OSError as exc:
-        return None, f"BadCaption: {path}: {exc}"
+        data = read_bytes(path, max_bytes=MAX_CAPTION_BYTES, timeout_s=CAPTION_TIMEOUT_S)
+    except BadInput as exc:
+        return None, f"BadCaption: {exc.message}"
     return _decode_caption(data, path)
 
 

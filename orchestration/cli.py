@@ -156,9 +156,16 @@ def _train_fit(args: argparse.Namespace) -> int:
     except ValueError as exc:  # ConfigError, DagError (bad override)
         print(f"onegen train fit: error: {exc}", file=sys.stderr)
         return 1
+    from datagen.shards import ShardFileError
+
     try:
         result = fit(cfg)
-    except (ConfigError, FileNotFoundError, FitError) as exc:  # FitError: checkpoint, MLflow, data
+    except (
+        ConfigError,
+        FileNotFoundError,
+        FitError,
+        ShardFileError,
+    ) as exc:  # FitError: checkpoint, MLflow, data
         print(f"onegen train fit: error: {exc}", file=sys.stderr)
         return 1
     print_result(result)

@@ -61,22 +61,38 @@ def _absolute(out: str) -> str:
 
 
 def check_recipe(cfg: DictConfig, out: str) -> str:
-    """Refuse to resume an output made by a different recipe (the digest of
-    source, seed, stage params and subsets), unless told to."""
+    """Refuse to resume an output made by a different recipe (the digest of source,
+    seed, stages with their code versions, subsets), unless told to. The digest the
+    output was made with is read back as written (the recipe's header, or for outputs
+    older than it a subset manifest), not recomputed by today's code."""
     fs, root = shards.filesystem(out)
     digest = dag.config_digest(cfg)
     path = f"{root}/{RECIPE}"
     if fs.exists(path):
-        with fs.open(path, "rb") as fh:
-            previous = OmegaConf.create(fh.read().decode())
-        old = dag.config_digest(previous)
+        old = recorded_digest(fs, path, out)
         if old != digest and not cfg.get("allow_recipe_change", False):
             raise DatagenError(
                 f"{out} was made by a different recipe (digest {old}, now {digest}); "
                 "use a new --output, or pass allow_recipe_change=true to mix them knowingly"
             )
-    shards.atomic_write(fs, path, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    header = f"{DIGEST_HEADER}{digest}\n"
+    shards.atomic_write(fs, path, (header + OmegaConf.to_yaml(cfg, resolve=True)).encode())
     return digest
+
+
+DIGEST_HEADER = "# config_digest: "
+
+
+def recorded_digest(fs: Any, path: str, out: str) -> str:
+    with fs.open(path, "rb") as fh:
+        text = fh.read().decode("utf-8", "replace")
+    if text.startswith(DIGEST_HEADER):
+        return text[len(DIGEST_HEADER) :].split("\n", 1)[0].strip()
+    for subset in shards.subsets_in(out):
+        manifest = shards.read_manifest(out, subset) or {}
+        if isinstance(manifest.get("config_digest"), str):
+            return manifest["config_digest"]
+    return dag.config_digest(OmegaConf.create(text))
 
 
 def pending_work(

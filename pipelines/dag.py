@@ -157,10 +157,17 @@ def validate(cfg: DictConfig) -> None:
 
 def config_digest(cfg: DictConfig) -> str:
     """Digest of what determines the samples' content (not where or how fast
-    they are made), so resume can refuse to mix two different recipes."""
+    they are made), so resume can refuse to mix two different recipes. The code's
+    part counts too: each op's ``version`` and the sources' key scheme (new keys for
+    the same inputs would be written again beside the old ones)."""
+    from datagen.sources import KEY_SCHEME_VERSION
+    from pipelines.ops import OPS
+
     plain = OmegaConf.to_container(cfg, resolve=True)
     content = {
         "schema_version": SCHEMA_VERSION,
+        "key_scheme": KEY_SCHEME_VERSION,
+        "op_versions": {s["op"]: OPS[s["op"]].version for s in plain["stages"] if s["op"] in OPS},
         "source": plain["source"],
         "seed": plain["seed"],
         "stages": [

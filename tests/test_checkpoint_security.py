@@ -232,6 +232,28 @@ def test_storage_paths_outside_the_folder_are_refused(ckpts, tmp_path):
         verify_checkpoint(folder)
 
 
+@pytest.mark.parametrize("damage", ["no_storage_map", "offset_not_int", "negative_length"])
+def test_malformed_storage_map_is_a_checkpoint_error(ckpts, tmp_path, damage):
+    """Metadata that unpickles with allowed classes but describes no real byte ranges is
+    corrupt: one CheckpointError, not an AttributeError/TypeError from deeper down."""
+    from training.checkpoint_io import read_dcp_metadata, verify_checkpoint
+    from training.errors import CheckpointError
+
+    folder = tmp_path / f"{damage}.ckpt"
+    shutil.copytree(ckpts["sharded4"], folder)
+    metadata = read_dcp_metadata(folder)
+    info = next(iter(metadata.storage_data.values()))
+    if damage == "no_storage_map":
+        metadata.storage_data = None
+    elif damage == "offset_not_int":
+        info.offset = "0"
+    else:
+        info.length = -1
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="corrupt DCP metadata"):
+        verify_checkpoint(folder)
+
+
 @pytest.mark.slow
 def test_genuine_checkpoints_pass_the_restricted_reader(ckpts, tmp_path, capsys):
     from orchestration.cli import main
@@ -322,6 +344,23 @@ def test_sample_missing_checkpoint_is_one_error_line(tmp_path, capsys):
     assert main(_sample_args(tmp_path / "nope.ckpt", tmp_path / "out")) == 1
     line = _one_error_line(capsys.readouterr().err, "onegen sample: error: ")
     assert "checkpoint not found" in line
+
+
+@pytest.mark.parametrize("kind", ["text", "fifo", "missing"])
+def test_sample_bad_condition_image_is_one_error_line(ckpts, tmp_path, capsys, kind):
+    """A condition image that is not an image (or not a file: a FIFO would block) is the
+    user's mistake: one line, no traceback, nothing opened."""
+    from orchestration.cli import main
+
+    image = tmp_path / f"cond-{kind}.png"
+    if kind == "text":
+        image.write_text("not an image")
+    elif kind == "fifo":
+        os.mkfifo(image)
+    args = [*_sample_args(ckpts["single4"], tmp_path / "out"), "--task", "canny2image"]
+    assert main([*args, "--image", str(image)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "onegen sample: error: ")
+    assert str(image) in line
 
 
 @pytest.mark.slow

@@ -71,6 +71,43 @@ def test_recipe_digest_tracks_content_not_placement():
     assert dag.config_digest(dag.load(DEMO, ["stages.1.params.canny_high=150"])) != base
 
 
+def test_recipe_digest_tracks_code_versions(monkeypatch):
+    from datagen import sources
+    from pipelines.ops import OPS
+
+    cfg = dag.load(DEMO)
+    base = dag.config_digest(cfg)
+    monkeypatch.setattr(OPS["decode"], "version", "999")
+    assert dag.config_digest(cfg) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(sources, "KEY_SCHEME_VERSION", "999")
+    assert dag.config_digest(cfg) != base
+
+
+def test_resume_refuses_an_output_made_by_older_code(tmp_path, monkeypatch):
+    """The digest an output was made with is read back, not recomputed with today's
+    code: after an op's version changes, a rerun on that output is refused."""
+    from orchestration.datagen_job import RECIPE, check_recipe
+    from orchestration.errors import DatagenError
+    from pipelines.ops import OPS
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = dag.load(DEMO, [f"output={out}"])
+    first = check_recipe(cfg, str(out))
+    assert (out / RECIPE).read_text().startswith(f"# config_digest: {first}")
+    assert check_recipe(cfg, str(out)) == first  # same code, same recipe: resumes
+    monkeypatch.setattr(OPS["decode"], "version", "999")
+    with pytest.raises(DatagenError, match=f"digest {first}, now"):
+        check_recipe(cfg, str(out))
+    # An output from before the header: its manifest's digest is the one it was made with.
+    (out / RECIPE).write_text((out / RECIPE).read_text().split("\n", 1)[1])
+    (out / "t2i").mkdir()
+    (out / "t2i" / "manifest.json").write_text('{"shards": [], "config_digest": "0123abcd"}')
+    with pytest.raises(DatagenError, match="digest 0123abcd, now"):
+        check_recipe(cfg, str(out))
+
+
 def test_cli_takes_overrides_anywhere(tmp_path, monkeypatch):
     from orchestration import cli
 

@@ -180,13 +180,14 @@ def test_datagen_fit_and_sample_stay_on_this_machine(tmp_path):
         env,
     )
     assert json.loads((tmp_path / "out" / "i2i" / "manifest.json").read_text())["written"] == 4
-    # (b) a tiny CPU fit, tracked in sqlite.
+    # (b) a tiny CPU fit, tracked in sqlite, through the entry torchrun and SLURM launch
+    # (``python -m training.fit``: not the ``onegen`` CLI, which sets the env itself).
     run_dir = tmp_path / "run"
     _run(
         [
-            ONEGEN,
-            "train",
-            "fit",
+            sys.executable,
+            "-m",
+            "training.fit",
             "--config",
             str(REPO / "training" / "configs" / "demo.yaml"),
             "data.kind=synthetic",

@@ -589,6 +589,25 @@ def test_index_without_byte_ranges_falls_back_to_scanning(synth, tmp_path):
     assert same_batch(a, b)
 
 
+def test_damaged_index_falls_back_to_scanning_and_a_bad_manifest_is_named(synth, tmp_path):
+    """The training reader checks manifests and indexes as verify does: a garbled index is
+    a warning and a tar scan (same samples), a manifest naming a path outside its folder
+    is a ShardFileError naming the manifest, before anything is read there."""
+    out = tmp_path / "out"
+    shutil.copytree(Path(synth) / "i2i", out / "i2i")
+    for idx in (out / "i2i").glob("*.parquet"):
+        idx.write_bytes(b"PAR1 not a parquet file")
+    with pytest.warns(UserWarning, match="scanning the tar instead"):
+        scanned = build_subset_index([str(out)], "i2i")
+    assert scanned.keys.equals(build_subset_index([synth], "i2i").keys)
+    manifest = out / "i2i" / shards.MANIFEST
+    data = json.loads(manifest.read_text())
+    data["shards"][0]["name"] = "../../escape.tar"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(shards.ShardFileError, match=str(manifest)):
+        build_subset_index([str(out)], "i2i")
+
+
 def test_reads_fsspec_urls(synth):
     import fsspec
 

@@ -129,6 +129,24 @@ def test_skipped_samples_reach_mlflow_and_the_progress_line(
     assert last and f"skipped {skipped} (" in last[0] and "t2i.decode" in last[0], out
 
 
+def test_skip_counts_survive_a_resume(corrupt_shards, fit_yaml, tmp_path):
+    """Stop at a checkpoint, resume: the totals equal an uninterrupted run's, also for the
+    log window the checkpoint was saved in (saved before the module closes it)."""
+    from mlflow.tracking import MlflowClient
+
+    from training.fit import fit, load_config
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = _data_overrides(corrupt_shards) + [
+        f"run_dir={tmp_path / 'run'}", f"mlflow.tracking_uri={db}", "data.max_skip_rate=0.9",
+        "trainer.log_every_n_steps=2", "checkpoint.every_n_steps=2"]  # fmt: skip
+    fit(load_config(fit_yaml, [*common, "trainer.max_steps=2"]))
+    result = fit(load_config(fit_yaml, [*common, "trainer.max_steps=4", "resume=last"]))
+    assert result.resumed_from and result.global_step == 4
+    metrics = MlflowClient(db).get_run(result.run_id).data.metrics
+    assert metrics["data/skipped"] == sum(_expected_skips(corrupt_shards, 4).values())
+
+
 def test_a_skip_rate_past_the_limit_stops_the_fit(corrupt_shards, fit_yaml, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -108,11 +108,18 @@ def load_dcp_metadata(stream: IO[bytes], source: str) -> Metadata:
         ) from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{source} holds a {type(metadata).__name__}, not DCP metadata")
-    for info in (metadata.storage_data or {}).values():
+    if not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{source} has no storage map; corrupt DCP metadata")
+    for info in metadata.storage_data.values():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or not rel or PurePath(rel).name != rel or rel in (".", ".."):
             raise UnsafeCheckpointError(
                 f"{source} points at {rel!r}, outside its checkpoint folder; refusing to load it"
+            )
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not all(isinstance(v, int) and v >= 0 for v in (offset, length)):
+            raise CheckpointError(
+                f"{source} gives {rel} the byte range ({offset!r}, {length!r}); corrupt DCP metadata"
             )
     return metadata
 
@@ -138,14 +145,15 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
-def _weights_only_load(data: IO[bytes], source: str) -> Any:
+def _weights_only_load(data: IO[bytes] | Path, source: str, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``; a pickle that asks for anything but tensors and
+    plain data is an ``UnsafeCheckpointError`` naming ``source``."""
     try:
-        return torch.load(data, map_location="cpu", weights_only=True)
+        return torch.load(data, map_location="cpu", weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
         raise UnsafeCheckpointError(
-            f"{source} holds objects a checkpoint may not contain "
-            f"({first[0] if first else 'UnpicklingError'}); refusing to load it"
+            f"{source} holds objects a checkpoint may not contain ({_first_line(exc)}); "
+            "refusing to load it"
         ) from None
 
 
@@ -212,7 +220,11 @@ def verify_checkpoint(path: str | Path) -> dict:
     if p.is_file():
         try:
             with open(p, "rb") as f:
-                ck = _weights_only_load_mmap(p) if _is_zip(f) else _weights_only_load(f, str(p))
+                ck = (
+                    _weights_only_load(p, str(p), mmap=True)
+                    if _is_zip(f)
+                    else _weights_only_load(f, str(p))
+                )
         except CheckpointError:
             raise
         except Exception as exc:
@@ -245,16 +257,6 @@ def _is_zip(f: IO[bytes]) -> bool:
     head = f.read(4)
     f.seek(0)
     return head == b"PK\x03\x04"
-
-
-def _weights_only_load_mmap(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{path} holds objects a checkpoint may not contain ({_first_line(exc)}); "
-            "refusing to load it"
-        ) from None
 
 
 class SafeModelParallelStrategy(ModelParallelStrategy):

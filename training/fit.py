@@ -477,8 +477,9 @@ class FitResult:
 def fit(cfg: DictConfig) -> FitResult:
     """Build everything from ``cfg`` and run ``trainer.fit`` (every process runs this)."""
     from training.module import OneGenModule
-    from training.tracking import build_logger, ensure_tracking, read_run_file
+    from training.tracking import build_logger, disable_telemetry, ensure_tracking, read_run_file
 
+    disable_telemetry()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ensure_tracking(cfg, warn=_warn)
     ckpt_path = resolve_resume(cfg)
@@ -537,7 +538,13 @@ def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 1
     import numpy as np
     from PIL import Image
 
-    img = Image.open(path).convert("RGB")
+    if not Path(path).is_file():  # missing, a folder, a FIFO or a device: never opened
+        raise ConfigError(f"--image {path} is not a readable image file")
+    try:
+        with Image.open(path) as opened:
+            img = opened.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ConfigError(f"--image {path} is not a readable image ({exc})") from None
     if size is None:
         w, h = img.size
         size = (max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple))

@@ -582,8 +582,11 @@ class OneGenModule(pl.LightningModule):
             "config": OmegaConf.to_yaml(self.cfg),
             "mlflow_run_id": self.mlflow_run_id or "",
             "model_config": self.net_config.name,
-            # Summed over ranks up to the last log window (same on every rank).
-            "data_skips": {k: dict(v) for k, v in self.data_totals.items()},
+            # Summed over ranks up to the last log window, plus this (the saving) rank's
+            # window in progress: Lightning saves in the checkpoint callback's
+            # on_train_batch_end, before the module's, which closes the window. Other
+            # ranks' part of that window is not in the checkpoint (one window, FSDP only).
+            "data_skips": skips.merge(skips.merge(skips.empty(), self.data_totals), self._skips),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

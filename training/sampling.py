@@ -17,7 +17,6 @@ marginal probability of reading a sample is uniform across the subset.
 
 from __future__ import annotations
 
-import json
 import tarfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -28,9 +27,15 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from datagen.shards import MANIFEST, filesystem, is_local
+from datagen.shards import (
+    MANIFEST,
+    ShardFileError,
+    filesystem,
+    is_local,
+    read_index,
+    read_manifest_file,
+)
 from training.tasks import FAMILIES
 
 # --- seeding ---------------------------------------------------------------------------------
@@ -163,8 +168,18 @@ def _subset_dir(root: str, subset: str) -> tuple[fsspec.AbstractFileSystem, str,
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, directory: str) -> dict:
-    with fs.open(f"{directory}/{MANIFEST}", "rb") as fh:
-        return json.loads(fh.read())
+    return read_manifest_file(fs, f"{directory}/{MANIFEST}")
+
+
+def _indexed_ranges(table: pa.Table) -> list[tuple[str, int, int]] | None:
+    """``(key, offset, length)`` of the written samples, in tar order; None when the index
+    predates byte ranges."""
+    table = table.filter(pc.equal(table["status"], "written"))
+    offs, lens = table["offset"].to_pylist(), table["length"].to_pylist()
+    if any(o is None or n is None for o, n in zip(offs, lens, strict=True)):
+        return None
+    rows = sorted(zip(table["key"].to_pylist(), offs, lens, strict=True), key=lambda r: r[1])
+    return [(k, int(o), int(n)) for k, o, n in rows]
 
 
 def _shard_table(
@@ -173,16 +188,13 @@ def _shard_table(
     base = tar_name[: -len(".tar")] if tar_name.endswith(".tar") else tar_name
     index_path = f"{directory}/{base}.parquet"
     if fs.exists(index_path):
-        table = pq.read_table(index_path, filesystem=fs)
-        cols = set(table.column_names)
-        if {"offset", "length"} <= cols:
-            if "status" in cols:
-                table = table.filter(pc.equal(table["status"], "written"))
-            keys = table["key"].to_pylist()
-            offs, lens = table["offset"].to_pylist(), table["length"].to_pylist()
-            if all(o is not None and n is not None for o, n in zip(offs, lens, strict=True)):
-                rows = sorted(zip(keys, offs, lens, strict=True), key=lambda r: r[1])
-                return [(k, int(o), int(n)) for k, o, n in rows]
+        try:
+            rows = _indexed_ranges(read_index(fs, index_path))
+        except ShardFileError as exc:
+            warnings.warn(f"{exc}; scanning the tar instead", stacklevel=2)
+        else:
+            if rows is not None:
+                return rows
     try:
         return scan_tar_ranges(fs, f"{directory}/{tar_name}")
     except (OSError, tarfile.TarError, EOFError) as exc:

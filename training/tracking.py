@@ -34,6 +34,17 @@ RUN_FILE = "mlflow_run.json"
 PROBE_TIMEOUT_S = 5.0
 
 
+# MLflow 3 looks up its telemetry host unless told not to; a fit talks only to the
+# tracking server it was given. Set before mlflow is imported (setdefault: a user's
+# explicit choice wins), whichever entry point started the fit.
+NO_TELEMETRY_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+def disable_telemetry() -> None:
+    for key, value in NO_TELEMETRY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why an HTTP(S) tracking server cannot be reached, or None when it answers (any HTTP
     status but 502-504 counts: auth may refuse ``/health`` yet serve the API). Other stores
