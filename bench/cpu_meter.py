@@ -8,6 +8,7 @@ process tree used meanwhile. Linux ``/proc`` only; elsewhere it reports 0.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -81,3 +82,14 @@ def wait_quiet(max_s: float, threshold: float = 0.15) -> float:
             time.sleep(1.0)
         if meter.other_cores < threshold or time.perf_counter() >= deadline:
             return meter.other_cores
+
+
+def add_wait_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    """``--wait-quiet``, the same knob in every bench that calls :func:`wait_quiet`."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each measured run, wait up to this many seconds for other processes "
+        "to use < 0.15 cores (0: don't wait; default 60)",
+    )

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from cpu_meter import CpuMeter, wait_quiet  # noqa: E402  (bench/ is on sys.path)
+from cpu_meter import CpuMeter, add_wait_quiet_arg, wait_quiet  # noqa: E402  (bench/ is on sys.path)
 from workdir import work_folder  # noqa: E402
 
 from datagen import shards, sources  # noqa: E402
@@ -160,13 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="keys per subset whose bytes are compared (0: all; default 8)",
     )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=60.0,
-        help="before each measured run, wait up to this many seconds for other processes "
-        "to use < 0.15 cores (0: don't wait; default 60)",
-    )
+    add_wait_quiet_arg(parser)
     parser.add_argument(
         "--max-other-load",
         type=float,

@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from cpu_meter import CpuMeter, wait_quiet  # noqa: E402  (bench/ is on sys.path)
+from cpu_meter import CpuMeter, add_wait_quiet_arg, wait_quiet  # noqa: E402  (bench/ is on sys.path)
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 from workdir import work_folder  # noqa: E402
 
@@ -190,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="measured runs per path, best kept (default 3)"
     )
     parser.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=60.0,
-        help="before each measured run, wait up to this many seconds for other processes "
-        "to use < 0.15 cores (0: don't wait; default 60)",
-    )
+    add_wait_quiet_arg(parser)
     parser.add_argument(
         "--workdir", default=None, help="folder for the shards (default: a temp folder)"
     )

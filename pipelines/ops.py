@@ -117,13 +117,13 @@ class DecodeOp(Op):
     def __init__(
         self,
         seed: int = 0,
-        min_side: int = 64,
-        max_pixels: int = 64_000_000,
-        max_bytes: int = 200_000_000,
+        min_side: int = DecodeParams.min_side,
+        max_pixels: int = DecodeParams.max_pixels,
+        max_bytes: int = DecodeParams.max_bytes,
         max_side: int | None = None,
         jpeg_quality: int = 95,
-        max_aspect_ratio: float | None = 4.0,
-        read_timeout_s: float | None = 60.0,
+        max_aspect_ratio: float | None = DecodeParams.max_aspect_ratio,
+        read_timeout_s: float | None = DecodeParams.read_timeout_s,
     ):
         super().__init__(seed)
         self.decode_params = DecodeParams(

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datagen.schema import SUBSETS, SchemaError, validate_sample
 from datagen.shards import MANIFEST, filesystem, subsets_in
+from training import skips
 from training import tasks as T
 from training.sampling import (
     SubsetIndex,
@@ -104,8 +105,8 @@ class DataConfig:
     persistent_workers: bool = True
     validate: bool = True  # datagen.schema.validate_sample on every sample
     max_skipped_per_batch: int = 256  # more than this in one batch: the data is broken, raise
-    max_skip_rate: float = 0.05  # a subset's skipped / read over the run: stop above
-    skip_rate_min_samples: int = 200  # ... once this many of its samples were read
+    max_skip_rate: float = skips.MAX_SKIP_RATE  # read by training.module, checked here
+    skip_rate_min_samples: int = skips.SKIP_RATE_MIN_SAMPLES
     batches_per_step: int = 1  # gradient accumulation, when no trainer says it
     rank: int | None = None  # default: trainer.global_rank / torch.distributed
     # None: the platform default (fork on Linux). Note: do not call cv2.setNumThreads in a

@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipelines.dag import apply_overrides
+from training import skips
 
 DEFAULTS: dict[str, Any] = {
     "name": "onegen",
@@ -111,8 +112,8 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 2,
         # Stop when a subset skipped more than this fraction of its samples (corrupt ones),
         # counted over the run once skip_rate_min_samples were read from it.
-        "max_skip_rate": 0.05,
-        "skip_rate_min_samples": 200,
+        "max_skip_rate": skips.MAX_SKIP_RATE,
+        "skip_rate_min_samples": skips.SKIP_RATE_MIN_SAMPLES,
         "synthetic": {
             "resolution": 64,
             "max_views": 2,

@@ -524,8 +524,8 @@ class OneGenModule(pl.LightningModule):
         dcfg = self.cfg.get("data") or {}
         skips.check(
             self.data_totals,
-            float(dcfg.get("max_skip_rate", 0.05)),
-            int(dcfg.get("skip_rate_min_samples", 200)),
+            float(dcfg.get("max_skip_rate", skips.MAX_SKIP_RATE)),
+            int(dcfg.get("skip_rate_min_samples", skips.SKIP_RATE_MIN_SAMPLES)),
         )
 
     def progress_line(self, step: int, metrics: dict[str, float]) -> str:

@@ -14,6 +14,10 @@ from typing import Any
 
 from training.errors import SkipRateError
 
+# Defaults of ``data.max_skip_rate`` / ``data.skip_rate_min_samples`` (fit config, DataConfig).
+MAX_SKIP_RATE = 0.05  # a subset's skipped / read over the run: stop above
+SKIP_RATE_MIN_SAMPLES = 200  # ... once this many of its samples were read
+
 
 def empty() -> dict[str, dict]:
     """``used``: {subset: samples in batches}; ``skipped``: {"subset.reason": n};
