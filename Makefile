@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/onegen datagen run pipelines/demo.yaml --output data/demo
+	$(VENV)/bin/onegen datagen run pipelines/demo.yaml --output data/demo weights=random-tiny
 	$(VENV)/bin/onegen datagen verify data/demo
 	$(VENV)/bin/onegen train fit --config training/configs/demo.yaml
 	@echo
@@ -35,6 +35,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/datagen_throughput.py
+	$(PY) bench/labelers.py
 
 clean:
 	rm -rf data/demo runs mlflow.db mlruns .pytest_cache

@@ -70,8 +70,9 @@ def warm_ray_workers(num_cpus: int) -> int:
 
     @ray.remote(num_cpus=1)
     def warm() -> int:
+        import datagen.labelers.decode  # noqa: F401
+        import datagen.labelers.degrade  # noqa: F401
         import pipelines.builder  # noqa: F401
-        import pipelines.ops  # noqa: F401
 
         time.sleep(0.5)  # hold the CPU so the next task goes to another worker
         return os.getpid()
@@ -190,10 +191,12 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     import cv2
     import ray
 
-    cfg = dag.load(DAG, [f"shards.max_samples={args.shard_size}", "mlflow.enabled=false"])
+    cfg = dag.load(
+        DAG, [f"shards.max_samples={args.shard_size}", "mlflow.enabled=false", "subsets=[t2i,i2i]"]
+    )
     t0 = time.perf_counter()
     manifest = sources.demo(str(work / "inputs"), n=args.n, max_side=args.max_side)
-    rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows)
+    rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows, ["t2i", "i2i"])
     n = manifest.num_rows
     print(
         f"inputs: {n} demo images (max side {args.max_side}) made in {time.perf_counter() - t0:.1f}s; "
@@ -225,7 +228,12 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     warm_n = min(args.warmup, n)
     if warm_n:
         warm_cfg = dag.load(
-            DAG, [f"shards.max_samples={max(1, warm_n // (2 * num_cpus))}", "mlflow.enabled=false"]
+            DAG,
+            [
+                f"shards.max_samples={max(1, warm_n // (2 * num_cpus))}",
+                "mlflow.enabled=false",
+                "subsets=[t2i,i2i]",
+            ],
         )
         run_single(warm_cfg, rows.slice(0, warm_n), fresh("warm-single"))
         run_ray(warm_cfg, rows.slice(0, warm_n), fresh("warm-ray"))

@@ -166,9 +166,11 @@ def run_loader(
 
 
 def make_shards(work: Path, n: int, max_side: int, shard_size: int) -> str:
-    cfg = dag.load(DAG, [f"shards.max_samples={shard_size}", "mlflow.enabled=false"])
+    cfg = dag.load(
+        DAG, [f"shards.max_samples={shard_size}", "mlflow.enabled=false", "subsets=[t2i,i2i]"]
+    )
     manifest = sources.demo(str(work / "inputs"), n=n, max_side=max_side)
-    rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows)
+    rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows, ["t2i", "i2i"])
     out = str(work / "out")
     builder.run_in_process(cfg, rows, out)
     for subset in ("t2i", "i2i"):

@@ -3,96 +3,130 @@
 One row per sample: the image, then every condition map side by side, the
 field names above and the caption below. Read from the committed shards,
 exactly what training will read.
+
+16-bit maps (``depth.png``) are shown as training sees them, linear over the
+full 0..65535 range (``v / 257``, near = bright), not stretched per image. A
+label made by a model running on random weights (metadata ``<name>_model``
+holding ``random-tiny``, e.g. ``depth_model``, ``pose_model``) means nothing:
+its tile carries a red "random weights" banner, drawn with OpenCV's built-in
+Hershey font (no font file is read or fetched).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 import textwrap
 from pathlib import Path
 
-import fsspec
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from datagen.decode import pil_open
-from datagen.shards import (
-    ShardFileError,
-    filesystem,
-    list_entries,
-    read_manifest,
-    read_tar_samples,
-    subsets_in,
-)
+from datagen.shards import ShardReader, subsets_in
 
 IMAGE_CODECS = ("jpg", "jpeg", "png", "webp")
+RANDOM_WEIGHTS = "random-tiny"  # what a labeler records as its model on random weights
+BANNER_TEXT = "random weights"
+BANNER_RGB = (220, 20, 20)  # not a palette or OpenPose colour: a banner pixel is unambiguous
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _to_thumb(data: bytes, size: int) -> Image.Image:
     img = pil_open(io.BytesIO(data))  # PIL's own open, even after ultralytics patched it
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = max(float(arr.max()), 1.0)
-        img = Image.fromarray((arr / top * 255).astype(np.uint8), "L")
+    if img.mode in _WIDE_MODES:
+        # 16-bit gray to 8 bits over the full range, as the trainer scales it: a depth map
+        # (already min-max scaled per image) shows its stored values, not a re-stretch.
+        arr = np.asarray(img, dtype=np.float64).clip(0, 65535)
+        img = Image.fromarray(np.rint(arr / 257.0).astype(np.uint8))
     img = img.convert("RGB")
     img.thumbnail((size, size))
     return img
 
 
-def _read_shard(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, dict[str, bytes]]]:
-    """One tar's samples; damage is a :class:`ShardFileError` naming the tar."""
-    try:
-        with fs.open(path, "rb") as fh:
-            return read_tar_samples(fh.read())
-    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
-        raise ShardFileError(f"{path}: unreadable tar: {exc}") from exc
+def random_weight_fields(meta: dict, fields: list[str]) -> set[str]:
+    """The image fields a random-weight model made, from the sample's metadata.
+
+    ``<name>_model`` holding ``random-tiny`` marks the fields named ``<name>.*``
+    (``depth_model`` -> ``depth.png``, ``pose_model`` -> ``pose.png``); a model key with no
+    field of its own name marks the sample's derived images (every field but ``jpg``), or,
+    when it has none, its first image."""
+    marked: set[str] = set()
+    for key, value in meta.items():
+        if not (isinstance(key, str) and key.endswith("_model")):
+            continue
+        if RANDOM_WEIGHTS not in str(value):
+            continue
+        name = key[: -len("_model")]
+        own = [f for f in fields if f.split(".", 1)[0] == name]
+        derived = [f for f in fields if f != "jpg"]
+        marked.update(own or derived or fields[:1])
+    return marked
+
+
+def mark_random(img: Image.Image) -> Image.Image:
+    """A red banner with "random weights" in white across the top of a tile."""
+    arr = np.array(img.convert("RGB"))
+    h, w = arr.shape[:2]
+    band = max(6, min(h // 2, max(12, h // 8)))
+    arr[:band] = BANNER_RGB
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw, th), _ = cv2.getTextSize(BANNER_TEXT, font, 1.0, 1)
+    scale = max(0.2, min(0.45, (w - 4) / tw, (band - 3) / th))
+    (tw, th), _ = cv2.getTextSize(BANNER_TEXT, font, scale, 1)
+    org = (max(1, (w - tw) // 2), max(th, (band + th) // 2))
+    cv2.putText(arr, BANNER_TEXT, org, font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return Image.fromarray(arr)
 
 
 def load_samples(out: str, subset: str, n: int) -> list[tuple[str, dict[str, bytes]]]:
-    fs, root = filesystem(out)
-    manifest = read_manifest(out, subset)
-    names = (
-        [s["name"] for s in manifest["shards"]]
-        if manifest
-        else [
-            p.rsplit("/", 1)[-1]
-            for p, kind in list_entries(fs, f"{root}/{subset}", ".tar")
-            if kind == "file"
-        ]
-    )
+    """The first ``n`` samples by key among the first shards (the manifest's tars, or the
+    tars present without one), read with :class:`datagen.shards.ShardReader`; damage is a
+    ``ShardFileError`` naming the file."""
+    reader = ShardReader(out)
     samples: list[tuple[str, dict[str, bytes]]] = []
-    for name in names:
-        samples.extend(_read_shard(fs, f"{root}/{subset}/{name}"))
+    for name in reader.shards(subset):
+        samples.extend(reader.samples(subset, name))
         if len(samples) >= 4 * n:
             break
     return sorted(samples, key=lambda s: s[0])[:n]
 
 
-def _caption(files: dict[str, bytes]) -> str:
-    """The sample's caption from its metadata; '' when that does not parse (preview
-    shows damaged data rather than failing on it; verify reports it)."""
+def _meta(files: dict[str, bytes]) -> dict:
+    """The sample's metadata; {} when it does not parse (preview shows damaged data
+    rather than failing on it; verify reports it)."""
     try:
         meta = json.loads(files.get("json", b"{}"))
     except ValueError:
-        return ""
-    if not isinstance(meta, dict):
-        return ""
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _caption(files: dict[str, bytes]) -> str:
+    """The sample's caption from its metadata; '' when there is none."""
+    meta = _meta(files)
     captions = meta.get("captions")
     joined = " | ".join(map(str, captions)) if isinstance(captions, list) else ""
     return str(meta.get("caption") or joined or "")
 
 
 def _tiles(files: dict[str, bytes], thumb: int) -> list[tuple[str, Image.Image]]:
+    """(label, thumbnail) per image field, the image first; tiles a random-weight model
+    made carry the banner (:func:`mark_random`)."""
+    names = sorted(
+        (n for n in files if n.rsplit(".", 1)[-1] in IMAGE_CODECS),
+        key=lambda n: (n != "jpg", n),
+    )
+    marked = random_weight_fields(_meta(files), names)
     tiles = []
-    for name, data in sorted(files.items(), key=lambda kv: (kv[0] not in ("jpg",), kv[0])):
-        if name.rsplit(".", 1)[-1] not in IMAGE_CODECS:
-            continue
+    for name in names:
         try:
-            tiles.append((name, _to_thumb(data, thumb)))
+            img = _to_thumb(files[name], thumb)
         except (OSError, ValueError, Image.DecompressionBombError):
             tiles.append((f"{name} (unreadable)", Image.new("RGB", (thumb, thumb), (90, 0, 0))))
+            continue
+        tiles.append((name, mark_random(img) if name in marked else img))
     return tiles
 
 

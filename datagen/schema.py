@@ -187,13 +187,14 @@ SUBSETS: dict[str, Subset] = {
             "depth",
             (_IMAGE, Field("depth.png", "16-bit relative inverse depth, near = bright"), _JSON),
             ("[[depth2image]]",),
-            meta_keys=("caption", "width", "height", "depth_model"),
+            meta_keys=("caption", "width", "height", "depth_model", "depth_min", "depth_max"),
+            description="depth_min/depth_max: the prediction's range before min-max scaling",
         ),
         Subset(
             "pose",
             (_IMAGE, Field("pose.png", "rendered skeletons on black"), _JSON),
             ("[[pose2image]]",),
-            meta_keys=("caption", "width", "height", "people"),
+            meta_keys=("caption", "width", "height", "people", "pose_model"),
             description="people: [{box, keypoints [[x, y, score] * 17]}] (COCO order)",
         ),
         Subset(

@@ -14,6 +14,10 @@ without an index is an interrupted commit and :func:`clean_incomplete`
 removes it before a rerun, which then writes those keys again. Shard names are
 a digest of their keys, so a retried task rewrites the same name instead of
 duplicating samples.
+
+Reading back: :class:`ShardReader` (manifests, indexes with their fallbacks, byte-range
+reads, whole tars) over :func:`iter_members`, the one tar walker (PAX headers included) that
+training, verify, preview and the WebDataset source all use.
 """
 
 from __future__ import annotations
@@ -22,18 +26,21 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import time
 import uuid
+import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datagen.decode import BadInput, run_with_timeout
 from datagen.schema import SCHEMA_VERSION, SchemaError, validate_sample
 
 INDEX_SCHEMA = pa.schema(
@@ -57,11 +64,13 @@ QUARANTINE_SCHEMA = pa.schema(
         ("uri", pa.string()),
         ("subset", pa.string()),
         ("stage", pa.string()),
+        ("kind", pa.string()),  # error | filtered (an expected non-sample); null in old files
         ("error", pa.string()),
         ("message", pa.string()),
         ("time", pa.float64()),
     ]
 )
+QUARANTINE_OPTIONAL = frozenset({"kind"})
 MANIFEST = "manifest.json"
 QUARANTINE_DIR = "quarantine"
 TMP_MARK = ".tmp-"
@@ -207,6 +216,364 @@ def split_shards(
     return shards
 
 
+# --- walking tar members: the one implementation every reader uses -------------------------
+#
+# Training windows, the index-less scan, verify, preview and the WebDataset *source* (foreign,
+# possibly hostile tars) all walk headers here. The walker checks every header (checksum,
+# numbers, PAX records), follows PAX and GNU long names, never reads a payload it is not asked
+# for (it seeks over them), caps what it reads itself (extended headers), and stops at a member
+# whose data runs past the end it was told: a lying size field cannot make it read or loop.
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = frozenset({b"0", b"\0", b"7"})  # file, old-style file, contiguous file
+_NO_PAYLOAD = frozenset({b"1", b"2", b"3", b"4", b"5", b"6"})  # links, devices, dirs, FIFOs
+_PAX = frozenset({b"x", b"X"})  # per-member extended header (X: Solaris)
+_EXTENDED = _PAX | {b"g", b"L", b"K"}  # g: global PAX, L/K: GNU long name / link name
+_GNU_TYPES = frozenset({b"L", b"K", b"S"})  # tarfile: no ustar prefix for these
+MAX_EXTENDED_HEADER = 1 << 20  # bytes of one PAX / GNU long-name header: real ones are tiny
+MAX_READ_BYTES = 1 << 30  # one range read (a window of samples) or one member's data
+READ_TIMEOUT_S = 60.0  # one range read, as datagen.decode.read_bytes bounds every input read
+
+
+class TarFormatError(ValueError):
+    """A damaged tar: a bad header (checksum, number, PAX record), a truncated header or
+    member, an oversized extended header. ``offset`` is the byte where the damage starts."""
+
+    def __init__(self, message: str, offset: int = 0):
+        super().__init__(message)
+        self.offset = offset
+
+
+class TarMember(NamedTuple):
+    """One member as its headers describe it (extended headers already applied)."""
+
+    name: str  # PAX / GNU long names applied; not UTF-8 bytes are surrogate-escaped
+    offset: int  # its first header, PAX / GNU long-name headers included: a range starts here
+    offset_data: int
+    size: int  # bytes of data in the archive
+    type: bytes  # the typeflag byte
+    sparse: bool = False  # GNU sparse (old format or PAX): its data is not the file's bytes
+    truncated: bool = False  # it (data or padding) runs past the end given: the walk stops
+
+    @property
+    def isfile(self) -> bool:
+        return self.type in _REGULAR or self.sparse
+
+    @property
+    def end(self) -> int:
+        """Where the next header starts."""
+        if self.type in _NO_PAYLOAD:
+            return self.offset_data
+        return self.offset_data + -(-self.size // _BLOCK) * _BLOCK
+
+
+class _ChunkSource:
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self.view = memoryview(data)
+        self.size = len(self.view)
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        return bytes(self.view[pos : pos + n])
+
+
+class _FileSource:
+    def __init__(self, fh: BinaryIO, size: int | None):
+        self.fh, self.size = fh, size
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        self.fh.seek(pos)
+        chunks, got = [], 0
+        while got < n:  # raw (unbuffered) files may return less than asked
+            chunk = self.fh.read(n - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+
+def _source(source: Any, size: int | None) -> _ChunkSource | _FileSource:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _ChunkSource(source)
+    return _FileSource(source, size)
+
+
+def _number(field: bytes, what: str, pos: int) -> int:
+    """A header number: NUL/space-terminated octal, or GNU base-256 (first byte 0x80)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0
+    if text.isdigit():  # not "-1", "+7", "1_0", garbage or base-256 with 0xff (negative)
+        try:
+            return int(text, 8)
+        except ValueError:  # an 8 or a 9
+            pass
+    raise TarFormatError(f"an invalid header at byte {pos} ({what} field {field!r})", pos)
+
+
+def _checksum_ok(header: bytes, pos: int) -> bool:
+    try:
+        stored = _number(header[148:156], "checksum", pos)
+    except TarFormatError:
+        return False
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the field itself counts as spaces
+    if stored == unsigned:
+        return True
+    high = sum(b > 127 for b in header) - sum(b > 127 for b in header[148:156])
+    return stored == unsigned - 256 * high  # a signed sum, as tarfile also accepts
+
+
+def _pax_info(data: bytes, pos: int = 0) -> tuple[str | None, int | None, bool]:
+    """``(path, size, sparse)`` of a PAX extended header (records ``"<len> <key>=<value>\\n"``),
+    the last record of a key winning as in tarfile. A malformed record or a path that is not
+    UTF-8 (unless ``hdrcharset=BINARY``) is a :class:`TarFormatError`, never a hang on a zero
+    length. The writer uses PAX for names over 100 bytes (long keys)."""
+    records: dict[bytes, bytes] = {}
+    at = 0
+    while at < len(data) and data[at] != 0:
+        space = data.find(b" ", at)
+        digits = data[at:space] if space > at else b""
+        length = int(digits) if digits.isdigit() else 0
+        end = at + length
+        if length <= space - at + 1 or end > len(data) or data[end - 1] != 0x0A:
+            raise TarFormatError(f"malformed PAX record at byte {at} of an extended header", pos)
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError(f"PAX record without '=' at byte {at} of an extended header", pos)
+        records[key] = value
+        at = end
+    raw = records.get(b"GNU.sparse.name", records.get(b"path"))
+    path = None
+    if raw is not None:
+        try:
+            path = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if records.get(b"hdrcharset") != b"BINARY":
+                raise TarFormatError(f"PAX path is not UTF-8: {raw[:60]!r}", pos) from exc
+            path = raw.decode("utf-8", "surrogateescape")
+    size = None
+    if b"size" in records:
+        if not records[b"size"].isdigit():
+            raise TarFormatError(f"PAX size {records[b'size'][:30]!r} is not a number", pos)
+        size = int(records[b"size"])
+    sparse = any(k.startswith(b"GNU.sparse.") for k in records)
+    return path, size, sparse
+
+
+def iter_members(source: Any, size: int | None = None) -> Iterator[TarMember]:
+    """Every member of a tar, in order: ``source`` is the tar's bytes (or a range of them:
+    offsets are relative to it) or a seekable binary file of ``size`` bytes (None: unknown,
+    the walk ends where reads come back empty). Payloads are skipped, not read.
+
+    Ends at an end-of-archive (zero) block or the end of the data. A member whose data (or its
+    padding: the archive was cut there) runs past the end is yielded with ``truncated`` set
+    and ends the walk. A damaged header, a
+    truncated one, or an empty file raises :class:`TarFormatError` (with its ``offset``)."""
+    src = _source(source, size)
+    total = src.size
+    pos, first, name, pax_size, sparse = 0, None, None, None, False
+    while True:
+        header = src.read_at(pos, _BLOCK)
+        if not header:
+            if pos == 0:
+                raise TarFormatError("empty file: no tar header at byte 0", 0)
+            if first is not None:
+                raise TarFormatError(f"extended header at byte {first} describes no member", first)
+            return
+        if len(header) < _BLOCK:
+            raise TarFormatError(f"a truncated header at byte {pos}", pos)
+        if header == _ZERO_BLOCK:
+            return
+        if not _checksum_ok(header, pos):
+            raise TarFormatError(f"an invalid header at byte {pos} (bad checksum)", pos)
+        kind = header[156:157]
+        length = _number(header[124:136], "size", pos)
+        data_at = pos + _BLOCK
+        if kind in _EXTENDED:
+            if length > MAX_EXTENDED_HEADER:
+                raise TarFormatError(
+                    f"extended header at byte {pos} claims {length} bytes "
+                    f"(> {MAX_EXTENDED_HEADER})",
+                    pos,
+                )
+            padded = -(-length // _BLOCK) * _BLOCK
+            data = src.read_at(data_at, padded)  # whole blocks, up to a NUL, as tarfile reads
+            if len(data) < length:
+                raise TarFormatError(f"extended header at byte {pos} is cut short", pos)
+            if kind in _PAX:
+                path, psize, psparse = _pax_info(data, pos)
+                name = path if path is not None else name
+                pax_size = psize if psize is not None else pax_size
+                sparse = sparse or psparse
+            elif kind == b"L":
+                name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if kind != b"g" and first is None:  # a global header belongs to no one member
+                first = pos
+            pos = data_at + padded
+            continue
+        if kind == b"S":  # old GNU sparse: extension blocks before the data
+            extended = header[482]
+            while extended:
+                block = src.read_at(data_at, _BLOCK)
+                if len(block) < _BLOCK:
+                    raise TarFormatError(f"sparse header at byte {data_at} is cut short", pos)
+                extended, data_at = block[504], data_at + _BLOCK
+        if name is None:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix and kind not in _GNU_TYPES:
+                name = f"{prefix.decode('utf-8', 'surrogateescape')}/{name}"
+        if kind == b"\0" and name.endswith("/"):
+            kind = b"5"  # an old-style directory, as tarfile reads it
+        if kind == b"5":
+            name = name.rstrip("/")
+        if pax_size is not None:
+            length = pax_size
+        padded_end = data_at + (0 if kind in _NO_PAYLOAD else -(-length // _BLOCK) * _BLOCK)
+        truncated = total is not None and padded_end > total
+        member = TarMember(
+            name=name,
+            offset=pos if first is None else first,
+            offset_data=data_at,
+            size=length,
+            type=kind,
+            sparse=sparse or kind == b"S",
+            truncated=truncated,
+        )
+        yield member
+        if truncated:
+            return
+        pos, first, name, pax_size, sparse = member.end, None, None, None, False
+
+
+def member_data(source: Any, member: TarMember, max_bytes: int = MAX_READ_BYTES) -> bytes:
+    """A member's data from the bytes or the file it was walked in; more than ``max_bytes``
+    or data cut short is a :class:`TarFormatError`."""
+    if member.size > max_bytes:
+        raise TarFormatError(
+            f"member {member.name} has {member.size} bytes > {max_bytes}", member.offset
+        )
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source[member.offset_data : member.offset_data + member.size])
+    else:
+        data = _FileSource(source, None).read_at(member.offset_data, member.size)
+    if len(data) < member.size:
+        raise TarFormatError(
+            f"member {member.name} at byte {member.offset} is cut short "
+            f"({len(data)} of {member.size} bytes)",
+            member.offset,
+        )
+    return data
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """``(key, field)`` of a member name as WebDataset groups it: the key is everything before
+    the first dot of the base name (folders kept), the field the rest, lowercased. None for a
+    name without a dot in its base name (not part of any sample)."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base:
+        return None
+    stem, field = base.split(".", 1)
+    return name[: len(name) - len(base)] + stem, field.lower()
+
+
+def _files(source: Any, size: int | None, max_bytes: int) -> Iterator[tuple[TarMember, bytes]]:
+    """The regular members and their data; strict, for One-Gen shards: a truncated or a
+    sparse member is a :class:`TarFormatError`."""
+    for member in iter_members(source, size):
+        if member.truncated:
+            raise TarFormatError(
+                f"member {member.name} at byte {member.offset} is cut short "
+                f"({member.size} bytes from byte {member.offset_data}, padded, past the end)",
+                member.offset,
+            )
+        if member.sparse:
+            raise TarFormatError(f"member {member.name} is a sparse file", member.offset)
+        if member.isfile:
+            yield member, member_data(source, member, max_bytes)
+
+
+def parse_members(chunk: bytes | memoryview) -> list[tuple[str, bytes]]:
+    """``(name, data)`` of the regular files in a tar or a byte range of one (a training
+    window), every header checked. Stops at the end of the chunk or a zero block."""
+    return [(m.name, data) for m, data in _files(chunk, None, MAX_READ_BYTES)]
+
+
+def iter_samples(
+    source: Any, size: int | None = None, max_bytes: int = MAX_READ_BYTES
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {field: data})`` per sample, in tar order, grouped as WebDataset groups them
+    (consecutive members with one key; members without a field are skipped)."""
+    key, files = None, {}
+    for member, data in _files(source, size, max_bytes):
+        parts = split_name(member.name)
+        if parts is None:
+            continue
+        if parts[0] != key:
+            if key is not None:
+                yield key, files
+            key, files = parts[0], {}
+        files[parts[1]] = data
+    if key is not None:
+        yield key, files
+
+
+def read_tar_samples(data: bytes | memoryview) -> list[tuple[str, dict[str, bytes]]]:
+    """Every sample of a tar's bytes, in order (see :func:`iter_samples`)."""
+    return list(iter_samples(data))
+
+
+def sample_files(chunk: bytes | memoryview, expected_key: str) -> dict[str, bytes]:
+    """One sample's fields from its byte range; every member must belong to
+    ``expected_key`` (a mismatch means the index and the tar disagree)."""
+    files: dict[str, bytes] = {}
+    for name, data in parse_members(chunk):
+        parts = split_name(name)
+        if parts is None or parts[0] != expected_key:
+            raise TarFormatError(
+                f"member {name!r} found where the index puts sample {expected_key!r}"
+            )
+        files[parts[1]] = data
+    if not files:
+        raise TarFormatError(f"no members for sample {expected_key!r}")
+    return files
+
+
+class Entry(NamedTuple):
+    """Where one sample lies in its tar: its members, headers and padding included."""
+
+    key: str
+    offset: int
+    length: int
+
+
+def scan_entries(source: Any, size: int | None = None) -> list[Entry]:
+    """Each sample's :class:`Entry` by walking the headers (payloads are skipped): what an
+    index without byte ranges lacks. A sample runs to where the next one starts."""
+    entries: list[Entry] = []
+    key, start, end = None, 0, 0
+    for member in iter_members(source, size):
+        if member.truncated:
+            raise TarFormatError(
+                f"member {member.name} at byte {member.offset} runs past the end of the tar",
+                member.offset,
+            )
+        parts = split_name(member.name) if member.isfile else None
+        if parts is None:
+            continue
+        if parts[0] != key:
+            if key is not None:
+                entries.append(Entry(key, start, member.offset - start))
+            key, start = parts[0], member.offset
+        end = member.end
+    if key is not None:
+        entries.append(Entry(key, start, end - start))
+    return entries
+
+
 # --- reading the bookkeeping back ---------------------------------------------------------
 
 
@@ -312,7 +679,7 @@ def read_quarantine(out: str, subset: str) -> pa.Table:
     """Every quarantine file of ``subset``; raises :class:`ShardFileError` naming a damaged one."""
     fs, root = filesystem(out)
     paths = _list(fs, f"{root}/{subset}/{QUARANTINE_DIR}", ".parquet")
-    tables = [_read_parquet(fs, p, QUARANTINE_SCHEMA) for p in paths]
+    tables = [_read_parquet(fs, p, QUARANTINE_SCHEMA, QUARANTINE_OPTIONAL) for p in paths]
     return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
 
 
@@ -427,11 +794,7 @@ def manifest_problem(manifest: Any) -> str | None:
 
 def read_manifest(out: str, subset: str) -> dict[str, Any] | None:
     """The subset's manifest, None if it has none; :class:`ShardFileError` if damaged."""
-    fs, root = filesystem(out)
-    path = f"{root}/{subset}/{MANIFEST}"
-    if not fs.exists(path):
-        return None
-    return read_manifest_file(fs, path)
+    return ShardReader(out).manifest(subset)
 
 
 def read_manifest_file(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
@@ -448,16 +811,217 @@ def read_manifest_file(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, An
     return manifest
 
 
+# --- the one shard reader ------------------------------------------------------------------
+
+
+def _open_tar(fs: fsspec.AbstractFileSystem, path: str) -> tuple[BinaryIO, int | None]:
+    """An open tar and its size (None when the store does not say). Only a regular file is
+    opened: a FIFO would block, a device never end. Failures: OSError, ShardFileError."""
+    if is_local(fs):
+        st = os.stat(path)  # follows links: a dangling one is FileNotFoundError
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ShardFileError(f"{path}: is {kind}")
+        return fs.open(path, "rb"), st.st_size
+    info = fs.info(path)
+    if info.get("type", "file") != "file":
+        raise ShardFileError(f"{path}: is not a regular file ({info.get('type')})")
+    size = info.get("size")
+    return fs.open(path, "rb"), int(size) if size is not None else None
+
+
+def read_range(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    start: int,
+    end: int,
+    *,
+    max_bytes: int = MAX_READ_BYTES,
+    timeout_s: float | None = READ_TIMEOUT_S,
+) -> bytes:
+    """Bytes ``[start, end)`` of a shard in one request; shorter when the file is truncated
+    (the samples there are cut short). The size is checked against ``max_bytes`` before
+    reading and the read must finish within ``timeout_s``, as every input read is
+    (:func:`datagen.decode.read_bytes`). Failures: OSError or :class:`ShardFileError`."""
+    if start < 0 or end < start:
+        raise ShardFileError(f"{path}: bad byte range [{start}, {end})")
+    if end - start > max_bytes:
+        raise ShardFileError(f"{path}: a range of {end - start} bytes > max_bytes={max_bytes}")
+
+    def read(_cancelled: Any) -> bytes:
+        if not is_local(fs):
+            return fs.cat_file(path, start=start, end=end)
+        fh, _ = _open_tar(fs, path)
+        with fh:
+            return _FileSource(fh, None).read_at(start, end - start)
+
+    try:
+        return run_with_timeout(read, timeout_s, path)
+    except BadInput as exc:  # ReadTimeout
+        raise ShardFileError(exc.message) from exc
+
+
+def index_entries(index: pa.Table, where: str = "index") -> list[Entry] | None:
+    """The written samples of an index (:func:`read_index`) in tar order; None when it
+    predates byte ranges; :class:`ShardFileError` when its ranges cannot be right (negative,
+    empty, overlapping or past the end of the tar it describes)."""
+    rows = [r for r in index.to_pylist() if r["status"] in (None, "written")]
+    if any(r["offset"] is None or r["length"] is None for r in rows):
+        return None
+    rows.sort(key=lambda r: r["offset"])
+    entries, end = [], 0
+    for r in rows:
+        if r["offset"] < end or r["length"] <= 0 or r["offset"] + r["length"] > r["tar_bytes"]:
+            raise ShardFileError(
+                f"{where}: byte range {r['offset']}+{r['length']} of {r['key']} does not fit "
+                f"its tar of {r['tar_bytes']} bytes after byte {end}"
+            )
+        entries.append(Entry(r["key"], int(r["offset"]), int(r["length"])))
+        end = r["offset"] + r["length"]
+    return entries
+
+
+class ShardReader:
+    """Reads One-Gen shards back: the one reader that training, verify, preview and the
+    WebDataset tooling share (tar walking itself: :func:`iter_members`).
+
+    ``root`` is a datagen output folder (``<root>/<subset>/``) or one subset folder (holding
+    ``manifest.json``), local or any fsspec URL. Shards are tar names as the manifest lists
+    them (``<subset>-<digest>.tar``). Damage is a :class:`ShardFileError` naming the file,
+    except where a fallback is documented (:meth:`entries`)."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        max_read_bytes: int = MAX_READ_BYTES,
+        timeout_s: float | None = READ_TIMEOUT_S,
+    ):
+        self.root = str(root)
+        self.fs, self.path = filesystem(self.root)
+        self._url = self.root.rstrip("/") if "://" in self.root else self.path
+        self.max_read_bytes, self.timeout_s = max_read_bytes, timeout_s
+        self._where: dict[str, tuple[str, str]] = {}
+
+    def __repr__(self) -> str:
+        return f"ShardReader({self.root!r})"
+
+    # -- where things are --
+
+    def subsets(self, with_manifest: bool = False) -> list[str]:
+        """The subset folders under the root (only those holding a manifest, if asked)."""
+        names = subsets_in(self.root)
+        if with_manifest:
+            names = [s for s in names if self.fs.exists(f"{self.path}/{s}/{MANIFEST}")]
+        return names
+
+    def _locate(self, subset: str) -> tuple[str, str]:
+        if subset not in self._where:
+            where = (f"{self.path}/{subset}", f"{self._url}/{subset}")
+            if not self.fs.exists(f"{where[0]}/{MANIFEST}") and self.fs.exists(
+                f"{self.path}/{MANIFEST}"
+            ):
+                where = (self.path, self._url)  # the root is the subset folder itself
+            self._where[subset] = where
+        return self._where[subset]
+
+    def directory(self, subset: str) -> str:
+        """The subset's folder (a path on :attr:`fs`): ``<root>/<subset>``, or the root when
+        that holds the manifest and ``<root>/<subset>`` does not."""
+        return self._locate(subset)[0]
+
+    def url(self, subset: str, shard: str) -> str:
+        """The tar's URL (a plain path when local), for any WebDataset reader."""
+        return f"{self._locate(subset)[1]}/{shard}"
+
+    # -- bookkeeping --
+
+    def manifest(self, subset: str) -> dict[str, Any] | None:
+        """The subset's checked manifest (:func:`manifest_problem`), None if it has none."""
+        path = f"{self.directory(subset)}/{MANIFEST}"
+        return read_manifest_file(self.fs, path) if self.fs.exists(path) else None
+
+    def shards(self, subset: str) -> list[str]:
+        """Tar names: the manifest's, or without a manifest the tar files present."""
+        manifest = self.manifest(subset)
+        if manifest is not None:
+            return [s["name"] for s in manifest["shards"]]
+        entries = list_entries(self.fs, self.directory(subset), ".tar")
+        return [p.rsplit("/", 1)[-1] for p, kind in entries if kind == "file"]
+
+    def urls(self, subset: str) -> list[str]:
+        """The manifest's tar URLs; FileNotFoundError without a manifest."""
+        if self.manifest(subset) is None:
+            raise FileNotFoundError(
+                f"{self.root}/{subset}/{MANIFEST} is missing: run or finish the DAG first"
+            )
+        return [self.url(subset, name) for name in self.shards(subset)]
+
+    def index(self, subset: str, shard: str) -> pa.Table | None:
+        """The index beside the tar (:func:`read_index`), None if there is none."""
+        path = f"{self.directory(subset)}/{shard.removesuffix('.tar')}.parquet"
+        return read_index(self.fs, path) if self.fs.exists(path) else None
+
+    def entries(self, subset: str, shard: str) -> list[Entry]:
+        """Each written sample's :class:`Entry`, in tar order, from the index; a header scan
+        of the tar where there is no index or it predates byte ranges, and, with a warning,
+        where it is damaged. :class:`ShardFileError` when the tar does not scan either."""
+        try:
+            index = self.index(subset, shard)
+            found = index_entries(index, self.url(subset, shard)) if index is not None else None
+        except ShardFileError as exc:
+            warnings.warn(f"{exc}; scanning the tar instead", stacklevel=2)
+            found = None
+        return found if found is not None else self.scan(subset, shard)
+
+    # -- the tars --
+
+    def scan(self, subset: str, shard: str) -> list[Entry]:
+        """:func:`scan_entries` of the tar: headers only, payloads skipped."""
+        path = f"{self.directory(subset)}/{shard}"
+        try:
+            fh, size = _open_tar(self.fs, path)
+            with fh:
+                return scan_entries(fh, size)
+        except (OSError, TarFormatError) as exc:
+            raise ShardFileError(f"{path}: the tar does not scan: {exc}") from exc
+
+    def read_range(self, subset: str, shard: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the tar (:func:`read_range`: bounded, maybe short)."""
+        return read_range(
+            self.fs,
+            f"{self.directory(subset)}/{shard}",
+            start,
+            end,
+            max_bytes=self.max_read_bytes,
+            timeout_s=self.timeout_s,
+        )
+
+    def sample(self, subset: str, shard: str, entry: Entry) -> dict[str, bytes]:
+        """One sample's fields (``{"jpg": ..., "json": ...}``) with one range read;
+        :class:`TarFormatError` when it is cut short or its members are not its own."""
+        data = self.read_range(subset, shard, entry.offset, entry.offset + entry.length)
+        if len(data) < entry.length:
+            raise TarFormatError(
+                f"{self.url(subset, shard)}: sample {entry.key} is cut short (truncated tar)"
+            )
+        return sample_files(data, entry.key)
+
+    def samples(self, subset: str, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Every sample of one tar, streamed: one member in memory at a time, each at most
+        ``max_read_bytes``. Damage is a :class:`ShardFileError` naming the tar."""
+        path = f"{self.directory(subset)}/{shard}"
+        try:
+            fh, size = _open_tar(self.fs, path)
+            with fh:
+                yield from iter_samples(fh, size, self.max_read_bytes)
+        except (OSError, TarFormatError) as exc:
+            raise ShardFileError(f"{path}: unreadable tar: {exc}") from exc
+
+
 def shard_urls(out: str, subset: str) -> list[str]:
     """The subset's tar URLs from its manifest, for any WebDataset reader."""
-    manifest = read_manifest(out, subset)
-    if manifest is None:
-        raise FileNotFoundError(
-            f"{out}/{subset}/{MANIFEST} is missing: run or finish the DAG first"
-        )
-    _, root = filesystem(out)
-    prefix = out.rstrip("/") if "://" in out else root
-    return [f"{prefix}/{subset}/{s['name']}" for s in manifest["shards"]]
+    return ShardReader(out).urls(subset)
 
 
 def status(out: str) -> dict[str, dict[str, Any]]:
@@ -499,31 +1063,22 @@ class VerifyReport:
         return not self.defects
 
 
-def read_tar_samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
-    """Group a tar's members into samples, in order, as WebDataset does."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, name = member.name.partition(".")
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][name] = tar.extractfile(member).read()
-    return samples
-
-
 def _check_ranges(data: bytes, index: list[dict[str, Any]]) -> str | None:
     """Whether each index row's byte range reads back as exactly its own sample."""
+    view = memoryview(data)
     for row in index:
-        if row["offset"] is None or row["length"] is None:
+        offset, length = row["offset"], row["length"]
+        if offset is None or length is None:
             continue  # an index from before byte ranges: readers scan the tar instead
-        chunk = data[row["offset"] : row["offset"] + row["length"]]
         try:
-            got = read_tar_samples(chunk + b"\0" * 1024)
-        except (tarfile.TarError, EOFError, OSError, ValueError):
-            got = []
-        if [k for k, _ in got] != [row["key"]]:
+            ok = (
+                offset >= 0
+                and length > 0
+                and bool(sample_files(view[offset : offset + length], row["key"]))
+            )
+        except TarFormatError:
+            ok = False
+        if not ok:
             return f"byte range of {row['key']} is wrong"
     return None
 
@@ -542,8 +1097,7 @@ def _check_samples(
 
 
 def _verify_shard(
-    fs: fsspec.AbstractFileSystem,
-    directory: str,
+    reader: ShardReader,
     subset: str,
     name: str,
     kind: str,
@@ -556,13 +1110,13 @@ def _verify_shard(
     if kind != "file":
         defect(f"{where}: not a regular file ({kind})")
         return None
-    index_path = f"{directory}/{name[:-4]}.parquet"
-    if not fs.exists(index_path):
-        defect(f"{where}: has no index")
-        return None
     try:
-        index = read_index(fs, index_path).to_pylist()
-        with fs.open(f"{directory}/{name}", "rb") as fh:
+        table = reader.index(subset, name)
+        if table is None:
+            defect(f"{where}: has no index")
+            return None
+        index = table.to_pylist()
+        with reader.fs.open(f"{reader.directory(subset)}/{name}", "rb") as fh:
             data = fh.read()
     except ShardFileError as exc:
         defect(str(exc))
@@ -582,7 +1136,7 @@ def _verify_shard(
         defect(f"{where}: manifest says {listed['samples']} samples, its index {len(index)}")
     try:
         samples = read_tar_samples(data)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except TarFormatError as exc:
         defect(f"{where}: unreadable tar: {exc}")
         return None
     if [k for k, _ in samples] != [row["key"] for row in index]:
@@ -606,17 +1160,21 @@ def _quarantined_keys(
         return keys
     for path in paths:
         try:
-            keys.update(_read_parquet(fs, path, QUARANTINE_SCHEMA).column("key").to_pylist())
+            keys.update(
+                _read_parquet(fs, path, QUARANTINE_SCHEMA, QUARANTINE_OPTIONAL)
+                .column("key")
+                .to_pylist()
+            )
         except ShardFileError as exc:
             report.defects.append(str(exc))
     return keys
 
 
 def _verify_subset(out: str, subset: str, report: VerifyReport) -> None:
-    fs, root = filesystem(out)
-    directory, defect = f"{root}/{subset}", report.defects.append
+    reader = ShardReader(out)
+    fs, directory, defect = reader.fs, reader.directory(subset), report.defects.append
     try:
-        manifest = read_manifest(out, subset)
+        manifest = reader.manifest(subset)
         if manifest is None:
             defect(f"{subset}: {MANIFEST} is missing (run incomplete?)")
             manifest = {"shards": []}
@@ -646,7 +1204,7 @@ def _verify_subset(out: str, subset: str, report: VerifyReport) -> None:
     for name, kind in sorted(tars.items()):
         report.checked_shards += 1
         try:
-            keys = _verify_shard(fs, directory, subset, name, kind, in_manifest.get(name), report)
+            keys = _verify_shard(reader, subset, name, kind, in_manifest.get(name), report)
         except Exception as exc:  # the last resort: verify reports a defect, never a traceback
             defect(f"{subset}/{name}: cannot be checked: {type(exc).__name__}: {exc}")
             keys = None

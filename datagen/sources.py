@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import re
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from PIL import Image, ImageEnhance
 
 from datagen.decode import BadInput, open_regular, read_bytes
 from datagen.schema import KEY_PATTERN
+from datagen.shards import TarFormatError, TarMember, iter_members, member_data, split_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_SCHEMA = pa.schema(
@@ -49,7 +49,6 @@ MANIFEST_SCHEMA = pa.schema(
 MAX_KEY_LENGTH = 200  # datagen.schema.KEY_PATTERN
 MAX_CAPTION_BYTES = 1 << 20  # a sidecar or tar caption larger than this is not a caption
 CAPTION_TIMEOUT_S = 30.0  # reading one sidecar caption
-_TAR_BLOCK = 512
 
 
 # Bumped whenever the keys derived for the same inputs change (2: tar stems that
@@ -310,9 +309,7 @@ class _Sample:
 @dataclass
 class _TarScan:
     url: str
-    size: int  # of the file; a huge stand-in when the store does not say
     image_exts: tuple[str, ...]
-    size_known: bool = True
     samples: dict[str, _Sample] = field(default_factory=dict)
     end: int = 0  # where the next header starts: everything before it was read
     problem: str | None = None  # why reading stopped early, if it did
@@ -322,9 +319,7 @@ class _TarScan:
             sample.error = reason
 
 
-def _member_text(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _TarScan, sample: _Sample
-) -> bytes | None:
+def _member_text(fh: Any, member: TarMember, scan: _TarScan, sample: _Sample) -> bytes | None:
     if member.size > MAX_CAPTION_BYTES:
         scan.fail(
             sample,
@@ -332,46 +327,43 @@ def _member_text(
             f"> {MAX_CAPTION_BYTES}",
         )
         return None
-    fh = tar.extractfile(member)
-    return fh.read() if fh is not None else None
+    return member_data(fh, member, MAX_CAPTION_BYTES)
 
 
-def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _TarScan) -> bool:
+def _add_member(fh: Any, member: TarMember, scan: _TarScan, size: int | None) -> bool:
     """File one member under its sample. True when its data runs past the end
     of the file: the sample is then marked as truncated."""
-    base = member.name.rsplit("/", 1)[-1]
-    if not member.isfile() or "." not in base:
+    parts = split_name(member.name) if member.isfile else None
+    if parts is None:
         return False
-    stem, ext = base.split(".", 1)
-    prefix = member.name[: len(member.name) - len(base)]
-    sample = scan.samples.setdefault(prefix + stem, _Sample())
-    ext = ext.lower()
-    if member.offset_data + member.size > scan.size:
+    stem, ext = parts
+    sample = scan.samples.setdefault(stem, _Sample())
+    if size is not None and member.offset_data + member.size > size:  # its data is cut
         scan.fail(
             sample,
             f"TruncatedTar: {scan.url}: member {member.name} claims {member.size} "
-            f"bytes from byte {member.offset_data}, but the file has {scan.size}",
+            f"bytes from byte {member.offset_data}, but the file has {size}",
         )
         return True
     if ext in sample.exts:
         scan.fail(
             sample,
-            f"DuplicateMember: {scan.url}: sample {prefix + stem} has member "
+            f"DuplicateMember: {scan.url}: sample {stem} has member "
             f"{member.name} more than once (names compared case-insensitively)",
         )
     sample.exts.add(ext)
-    if member.issparse():
+    if member.sparse:
         scan.fail(sample, f"BadTarMember: {scan.url}: member {member.name} is a sparse file")
     elif ext in scan.image_exts and sample.image is None:
         sample.image = (member.offset_data, member.size)
     elif ext == "txt":
-        data = _member_text(tar, member, scan, sample)
+        data = _member_text(fh, member, scan, sample)
         if data is not None:
             sample.caption, error = _decode_caption(data, f"{scan.url}: member {member.name}")
             if error:
                 scan.fail(sample, error)
     elif ext == "json":
-        data = _member_text(tar, member, scan, sample)
+        data = _member_text(fh, member, scan, sample)
         try:
             meta = json.loads(data) if data is not None else None
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -381,39 +373,21 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, scan: _TarScan) -
     return False
 
 
-def _tail_problem(fh: Any, scan: _TarScan) -> str | None:
-    """Why a tar that stopped yielding members at ``scan.end`` did not end
-    properly: an end-of-archive block (zeros) or the end of the file is fine;
-    a truncated or garbage header is what tarfile takes for the end silently."""
-    if scan.end >= scan.size:
-        return None
-    fh.seek(scan.end)
-    block = fh.read(_TAR_BLOCK)
-    if len(block) == _TAR_BLOCK and block.count(0) == _TAR_BLOCK:
-        return None
-    what = "a truncated header" if len(block) < _TAR_BLOCK else "an invalid header"
-    return f"UnreadableTar: {scan.url}: {what} at byte {scan.end}; members after it are not read"
-
-
-def _read_members(fh: Any, scan: _TarScan) -> None:
-    """Stream the headers (members' data is skipped, not read). Stops before
-    tarfile would skip past the end of the file: a lying size field (up to
-    exabytes in base-256 or PAX) would otherwise keep it reading forever."""
-    with tarfile.open(fileobj=fh, mode="r|") as tar:
-        for member in tar:
-            attributed = _add_member(tar, member, scan)
-            if tar.offset > scan.size:
-                if not attributed:
-                    scan.problem = (
-                        f"TruncatedTar: {scan.url}: member {member.name} ends past "
-                        f"the end of the file ({scan.size} bytes)"
-                    )
-                scan.end = member.offset
-                return
-            scan.end = tar.offset
-        scan.end = tar.offset
-    if scan.size_known:
-        scan.problem = _tail_problem(fh, scan)
+def _read_members(fh: Any, scan: _TarScan, size: int | None) -> None:
+    """Walk the headers with the shard walker (:func:`datagen.shards.iter_members`): payloads
+    are skipped, not read, and a member whose size runs past the end of the file (a lying size
+    field, up to exabytes in base-256 or PAX) ends the walk instead of a read."""
+    for member in iter_members(fh, size):
+        attributed = _add_member(fh, member, scan, size)
+        if member.truncated:  # its data or its padding is cut: nothing after it was written
+            if not attributed:
+                scan.problem = (
+                    f"TruncatedTar: {scan.url}: member {member.name} ends past "
+                    f"the end of the file ({size} bytes)"
+                )
+            scan.end = member.offset
+            return
+        scan.end = member.end
 
 
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -431,23 +405,25 @@ def _compression_hint(fh: Any) -> str:
 
 
 def _scan_tar(url: str, image_exts: tuple[str, ...]) -> _TarScan:
-    """Every sample of one tar, and why reading stopped early if it did."""
+    """Every sample of one tar, and why reading stopped early if it did: a truncated or
+    invalid header, an empty file, a member past the end of the file."""
+    scan = _TarScan(url, image_exts)
     try:
         fh, size = open_regular(url)
     except BadInput as exc:
         if exc.error == "MissingFile":
             raise SourceError(f"WebDataset shard {url} does not exist") from exc
-        scan = _TarScan(url, 0, image_exts)
         scan.problem = f"UnreadableTar: {exc.message}"
         return scan
     with fh:
-        scan = _TarScan(url, size if size is not None else 1 << 62, image_exts, size is not None)
         try:
-            _read_members(fh, scan)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            _read_members(fh, scan, size)
+        except TarFormatError as exc:
             hint = _compression_hint(fh) if scan.end == 0 else ""
+            scan.problem = f"UnreadableTar: {url}: {exc}; members after it are not read{hint}"
+        except (OSError, ValueError) as exc:
             scan.problem = (
-                f"UnreadableTar: {url}: {type(exc).__name__}: {exc} after byte {scan.end}{hint}"
+                f"UnreadableTar: {url}: {type(exc).__name__}: {exc} after byte {scan.end}"
             )
     return scan
 

@@ -7,11 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
-
-def _load_dag(args: argparse.Namespace, address: str | None = None):
-    """The DAG with the command line applied: overrides, then --output, --input."""
+def _load_dag(args: argparse.Namespace, address: str | None = None, local: bool = True):
+    """The DAG with the command line applied: overrides, then --output, --input.
+    ``local``: it runs from here (model weights must exist on this machine)."""
     from pipelines import dag
 
     overrides = list(args.overrides)
@@ -19,12 +18,12 @@ def _load_dag(args: argparse.Namespace, address: str | None = None):
         overrides.append(f"output={args.output}")
     if address:
         overrides.append(f"ray.address={address}")
-    cfg = dag.load(args.pipeline, overrides)
+    source = None
     if args.input:
         from datagen.sources import guess_spec
 
-        cfg.source = OmegaConf.create(guess_spec(args.input))
-    return cfg
+        source = guess_spec(args.input)
+    return dag.load(args.pipeline, overrides, source=source, local_weights=local)
 
 
 def _os_error(exc: OSError, where: str) -> str:
@@ -71,7 +70,7 @@ def _datagen_submit(args: argparse.Namespace) -> int:
     from orchestration.submit import follow, submit
 
     try:
-        cfg = _load_dag(args)
+        cfg = _load_dag(args, local=False)
         job_id, job_cfg = submit(
             cfg, args.address, submission_id=args.submission_id, python=args.python
         )
@@ -254,9 +253,19 @@ def parser() -> argparse.ArgumentParser:
     sm = top.add_parser("sample", help="generate with a checkpoint's EMA weights, write PNGs")
     sm.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded .ckpt folder")
     sm.add_argument(
-        "--task", required=True, help="e.g. text2image, depth2image (no brackets needed)"
+        "--task",
+        required=True,
+        help="text2image (prompt only); a map task, map -> photo: depth2image, pose2image, "
+        "canny2image, ...; its reverse, photo -> map: image2depth, image2pose, image2canny, ...; "
+        "deblurring, image_inpainting, faceid (no brackets needed)",
     )
-    sm.add_argument("--image", help="condition image (view 1; view 0 is generated)")
+    sm.add_argument(
+        "--image",
+        help="the condition (view 1; view 0 is generated), needed by every task but "
+        "text2image: the map for depth2image / pose2image (a 16-bit depth PNG keeps its "
+        "precision), the photo for image2depth / image2pose (a depth map comes out as a "
+        "16-bit gray PNG)",
+    )
     sm.add_argument("--prompt", default="a photo", help="caption after the task token")
     sm.add_argument("--out", required=True, help="output folder")
     sm.add_argument("--steps", type=int, help="Euler steps (default: the config's samples.steps)")

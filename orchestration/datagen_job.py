@@ -32,7 +32,6 @@ from orchestration.errors import DatagenError
 from orchestration.ray_runtime import apply_offline_env, init_ray
 from orchestration.run_lock import RunLock
 from pipelines import builder, dag
-from pipelines.ops import OPS
 
 RECIPE = "_dag.yaml"
 PREVIEW = "_preview.png"
@@ -60,39 +59,66 @@ def _absolute(out: str) -> str:
     return out if "://" in out else str(Path(out).resolve())
 
 
-def check_recipe(cfg: DictConfig, out: str) -> str:
-    """Refuse to resume an output made by a different recipe (the digest of source,
-    seed, stages with their code versions, subsets), unless told to. The digest the
-    output was made with is read back as written (the recipe's header, or for outputs
-    older than it a subset manifest), not recomputed by today's code."""
+def check_recipe(cfg: DictConfig, out: str) -> dict[str, str]:
+    """Refuse to resume a subset made by a different recipe (the digest of source, seed,
+    the stages it needs with their code versions and parameters), unless told to. The
+    digests an output was made with are read back as written (the recipe's header, or
+    for outputs older than it a subset manifest), not recomputed by today's code. A
+    subset this output does not have yet is simply added; subsets this run does not
+    make keep their recorded digests."""
     fs, root = shards.filesystem(out)
-    digest = dag.config_digest(cfg)
+    digests = dag.subset_digests(cfg)
     path = f"{root}/{RECIPE}"
-    if fs.exists(path):
-        old = recorded_digest(fs, path, out)
-        if old != digest and not cfg.get("allow_recipe_change", False):
-            raise DatagenError(
-                f"{out} was made by a different recipe (digest {old}, now {digest}); "
-                "use a new --output, or pass allow_recipe_change=true to mix them knowingly"
-            )
-    header = f"{DIGEST_HEADER}{digest}\n"
-    shards.atomic_write(fs, path, (header + OmegaConf.to_yaml(cfg, resolve=True)).encode())
-    return digest
+    recorded = recorded_digests(fs, path, out) if fs.exists(path) else {}
+    changed = [
+        f"{s} (digest {recorded[s]}, now {d})"
+        for s, d in digests.items()
+        if s in recorded and recorded[s] != d
+    ]
+    if changed and not cfg.get("allow_recipe_change", False):
+        raise DatagenError(
+            f"{out} was made by a different recipe for {', '.join(changed)}; use a new "
+            "--output, or pass allow_recipe_change=true to mix them knowingly"
+        )
+    merged = {**{k: v for k, v in recorded.items() if k != ""}, **digests}
+    header = "".join(f"{SUBSET_HEADER}{s}: {d}\n" for s, d in sorted(merged.items()))
+    body = f"{DIGEST_HEADER}{dag.config_digest(cfg)}\n{header}" + OmegaConf.to_yaml(
+        cfg, resolve=True
+    )
+    shards.atomic_write(fs, path, body.encode())
+    return digests
 
 
 DIGEST_HEADER = "# config_digest: "
+SUBSET_HEADER = "# subset_digest "
 
 
-def recorded_digest(fs: Any, path: str, out: str) -> str:
+def recorded_digests(fs: Any, path: str, out: str) -> dict[str, str]:
+    """Subset -> digest as the output recorded it. An output from before per-subset
+    digests has one digest for all its subsets (header or manifest); ``""`` stands for
+    it when nothing names its subsets."""
     with fs.open(path, "rb") as fh:
         text = fh.read().decode("utf-8", "replace")
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith(SUBSET_HEADER):
+            name, _, digest = line[len(SUBSET_HEADER) :].partition(":")
+            found[name.strip()] = digest.strip()
+    if found:
+        return found
+    old = None
     if text.startswith(DIGEST_HEADER):
-        return text[len(DIGEST_HEADER) :].split("\n", 1)[0].strip()
-    for subset in shards.subsets_in(out):
+        old = text[len(DIGEST_HEADER) :].split("\n", 1)[0].strip()
+    subsets = shards.subsets_in(out)
+    for subset in subsets:
         manifest = shards.read_manifest(out, subset) or {}
-        if isinstance(manifest.get("config_digest"), str):
-            return manifest["config_digest"]
-    return dag.config_digest(OmegaConf.create(text))
+        if old is None and isinstance(manifest.get("config_digest"), str):
+            old = manifest["config_digest"]
+    if old is None:
+        return {}
+    return {s: old for s in subsets} or {"": old}
 
 
 def pending_work(
@@ -111,16 +137,25 @@ def pending_work(
 def account(
     manifest: pa.Table, committed: dict[str, tuple[pa.Table, pa.Table]]
 ) -> dict[str, dict[str, Any]]:
-    """Check, per subset, input keys == written + quarantined, each once.
-    ``committed``: subset -> (its index, its quarantine) as read at the end of the run."""
+    """Check, per subset, input keys == written + quarantined + filtered, each once.
+    ``committed``: subset -> (its index, its quarantine) as read at the end of the run;
+    quarantine records of kind ``filtered`` (expected non-samples) are counted apart."""
     inputs = set(manifest.column("key").to_pylist())
     report = {}
     for subset, (index, quarantine) in committed.items():
         written_list = index.column("key").to_pylist()
         quarantined_list = quarantine.column("key").to_pylist()
+        kinds = (
+            quarantine.column("kind").to_pylist()
+            if "kind" in quarantine.column_names
+            else [None] * quarantine.num_rows
+        )
         dup_w = [k for k, c in Counter(written_list).items() if c > 1]
         dup_q = [k for k, c in Counter(quarantined_list).items() if c > 1]
         written, quarantined = set(written_list), set(quarantined_list)
+        filtered = {
+            k for k, kind in zip(quarantined_list, kinds, strict=True) if kind == "filtered"
+        }
         both = written & quarantined
         missing = inputs - written - quarantined
         problems = []
@@ -139,7 +174,8 @@ def account(
         report[subset] = {
             "inputs": len(inputs),
             "written": len(written & inputs),
-            "quarantined": len(quarantined & inputs),
+            "quarantined": len((quarantined - filtered) & inputs),
+            "filtered": len(filtered & inputs),
             "problems": problems,
         }
     return report
@@ -147,10 +183,13 @@ def account(
 
 def subset_summary(subset: str, s: dict[str, Any]) -> str:
     """One line per subset that reads right after a resume (not as a loss)."""
+    filtered = s.get("filtered_this_run", 0)
     return (
         f"{subset}: {s.get('written_this_run', 0)} written this run, "
         f"{s.get('already_committed', 0)} already committed, "
-        f"{s.get('quarantined_this_run', 0)} quarantined, {s['inputs']} inputs in all"
+        f"{s.get('quarantined_this_run', 0)} quarantined, "
+        + (f"{filtered} filtered, " if filtered else "")
+        + f"{s['inputs']} inputs in all"
     )
 
 
@@ -230,23 +269,39 @@ def execute(
     stages: dict[str, Counter] = defaultdict(Counter)
     if not pending.num_rows:
         return totals, stages
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-    plan = builder.build(cfg, builder.input_rows(pending, todo), out)
+    resources = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    check_gpus(cfg, resources)
+    subset_names = [s.name for s in dag.subsets(cfg)]
+    plan = builder.build(cfg, builder.input_rows(pending, todo, subset_names), out)
     done_rows, plan_started = 0, time.time()
     for summary in _unwrapped(plan.iter_rows(), out):
         if summary["subset"]:
             t = totals[summary["subset"]]
             t["written"] += int(summary["written"])
             t["quarantined"] += int(summary["quarantined"])
+            t["filtered"] += int(summary["filtered"])
             t["bytes"] += int(summary["bytes"])
             t["shards"] += len(json.loads(summary["shards"]))
             continue
         per_stage = json.loads(summary["stages"])
         for stage, s in per_stage.items():
             stages[stage].update(s)
-        done_rows += int(next(iter(per_stage.values()), {"in": 0})["in"])
+        done_rows += int(next(iter(per_stage.values()), {"rows": 0})["rows"])
         log(_progress(done_rows, pending.num_rows, already, plan_started, totals))
     return totals, stages
+
+
+def check_gpus(cfg: DictConfig, resources: dict[str, Any]) -> None:
+    """A stage asking for GPUs on a cluster that has none would wait forever (Ray queues
+    the actor without a word): a one-line error instead."""
+    if resources.get("GPU", 0):
+        return
+    for s in dag.stages(cfg):
+        if s.num_gpus:
+            raise DatagenError(
+                f"stages.{s.name}.resources.num_gpus is {s.num_gpus:g} but the Ray cluster has "
+                f"no GPU; pass stages.{s.name}.resources.num_gpus=0 to run it on CPUs"
+            )
 
 
 # Errors of the machine, not of the code: a stage hitting one fails the run with a
@@ -304,7 +359,8 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
             log(
                 f"removed {len(removed)} leftovers of an interrupted run (uncommitted, will be redone)"
             )
-        digest = check_recipe(cfg, out)
+        digests = check_recipe(cfg, out)
+        digest = dag.config_digest(cfg)
         manifest = load_inputs(cfg, work)
         subset_names = [s.name for s in dag.subsets(cfg)]
         pending, todo, already = pending_work(manifest, out, subset_names)
@@ -327,10 +383,9 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
             )
             result.seconds = time.time() - started
             info = {
-                "config_digest": digest,
                 "dag": str(cfg.name),
                 "packages": package_versions(),
-                "labelers": {s.op: f"{s.op}@{OPS[s.op].version}" for s in dag.stages(cfg)},
+                "labelers": {s.name: f"{s.name}@{s.cls.version}" for s in dag.stages(cfg)},
             }
             # One read of every index and quarantine file serves the manifests, the
             # accounting and MLflow (on object storage each read lists and opens them all).
@@ -339,7 +394,10 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
                 for s in subset_names
             }
             manifests = {
-                s: shards.write_manifest(out, s, info, *committed[s]) for s in subset_names
+                s: shards.write_manifest(
+                    out, s, {**info, "config_digest": digests[s]}, *committed[s]
+                )
+                for s in subset_names
             }
             accounting = account(manifest, committed)
             problems = [f"{s}: {p}" for s, a in accounting.items() for p in a["problems"]]
@@ -348,6 +406,7 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
                     **a,
                     "written_this_run": totals[s]["written"],
                     "quarantined_this_run": totals[s]["quarantined"],
+                    "filtered_this_run": totals[s]["filtered"],
                     "already_committed": already[s],
                     "bytes": totals[s]["bytes"],
                     "shards": totals[s]["shards"],

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from datagen import shards
-from pipelines.dag import flat_params
+from training.config_tools import flat_params
 
 
 class DatagenTracking:
@@ -76,12 +76,16 @@ class DatagenTracking:
         for stage, s in result.stages.items():
             metrics[f"stage.{stage}.in"] = s.get("in", 0)
             metrics[f"stage.{stage}.quarantined"] = s.get("quarantined", 0)
-            metrics[f"stage.{stage}.out"] = s.get("in", 0) - s.get("quarantined", 0)
+            metrics[f"stage.{stage}.filtered"] = s.get("filtered", 0)
+            metrics[f"stage.{stage}.out"] = (
+                s.get("in", 0) - s.get("quarantined", 0) - s.get("filtered", 0)
+            )
             if s.get("seconds"):
                 metrics[f"stage.{stage}.samples_per_s_per_worker"] = s["in"] / s["seconds"]
         for subset, a in result.subsets.items():
             metrics[f"subset.{subset}.written"] = a["written"]
             metrics[f"subset.{subset}.quarantined"] = a["quarantined"]
+            metrics[f"subset.{subset}.filtered"] = a.get("filtered", 0)
             metrics[f"subset.{subset}.written_this_run"] = a.get("written_this_run", 0)
             metrics[f"subset.{subset}.quarantined_this_run"] = a.get("quarantined_this_run", 0)
             metrics[f"subset.{subset}.already_committed"] = a.get("already_committed", 0)

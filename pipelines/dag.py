@@ -1,47 +1,32 @@
 """The datagen DAG: a YAML file naming the source, the stages, the subsets.
 
-Loaded with OmegaConf over :data:`DEFAULTS`, so every knob has a value a user
-can see in the resolved config (logged to MLflow) and override with
-``dotted.keys=value`` on the command line.
+Loaded with OmegaConf over the defaults of :class:`DagSection`, overridden by
+``dotted.keys=value`` on the command line, then validated once, whole, before Ray
+starts or the output is touched: an unknown key anywhere (with the closest valid
+name), a stage parameter its labeler does not take, a wrong type, a stage whose
+needs are missing, a subset no stage can fill. The validated config is written back
+complete (every stage's parameters with their defaults), so the resolved DAG logged
+to MLflow and recorded beside the shards shows every knob.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from datagen.schema import SCHEMA_VERSION, SUBSETS
-
-DEFAULTS: dict[str, Any] = {
-    "name": "unnamed",
-    "description": "",
-    "source": {"kind": "demo"},
-    "output": "data/out",
-    "seed": 0,
-    "max_error_rate": 0.05,
-    "allow_empty": False,  # a source listing no inputs is an error unless true (not in the digest)
-    "shards": {"max_samples": 256, "max_bytes": 256 * 1024 * 1024},
-    "stages": [],
-    "subsets": {},
-    "ray": {"address": None, "num_cpus": None, "object_store_memory": None},
-    "mlflow": {
-        "tracking_uri": "sqlite:///mlflow.db",
-        "experiment": "onegen-datagen",
-        "enabled": True,
-    },
-    "preview": {"samples_per_subset": 4},
-}
-
-STAGE_DEFAULTS: dict[str, Any] = {
-    "params": {},
-    "resources": {"num_cpus": 1, "num_gpus": 0, "batch_size": None, "actors": None},
-}
+from datagen import params as P
+from datagen.labelers import LABELERS, labeler
+from datagen.labelers.model_stage import RANDOM_TINY, weight_params
+from datagen.schema import COMMON_META_KEYS, SCHEMA_VERSION, SUBSETS
+from datagen.stage import SOURCE_COLUMNS, Stage, column_for
 
 
 class DagError(ValueError):
@@ -49,152 +34,448 @@ class DagError(ValueError):
 
 
 @dataclass(frozen=True)
-class Stage:
+class ShardsSection:
+    max_samples: int = 256
+    max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RaySection:
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class MlflowSection:
+    tracking_uri: str | None = "sqlite:///mlflow.db"
+    experiment: str = "onegen-datagen"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PreviewSection:
+    samples_per_subset: int = 4
+
+
+@dataclass(frozen=True)
+class ResourcesSection:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int | None = None
+    actors: int | tuple[int, int] | None = None  # actor pool (min, max); an int n: (1, n)
+
+
+@dataclass(frozen=True)
+class StageSection:
     name: str
-    op: str
-    params: dict[str, Any]
+    params: dict = field(default_factory=dict)
+    resources: ResourcesSection = ResourcesSection()
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    kind: Literal["folder"]
+    path: str
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    kind: Literal["parquet"]
+    path: str
+
+
+@dataclass(frozen=True)
+class WebDatasetSource:
+    kind: Literal["webdataset"]
+    urls: str | list[str]
+
+
+@dataclass(frozen=True)
+class DemoSource:
+    kind: Literal["demo"]
+    n: int = 48
+    max_side: int = 512
+    cache_dir: str | None = None
+
+
+SOURCES: dict[str, type] = {
+    "folder": FolderSource,
+    "parquet": ParquetSource,
+    "webdataset": WebDatasetSource,
+    "demo": DemoSource,
+}
+
+
+@dataclass(frozen=True)
+class DagSection:
+    name: str = "unnamed"
+    description: str = ""
+    source: dict = field(default_factory=lambda: {"kind": "demo"})
+    output: str = "data/out"
+    seed: int = 0
+    # random-tiny: every model stage on its tiny random model (mechanics only, labels meaningless)
+    weights: Literal["random-tiny"] | None = None
+    max_error_rate: float = 0.05
+    allow_empty: bool = False  # a source listing no inputs is an error unless true
+    allow_recipe_change: bool = False  # resume an output made by another recipe
+    shards: ShardsSection = ShardsSection()
+    stages: list = field(default_factory=list)
+    subsets: list[str] = field(default_factory=list)
+    ray: RaySection = RaySection()
+    mlflow: MlflowSection = MlflowSection()
+    preview: PreviewSection = PreviewSection()
+
+
+DEFAULTS: dict[str, Any] = dataclasses.asdict(DagSection())
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One validated stage: its labeler class and typed parameters, its resources."""
+
+    name: str
+    cls: type[Stage]
+    params: Any
+    needs: tuple[str, ...]
     num_cpus: float
     num_gpus: float
     batch_size: int | None
-    actors: tuple[int, int] | None  # actor pool (min, max) for stateful/model stages
+    actors: tuple[int, int] | None  # actor pool (min, max) for model / GPU stages
+
+    def build(self, seed: int) -> Stage:
+        return self.cls(self.params, seed=seed)
 
 
 @dataclass(frozen=True)
 class SubsetSpec:
     name: str
-    needs: tuple[str, ...]  # stages whose failure quarantines the key in this subset
+    needs: tuple[str, ...]  # the stages (in run order) whose outputs its samples hold
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """Resolved DAG config: defaults <- YAML file <- dotted overrides."""
+def load(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    source: dict[str, Any] | None = None,
+    local_weights: bool = True,
+) -> DictConfig:
+    """Resolved and validated DAG: defaults <- YAML file <- dotted overrides (<- ``source``,
+    the CLI's ``--input``). ``local_weights``: model weights load on this machine (false
+    for a DAG submitted to a cluster, whose workers check their own paths)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DagError(f"DAG file {path} does not exist")
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.load(path))
+    try:
+        text = OmegaConf.load(path)
+    except Exception as exc:  # noqa: BLE001 - any YAML problem is the user's, one line
+        raise DagError(f"{path}: not a valid YAML DAG: {exc}".splitlines()[0]) from None
+    if not isinstance(text, DictConfig):
+        raise DagError(f"{path}: a DAG is a mapping of keys (name, source, stages, subsets, ...)")
+    _check(P.unknown_keys, text, DEFAULTS, "")
+    for key in ("stages", "subsets"):
+        if key in text and not OmegaConf.is_list(text[key]):
+            example = "[t2i, i2i]" if key == "subsets" else "[{name: decode}, ...]"
+            raise DagError(f"{key}: a list, e.g. {example}; got {text[key]!r}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), text)
+    except Exception as exc:  # noqa: BLE001 - a section of the wrong shape, one line
+        raise DagError(f"{path}: {exc}".splitlines()[0]) from None
     apply_overrides(cfg, overrides or [])
-    validate(cfg)
+    if source is not None:
+        cfg.source = OmegaConf.create(source)
+    validate(cfg, local_weights)
     return cfg
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
     """``a.b=1``, ``stages.1.params.x=2`` or ``stages.degrade.params.x=2``
-    (a stage by name); values parse as YAML (``[2, 3]``, ``null``, ``true``)."""
+    (a stage by name); values parse as YAML (``[2, 3]``, ``null``, ``true``).
+    Unknown keys are added here and refused by :func:`validate`, naming them."""
     for item in overrides:
         if "=" not in item:
             raise DagError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
         parts = key.split(".")
+        if parts[0] not in DEFAULTS:
+            raise DagError(f"override {item!r}: {P.unknown_message(parts[0], DEFAULTS)}")
         if len(parts) > 1 and parts[0] == "stages" and not parts[1].isdigit():
-            names = [st.get("name") or st.get("op") for st in cfg.stages]
+            names = [st.get("name") for st in cfg.stages]
             if parts[1] not in names:
-                raise DagError(f"override {item!r}: no stage named {parts[1]!r} (stages: {names})")
+                raise DagError(
+                    f"override {item!r}: no stage named {parts[1]!r}"
+                    f"{P.closest(parts[1], [str(n) for n in names])} (stages: {names})"
+                )
             parts[1] = str(names.index(parts[1]))
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise DagError(f"override {item!r}: value is not YAML: {exc}".splitlines()[0]) from None
         OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=True)
 
 
-def stages(cfg: DictConfig) -> list[Stage]:
-    out = []
-    for raw in cfg.stages:
-        merged = OmegaConf.to_container(
-            OmegaConf.merge(OmegaConf.create(STAGE_DEFAULTS), raw), resolve=True
+def _check(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except P.ParamError as exc:
+        raise DagError(str(exc)) from None
+
+
+def _labeler(name: str, where: str) -> type[Stage]:
+    if name not in LABELERS:
+        raise DagError(
+            f"{where}.name: unknown labeler {name!r}{P.closest(name, LABELERS)}"
+            f" (labelers: {', '.join(sorted(LABELERS))})"
         )
-        res = merged["resources"]
-        actors = res.get("actors")
-        if actors is not None:
-            actors = (
-                (int(actors[0]), int(actors[1])) if isinstance(actors, list) else (1, int(actors))
-            )
-        out.append(
-            Stage(
-                name=merged.get("name") or merged["op"],
-                op=merged["op"],
-                params=merged.get("params") or {},
-                num_cpus=float(res.get("num_cpus", 1)),
-                num_gpus=float(res.get("num_gpus", 0) or 0),
-                batch_size=res.get("batch_size"),
+    return labeler(name)
+
+
+def _actors(res: ResourcesSection, cls: type[Stage], where: str) -> tuple[int, int] | None:
+    actors = res.actors
+    if actors is None:
+        return (1, 1) if cls.uses_model or res.num_gpus else None
+    lo, hi = (1, actors) if isinstance(actors, int) else actors
+    if not 1 <= lo <= hi:
+        raise DagError(f"{where}.resources.actors: need 1 <= min <= max, got {list(actors)!r}")
+    return (lo, hi)
+
+
+def _stage_specs(cfg: DictConfig, plain: dict[str, Any]) -> list[StageSpec]:
+    """Stages validated one by one, in YAML order (not yet sorted by needs)."""
+    if not plain["stages"]:
+        raise DagError("stages: the DAG has no stages")
+    specs: list[StageSpec] = []
+    for i, raw in enumerate(plain["stages"]):
+        where = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise DagError(f"{where}: a stage is a mapping (name, params, resources)")
+        if "op" in raw and "name" not in raw:
+            raise DagError(f"{where}: unknown key 'op'; a stage is named by its labeler: name: ...")
+        if isinstance(raw.get("name"), str):
+            where = f"stages.{raw['name']}"
+        section = _check(P.build, StageSection, raw, where)
+        where = f"stages.{section.name}"
+        cls = _labeler(section.name, where)
+        raw_params = dict(section.params)
+        if plain["weights"] == RANDOM_TINY:
+            raw_params.update({k: RANDOM_TINY for k in weight_params(cls.Params)})
+        params = _check(P.build, cls.Params, raw_params, f"{where}.params")
+        res = section.resources
+        if res.num_cpus < 0 or res.num_gpus < 0:
+            raise DagError(f"{where}.resources: num_cpus and num_gpus must be >= 0")
+        if res.batch_size is not None and res.batch_size < 1:
+            raise DagError(f"{where}.resources.batch_size: must be >= 1")
+        actors = _actors(res, cls, where)
+        specs.append(
+            StageSpec(
+                name=section.name,
+                cls=cls,
+                params=params,
+                needs=tuple(cls.needs),
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                batch_size=res.batch_size,
                 actors=actors,
             )
         )
+        # Written back complete: what runs is what the resolved DAG shows.
+        cfg.stages[i] = OmegaConf.create(
+            {
+                "name": section.name,
+                "params": P.as_dict(params),
+                "resources": {
+                    "num_cpus": res.num_cpus,
+                    "num_gpus": res.num_gpus,
+                    "batch_size": res.batch_size,
+                    "actors": list(actors) if actors else None,
+                },
+            }
+        )
+    return specs
+
+
+def _in_run_order(specs: list[StageSpec]) -> list[StageSpec]:
+    """Stages ordered by ``needs`` (YAML order among independent ones)."""
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DagError(f"stages: each labeler appears once; {dupes} appear more than once")
+    for s in specs:
+        for need in s.needs:
+            if need not in names:
+                raise DagError(
+                    f"stages.{s.name}: needs stage {need!r}, which the DAG does not have"
+                )
+    ordered: list[StageSpec] = []
+    pending = list(specs)
+    while pending:
+        ready = [s for s in pending if all(n in [o.name for o in ordered] for n in s.needs)]
+        if not ready:
+            raise DagError(f"stages: the needs of {[s.name for s in pending]} form a cycle")
+        ordered.append(ready[0])
+        pending.remove(ready[0])
+    return ordered
+
+
+def _check_reads(ordered: list[StageSpec]) -> None:
+    by_name = {s.name: s for s in ordered}
+    for s in ordered:
+        available = set(SOURCE_COLUMNS)
+        for need in closure(by_name, s.needs):
+            available |= {column_for(f) for f in by_name[need].cls.fields()}
+            available |= set(by_name[need].cls.transient)
+        missing = [c for c in s.cls.reads if c not in available]
+        if missing:
+            raise DagError(f"stages.{s.name}: reads {missing}, which none of its needs produce")
+
+
+def closure(by_name: dict[str, StageSpec], names: tuple[str, ...] | list[str]) -> list[str]:
+    """``names`` and every stage they need, transitively."""
+    out: list[str] = []
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.append(n)
+            todo.extend(by_name[n].needs)
     return out
+
+
+def _subset_needs(ordered: list[StageSpec], subset: str) -> tuple[str, ...]:
+    """The stages a subset's samples need, derived from what stages produce: for each of
+    its fields and metadata keys the last stage (in run order) producing it, then their
+    needs."""
+    spec = SUBSETS[subset]
+    wanted = [f.name for f in spec.fields if f.name != "json"]
+    wanted += [k for k in spec.meta_keys if k not in COMMON_META_KEYS]
+    chosen: list[str] = []
+    for item in wanted:
+        producers = [s.name for s in ordered if item in s.cls.produces]
+        if not producers:
+            makers = [n for n in LABELERS if item in labeler(n).produces]
+            hint = f" (add stage {makers[0]!r})" if makers else " (no labeler makes it yet)"
+            raise DagError(
+                f"subsets: {subset!r} needs {item!r}, which no stage of this DAG produces{hint}"
+            )
+        chosen.append(producers[-1])
+    by_name = {s.name: s for s in ordered}
+    needed = set(closure(by_name, chosen))
+    return tuple(s.name for s in ordered if s.name in needed)
+
+
+def _check_weights(cfg: DictConfig, specs: list[StageSpec]) -> None:
+    """A local run loads weights from this machine: a missing path fails now, naming the
+    key (on a cluster the workers' paths are checked where they load)."""
+    if cfg.ray.address:
+        return
+    for s in specs:
+        for key in weight_params(type(s.params)):
+            value = getattr(s.params, key)
+            if value != RANDOM_TINY and not os.path.exists(value):
+                raise DagError(
+                    f"stages.{s.name}.params.{key}: {value!r} does not exist (weights load "
+                    f"offline from a local path); weights={RANDOM_TINY} runs tiny random models"
+                )
+
+
+def validate(cfg: DictConfig, local_weights: bool = True) -> None:
+    """Everything checked at once, before anything runs (see the module docstring)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(plain.get("subsets"), list):
+        raise DagError(
+            f"subsets: a list of subset names, e.g. [t2i, i2i]; got {plain.get('subsets')!r}"
+        )
+    top = _check(P.build, DagSection, plain, "")
+    source = top.source
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind not in SOURCES:
+        raise DagError(
+            f"source.kind: {kind!r} is not a source{P.closest(str(kind), SOURCES)}"
+            f" (sources: {', '.join(SOURCES)})"
+        )
+    # Keys another source kind takes (``n`` of the demo after ``source.kind=folder``) are
+    # left behind by an override of the kind, not typos: dropped. Any other key is refused.
+    own = {f.name for f in dataclasses.fields(SOURCES[kind])}
+    other = {f.name for c in SOURCES.values() for f in dataclasses.fields(c)} - own
+    for key in [k for k in source if k in other]:
+        del cfg.source[key]
+        del source[key]
+    _check(P.build, SOURCES[kind], source, "source")
+    specs = _stage_specs(cfg, plain)
+    ordered = _in_run_order(specs)
+    _check_reads(ordered)
+    if not top.subsets:
+        raise DagError("subsets: the DAG writes no subsets")
+    for name in top.subsets:
+        if name not in SUBSETS:
+            raise DagError(
+                f"subsets: unknown subset {name!r}{P.closest(name, SUBSETS)}"
+                f" (the schema defines {', '.join(SUBSETS)})"
+            )
+        _subset_needs(ordered, name)
+    if len(set(top.subsets)) != len(top.subsets):
+        raise DagError(f"subsets: listed twice in {top.subsets}")
+    if not 0 <= top.max_error_rate <= 1:
+        raise DagError("max_error_rate: must be within [0, 1]")
+    if top.shards.max_samples < 1 or top.shards.max_bytes < 1:
+        raise DagError("shards.max_samples and shards.max_bytes: must be positive")
+    needed = {n for name in top.subsets for n in _subset_needs(ordered, name)}
+    if local_weights:
+        _check_weights(cfg, [s for s in specs if s.name in needed])
+
+
+def _all_stages(cfg: DictConfig) -> list[StageSpec]:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return _in_run_order(_stage_specs(cfg.copy(), plain))
 
 
 def subsets(cfg: DictConfig) -> list[SubsetSpec]:
-    return [
-        SubsetSpec(name, tuple(spec.get("needs", []) or [])) for name, spec in cfg.subsets.items()
-    ]
+    ordered = _all_stages(cfg)
+    return [SubsetSpec(name, _subset_needs(ordered, name)) for name in cfg.subsets]
 
 
-def validate(cfg: DictConfig) -> None:
-    from pipelines.ops import OPS
+def stages(cfg: DictConfig) -> list[StageSpec]:
+    """The stages that run, in run order (by ``needs``): those some chosen subset needs
+    (``subsets=[i2i]`` leaves a DAG's model stages out, their weights unloaded)."""
+    needed = {n for s in subsets(cfg) for n in s.needs}
+    return [s for s in _all_stages(cfg) if s.name in needed]
 
-    if not cfg.stages:
-        raise DagError("the DAG has no stages")
-    names = []
-    for i, raw in enumerate(cfg.stages):
-        if "op" not in raw:
-            raise DagError(f"stage {i} has no 'op'")
-        if raw.op not in OPS:
-            raise DagError(f"stage {i} uses unknown op {raw.op!r}; known ops: {sorted(OPS)}")
-        names.append(raw.get("name") or raw.op)
-    if len(set(names)) != len(names):
-        raise DagError(f"stage names must be unique: {names}")
-    if names[0] != "decode" and cfg.stages[0].op != "decode":
-        raise DagError("the first stage must be a 'decode' op: every other stage reads its image")
-    if not cfg.subsets:
-        raise DagError("the DAG writes no subsets")
-    for name, spec in cfg.subsets.items():
-        if name not in SUBSETS:
-            raise DagError(f"unknown subset {name!r}; the schema defines {sorted(SUBSETS)}")
-        for need in spec.get("needs", []) or []:
-            if need not in names:
-                raise DagError(f"subset {name!r} needs stage {need!r}, which the DAG does not have")
-    if not 0 <= float(cfg.max_error_rate) <= 1:
-        raise DagError("max_error_rate must be within [0, 1]")
-    if int(cfg.shards.max_samples) < 1 or int(cfg.shards.max_bytes) < 1:
-        raise DagError("shards.max_samples and shards.max_bytes must be positive")
+
+def _digest(content: Any) -> str:
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def subset_digests(cfg: DictConfig) -> dict[str, str]:
+    """Per subset, the digest of what determines its samples' content (not where or how
+    fast they are made): schema and key scheme, source, seed, and the stages it needs
+    with their code ``version`` and complete parameters. Resume refuses to mix two
+    recipes in one subset; adding a subset to an output does not touch the others."""
+    from datagen.sources import KEY_SCHEME_VERSION
+
+    by_name = {s.name: s for s in stages(cfg)}
+    source = OmegaConf.to_container(cfg.source, resolve=True)
+    return {
+        spec.name: _digest(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "key_scheme": KEY_SCHEME_VERSION,
+                "subset": spec.name,
+                "source": source,
+                "seed": int(cfg.seed),
+                "stages": [
+                    {
+                        "name": n,
+                        "version": by_name[n].cls.version,
+                        "params": P.as_dict(by_name[n].params),
+                    }
+                    for n in spec.needs
+                ],
+            }
+        )
+        for spec in subsets(cfg)
+    }
 
 
 def config_digest(cfg: DictConfig) -> str:
-    """Digest of what determines the samples' content (not where or how fast
-    they are made), so resume can refuse to mix two different recipes. The code's
-    part counts too: each op's ``version`` and the sources' key scheme (new keys for
-    the same inputs would be written again beside the old ones)."""
-    from datagen.sources import KEY_SCHEME_VERSION
-    from pipelines.ops import OPS
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    content = {
-        "schema_version": SCHEMA_VERSION,
-        "key_scheme": KEY_SCHEME_VERSION,
-        "op_versions": {s["op"]: OPS[s["op"]].version for s in plain["stages"] if s["op"] in OPS},
-        "source": plain["source"],
-        "seed": plain["seed"],
-        "stages": [
-            {"name": s.get("name"), "op": s["op"], "params": s.get("params", {})}
-            for s in plain["stages"]
-        ],
-        "subsets": plain["subsets"],
-    }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
-
-
-def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:
-    """``a.b.c -> value`` for MLflow params (datagen and training runs alike); list entries
-    that are dicts go under their ``name`` (stages), values are cut to ``max_len``."""
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
-            for i, v in enumerate(node):
-                walk(f"{prefix}.{v.get('name', i)}", v)
-        else:
-            out[prefix] = str(node)[:max_len]
-
-    walk("", cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True))
-    return out
+    """One digest of the whole recipe (every subset's)."""
+    return _digest(subset_digests(cfg))

@@ -1,26 +1,41 @@
 """The last stage: rows -> validated samples per subset -> committed shards.
 
-It returns small summary rows (counts, shard names, per-stage timings),
-never payloads, so the driver can report progress and account for every key.
+For each subset a row still owes, the row becomes a sample (every stage the subset
+needs succeeded), a quarantine record (the first of those stages that failed, with
+its kind: ``error``, or ``filtered`` for an expected non-sample), or a schema
+quarantine record (the sample breaks the contract). It returns small summary rows
+(counts, shard names, per-stage timings), never payloads, so the driver can report
+progress and account for every key.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from datagen.schema import SUBSETS, SchemaError, make_meta, validate_sample
 from datagen.shards import commit_quarantine, commit_shard, split_shards
+from datagen.stage import (
+    ERROR,
+    FILTERED,
+    MESSAGE_LIMIT,
+    batch_len,
+    column_for,
+    failure_of,
+    object_column,
+    row_meta,
+    seconds_column,
+    status_column,
+    succeeded,
+    todo_column,
+)
 from pipelines.dag import SubsetSpec
-from pipelines.stage import batch_to_rows, rows_to_batch
 
-
-def column_for(field_name: str) -> str:
-    """Row column holding a schema field: ``canny.png`` -> ``canny_png``."""
-    return field_name.replace("{i}", "").replace(".", "_")
+Columns = Mapping[str, Sequence[Any]]
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -32,38 +47,50 @@ def _as_bytes(value: Any) -> bytes | None:
     return data or None
 
 
-def build_sample(subset_name: str, row: dict[str, Any]) -> dict[str, bytes]:
-    """The files of one sample of ``subset_name`` from a processed row."""
+def build_sample(
+    subset_name: str, needs: Sequence[str], batch: Columns, i: int
+) -> dict[str, bytes]:
+    """The files of row ``i`` as a sample of ``subset_name`` (its ``needs`` all succeeded)."""
     subset = SUBSETS[subset_name]
     files: dict[str, bytes] = {}
     for f in subset.fields:
         if f.name == "json":
             continue
-        value = row.get(column_for(f.name))
+        value = batch[column_for(f.name)][i] if column_for(f.name) in batch else None
         if f.per_view:
-            for i, view in enumerate(value if value is not None else []):
+            for v, view in enumerate(value if value is not None else []):
                 data = _as_bytes(view)
                 if data:
-                    files[f.name.replace("{i}", str(i))] = data
+                    files[f.name.replace("{i}", str(v))] = data
         else:
             data = _as_bytes(value)
             if data:
                 files[f.name] = data
-    meta = json.loads(row["meta"])
+    meta = row_meta(batch, needs, i)
     extra = {k: meta[k] for k in subset.meta_keys if k in meta}
+    key, uri = str(batch["key"][i]), str(batch["uri"][i])
     files["json"] = json.dumps(
-        make_meta(str(row["key"]), subset_name, str(row["uri"]), list(subset.tasks), **extra),
-        sort_keys=True,
+        make_meta(key, subset_name, uri, list(subset.tasks), **extra), sort_keys=True
     ).encode("utf-8")
     return files
 
 
-def first_failure(
-    failures: dict[str, dict[str, str]], first_stage: str, needs: tuple[str, ...]
-) -> tuple[str, dict[str, str]] | None:
-    for stage in (first_stage, *needs):
-        if stage in failures:
-            return stage, failures[stage]
+def _record(spec: SubsetSpec, batch: Columns, i: int) -> dict[str, Any] | None:
+    """The quarantine record of row ``i`` in ``spec``'s subset, or None when it can be a
+    sample: the first needed stage (in run order) that failed."""
+    for stage in spec.needs:
+        failure = failure_of(batch, stage, i)
+        if failure is not None:
+            return {
+                "stage": stage,
+                "kind": failure.kind,
+                "error": failure.error,
+                "message": failure.message,
+            }
+        if not succeeded(batch, stage, i):
+            raise RuntimeError(
+                f"{batch['key'][i]}: stage {stage!r} neither ran nor failed for subset {spec.name}"
+            )
     return None
 
 
@@ -72,38 +99,35 @@ def write_batch(
     *,
     out: str,
     subsets: list[SubsetSpec],
-    first_stage: str,
+    stage_names: list[str],
     max_samples: int,
     max_bytes: int,
 ) -> dict[str, np.ndarray]:
-    rows = sorted(batch_to_rows(batch), key=lambda r: str(r["key"]))
+    order = sorted(range(batch_len(batch)), key=lambda i: str(batch["key"][i]))
     summaries: list[dict[str, Any]] = []
     for spec in subsets:
         samples: list[tuple[str, dict[str, bytes]]] = []
         quarantine: list[dict[str, Any]] = []
-        for row in rows:
-            if spec.name not in json.loads(row["todo"]):
+        for i in order:
+            if not batch[todo_column(spec.name)][i]:
                 continue
-            key, uri = str(row["key"]), str(row["uri"])
-            failed = first_failure(json.loads(row["failures"]), first_stage, spec.needs)
-            if failed is not None:
-                stage, record = failed
-                quarantine.append(
-                    {"key": key, "uri": uri, "subset": spec.name, "stage": stage, **record}
-                )
+            key, uri = str(batch["key"][i]), str(batch["uri"][i])
+            base = {"key": key, "uri": uri, "subset": spec.name}
+            record = _record(spec, batch, i)
+            if record is not None:
+                quarantine.append({**base, **record})
                 continue
             try:
-                files = build_sample(spec.name, row)
+                files = build_sample(spec.name, spec.needs, batch, i)
                 validate_sample(spec.name, {"__key__": key, **files})
             except (SchemaError, TypeError, ValueError) as exc:
                 quarantine.append(
                     {
-                        "key": key,
-                        "uri": uri,
-                        "subset": spec.name,
+                        **base,
                         "stage": "schema",
+                        "kind": ERROR,
                         "error": type(exc).__name__,
-                        "message": str(exc)[:500],
+                        "message": str(exc)[:MESSAGE_LIMIT],
                     }
                 )
                 continue
@@ -114,11 +138,13 @@ def write_batch(
         ]
         if quarantine:
             commit_quarantine(out, spec.name, quarantine)
+        errors = [q for q in quarantine if q["kind"] != FILTERED]
         summaries.append(
             {
                 "subset": spec.name,
                 "written": len(samples),
-                "quarantined": len(quarantine),
+                "quarantined": len(errors),
+                "filtered": len(quarantine) - len(errors),
                 "bytes": sum(s.tar_bytes for s in shards),
                 "shards": json.dumps([s.name for s in shards]),
                 "errors": json.dumps(Counter(f"{q['stage']}:{q['error']}" for q in quarantine)),
@@ -130,23 +156,29 @@ def write_batch(
             "subset": "",
             "written": 0,
             "quarantined": 0,
+            "filtered": 0,
             "bytes": 0,
             "shards": "[]",
             "errors": "{}",
-            "stages": json.dumps(stage_stats(rows)),
+            "stages": json.dumps(stage_stats(batch, stage_names)),
         }
     )
-    return rows_to_batch(summaries)
+    return {c: object_column([s[c] for s in summaries]) for c in summaries[0]}
 
 
-def stage_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per stage: rows it ran on, rows it rejected, seconds it spent."""
+def stage_stats(batch: Columns, stage_names: list[str]) -> dict[str, dict[str, float]]:
+    """Per stage: rows it ran on, rows it failed (errors) or filtered, seconds it spent.
+    Every stage has an entry (``in`` 0 when nothing of this batch needed it), and ``rows``
+    counts the batch's rows, so the driver can count progress from any entry."""
+    n = batch_len(batch)
     stats: dict[str, dict[str, float]] = {}
-    for row in rows:
-        failures = json.loads(row["failures"])
-        for stage, seconds in json.loads(row["timings"]).items():
-            entry = stats.setdefault(stage, {"in": 0, "quarantined": 0, "seconds": 0.0})
-            entry["in"] += 1
-            entry["quarantined"] += int(stage in failures)
-            entry["seconds"] += seconds
+    for stage in stage_names:
+        status = batch[status_column(stage)]
+        stats[stage] = {
+            "rows": n,
+            "in": sum(1 for s in status if s),
+            "quarantined": sum(1 for s in status if s == ERROR),
+            "filtered": sum(1 for s in status if s == FILTERED),
+            "seconds": float(sum(batch[seconds_column(stage)])),
+        }
     return stats

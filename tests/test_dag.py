@@ -1,4 +1,5 @@
-"""DAG loading: defaults, dotted overrides, clear errors, the recipe digest."""
+"""DAG loading: defaults, dotted overrides, strict validation before anything runs,
+subsets derived from what stages produce, per-subset recipe digests."""
 
 from __future__ import annotations
 
@@ -10,56 +11,146 @@ from pipelines import dag
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pipelines" / "demo.yaml"
+TINY = ["weights=random-tiny"]
 
 
 def test_demo_dag_resolves_with_overrides():
     cfg = dag.load(
         DEMO,
         [
+            *TINY,
             "shards.max_samples=3",
             "stages.1.params.canny_low=50",
             "stages.degrade.params.canny_high=90",
         ],
     )
     assert cfg.shards.max_samples == 3
-    stages = dag.stages(cfg)
-    assert [s.name for s in stages] == ["decode", "degrade"]
-    assert stages[1].params["canny_low"] == 50 and stages[1].params["canny_high"] == 90
+    stages = {s.name: s for s in dag.stages(cfg)}
+    assert list(stages) == ["decode", "degrade", "depth", "pose"]
+    assert stages["degrade"].params.canny_low == 50 and stages["degrade"].params.canny_high == 90
+    assert stages["depth"].actors == (1, 1) and stages["decode"].actors is None
     assert {s.name: s.needs for s in dag.subsets(cfg)} == {
         "t2i": ("decode",),
         "i2i": ("decode", "degrade"),
+        "depth": ("decode", "depth"),
+        "pose": ("decode", "pose"),
     }
+    # The resolved DAG shows every parameter, defaults included, and the switch's effect.
+    assert cfg.stages[1].params.jpeg_quality == 95
+    assert cfg.stages[2].params.weights == "random-tiny"
+    assert cfg.stages[3].params.detector_weights == "random-tiny"
     assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db" and cfg.max_error_rate == 0.05
+
+
+def test_choosing_subsets_runs_only_the_stages_they_need():
+    cfg = dag.load(DEMO, ["subsets=[i2i]"])  # no weights needed: no model stage runs
+    assert [s.name for s in dag.stages(cfg)] == ["decode", "degrade"]
+    assert [s.name for s in dag.subsets(cfg)] == ["i2i"]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dag.yaml"
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("stages: [{op: nope}]\nsubsets: {t2i: {}}", "unknown op 'nope'"),
-        ("stages: [{op: decode}]\nsubsets: {x2y: {}}", "unknown subset 'x2y'"),
-        ("stages: [{op: decode}]\nsubsets: {t2i: {needs: [degrade]}}", "needs stage 'degrade'"),
-        ("stages: [{op: degrade}]\nsubsets: {t2i: {}}", "first stage must be a 'decode'"),
-        ("stages: [{op: decode}, {op: decode}]\nsubsets: {t2i: {}}", "unique"),
-        ("stages: [{op: decode}]\nsubsets: {}", "writes no subsets"),
-        ("stages: [{op: decode}]\nsubsets: {t2i: {}}\nmax_error_rate: 2", "max_error_rate"),
+        ("stages: [{name: nope}]\nsubsets: [t2i]", "stages.nope.name: unknown labeler 'nope'"),
+        ("stages: [{name: decod}]\nsubsets: [t2i]", "did you mean 'decode'"),
+        ("stages: [{op: decode}]\nsubsets: [t2i]", "unknown key 'op'"),
+        ("stages: [{name: decode}]\nsubsets: [x2y]", "unknown subset 'x2y'"),
+        ("stages: [{name: decode}]\nsubsets: {t2i: {}}", "subsets: a list, e.g. \\[t2i, i2i\\]"),
+        (
+            "stages: [{name: decode}]\nsubsets: [i2i]",
+            "'i2i' needs 'canny.png'.*add stage 'degrade'",
+        ),
+        ("stages: [{name: degrade}]\nsubsets: [t2i]", "stages.degrade: needs stage 'decode'"),
+        ("stages: [{name: decode}, {name: decode}]\nsubsets: [t2i]", "more than once"),
+        ("stages: [{name: decode}]\nsubsets: []", "writes no subsets"),
+        ("stages: []\nsubsets: [t2i]", "the DAG has no stages"),
+        ("stages: [{name: decode}]\nsubsets: [t2i, t2i]", "listed twice"),
+        ("stages: [{name: decode}]\nsubsets: [t2i]\nmax_error_rate: 2", "max_error_rate"),
+        ("stages: [{name: decode}]\nsubsets: [t2i]\nseeed: 1", "seeed: unknown key.*'seed'"),
+        ("stages: [{name: decode}]\nsubsets: [t2i]\nshards: {max_sample: 1}", "shards.max_sample"),
+        ("stages: [{name: decode}]\nsubsets: [t2i]\nseed: one", "seed: expected int, got 'one'"),
+        ("stages: [{name: decode, params: {min_sid: 3}}]\nsubsets: [t2i]", "'min_side'"),
+        (
+            "stages: [{name: decode, params: {max_side: big}}]\nsubsets: [t2i]",
+            "stages.decode.params.max_side: expected int | null, got 'big'",
+        ),
+        (
+            "stages: [{name: decode, resources: {num_cpu: 1}}]\nsubsets: [t2i]",
+            "stages.decode.resources.num_cpu: unknown key.*'num_cpus'",
+        ),
+        (
+            "stages: [{name: decode, resources: {actors: [3, 2]}}]\nsubsets: [t2i]",
+            "actors: need 1 <= min <= max",
+        ),
+        (
+            "source: {kind: folde}\nstages: [{name: decode}]\nsubsets: [t2i]",
+            "did you mean 'folder'",
+        ),
+        (
+            "source: {kind: folder}\nstages: [{name: decode}]\nsubsets: [t2i]",
+            "source.path: required",
+        ),
+        (
+            "source: {kind: demo, n: 3, pth: x}\nstages: [{name: decode}]\nsubsets: [t2i]",
+            "source.pth",
+        ),
+        (
+            "stages: [{name: decode}]\nsubsets: [t2i]\nweights: tiny",
+            "weights: expected 'random-tiny'",
+        ),
+        (
+            "stages: [{name: decode}, {name: depth, params: {weights: /no/such/dir}}]\nsubsets: [depth]",
+            "stages.depth.params.weights: '/no/such/dir' does not exist",
+        ),
+        ("- just\n- a list", "a DAG is a mapping"),
     ],
 )
 def test_bad_dags_fail_with_a_clear_message(tmp_path, text, message):
-    path = tmp_path / "dag.yaml"
-    path.write_text(text)
     with pytest.raises(dag.DagError, match=message):
-        dag.load(path)
+        dag.load(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sed=1", "unknown key 'sed'; did you mean 'seed'"),
+        ("stages.degrad.params.canny_low=1", "no stage named 'degrad'; did you mean 'degrade'"),
+        ("stages.degrade.params.canny_lo=1", "stages.degrade.params.canny_lo: unknown key"),
+        ("stages.degrade.params.downscale_factors=[a]", "downscale_factors\\[0\\]: expected int"),
+        ("ray.num_cpu=4", "ray.num_cpu: unknown key.*'num_cpus'"),
+        ("subsets=[t2j]", "did you mean 't2i'"),
+        ("noequals", "is not key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(dag.DagError, match=message):
+        dag.load(DEMO, [*TINY, override])
+
+
+def test_missing_weights_are_named_and_the_switch_runs_tiny_models():
+    with pytest.raises(dag.DagError, match="stages.depth.params.weights: .* does not exist"):
+        dag.load(DEMO)
+    cfg = dag.load(DEMO, ["ray.address=auto"])  # on a cluster the workers check their paths
+    assert dag.stages(cfg)[2].params.weights == "models/depth-anything-v2-small"
 
 
 def test_recipe_digest_tracks_content_not_placement():
-    base = dag.config_digest(dag.load(DEMO))
+    base = dag.subset_digests(dag.load(DEMO, TINY))
     assert (
-        dag.config_digest(
+        dag.subset_digests(
             dag.load(
                 DEMO,
                 [
+                    *TINY,
                     "output=/elsewhere",
                     "stages.0.resources.num_cpus=0.5",
+                    "stages.depth.resources.actors=[1,3]",
                     "ray.num_cpus=8",
                     "shards.max_samples=7",
                 ],
@@ -67,45 +158,56 @@ def test_recipe_digest_tracks_content_not_placement():
         )
         == base
     )
-    assert dag.config_digest(dag.load(DEMO, ["seed=1"])) != base
-    assert dag.config_digest(dag.load(DEMO, ["stages.1.params.canny_high=150"])) != base
+    assert dag.subset_digests(dag.load(DEMO, [*TINY, "seed=1"])) != base
+    changed = dag.subset_digests(dag.load(DEMO, [*TINY, "stages.1.params.canny_high=150"]))
+    assert changed["i2i"] != base["i2i"]
+    assert {s: changed[s] for s in ("t2i", "depth", "pose")} == {
+        s: base[s] for s in ("t2i", "depth", "pose")
+    }
+    # Choosing subsets does not change the recipe of those chosen.
+    assert dag.subset_digests(dag.load(DEMO, ["subsets=[i2i]"])) == {"i2i": base["i2i"]}
 
 
 def test_recipe_digest_tracks_code_versions(monkeypatch):
     from datagen import sources
-    from pipelines.ops import OPS
+    from datagen.labelers.degrade import DegradeStage
 
-    cfg = dag.load(DEMO)
-    base = dag.config_digest(cfg)
-    monkeypatch.setattr(OPS["decode"], "version", "999")
-    assert dag.config_digest(cfg) != base
+    cfg = dag.load(DEMO, TINY)
+    base = dag.subset_digests(cfg)
+    monkeypatch.setattr(DegradeStage, "version", "999")
+    bumped = dag.subset_digests(cfg)
+    assert bumped["i2i"] != base["i2i"] and bumped["t2i"] == base["t2i"]
     monkeypatch.undo()
     monkeypatch.setattr(sources, "KEY_SCHEME_VERSION", "999")
-    assert dag.config_digest(cfg) != base
+    assert dag.subset_digests(cfg)["t2i"] != base["t2i"]
 
 
-def test_resume_refuses_an_output_made_by_older_code(tmp_path, monkeypatch):
-    """The digest an output was made with is read back, not recomputed with today's
-    code: after an op's version changes, a rerun on that output is refused."""
+def test_resume_refuses_a_subset_made_by_older_code(tmp_path, monkeypatch):
+    """The digests an output was made with are read back, not recomputed with today's
+    code: after a stage's version changes, a rerun of the subsets it feeds is refused;
+    a new subset is simply added."""
+    from datagen.labelers.degrade import DegradeStage
     from orchestration.datagen_job import RECIPE, check_recipe
     from orchestration.errors import DatagenError
-    from pipelines.ops import OPS
 
     out = tmp_path / "out"
     out.mkdir()
-    cfg = dag.load(DEMO, [f"output={out}"])
-    first = check_recipe(cfg, str(out))
-    assert (out / RECIPE).read_text().startswith(f"# config_digest: {first}")
-    assert check_recipe(cfg, str(out)) == first  # same code, same recipe: resumes
-    monkeypatch.setattr(OPS["decode"], "version", "999")
-    with pytest.raises(DatagenError, match=f"digest {first}, now"):
-        check_recipe(cfg, str(out))
-    # An output from before the header: its manifest's digest is the one it was made with.
-    (out / RECIPE).write_text((out / RECIPE).read_text().split("\n", 1)[1])
+    t2i_only = dag.load(DEMO, [f"output={out}", "subsets=[t2i]"])
+    first = check_recipe(t2i_only, str(out))
+    both = dag.load(DEMO, [f"output={out}", "subsets=[t2i,i2i]"])
+    digests = check_recipe(both, str(out))  # i2i is new: added
+    assert digests["t2i"] == first["t2i"]
+    assert f"# subset_digest i2i: {digests['i2i']}" in (out / RECIPE).read_text()
+    assert check_recipe(t2i_only, str(out)) == first  # t2i alone still resumes
+    monkeypatch.setattr(DegradeStage, "version", "999")
+    assert check_recipe(t2i_only, str(out))  # t2i does not need degrade
+    with pytest.raises(DatagenError, match=f"for i2i \\(digest {digests['i2i']}, now"):
+        check_recipe(both, str(out))
+    # An output from before per-subset digests: one digest for all its subsets.
+    (out / RECIPE).write_text("# config_digest: 0123abcd\nname: old\n")
     (out / "t2i").mkdir()
-    (out / "t2i" / "manifest.json").write_text('{"shards": [], "config_digest": "0123abcd"}')
-    with pytest.raises(DatagenError, match="digest 0123abcd, now"):
-        check_recipe(cfg, str(out))
+    with pytest.raises(DatagenError, match="t2i \\(digest 0123abcd, now"):
+        check_recipe(t2i_only, str(out))
 
 
 def test_cli_takes_overrides_anywhere(tmp_path, monkeypatch):

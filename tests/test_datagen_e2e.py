@@ -73,7 +73,7 @@ def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
     client = mlflow.MlflowClient(str(cfg.mlflow.tracking_uri))
     run_info = client.get_run(result.mlflow_run_id)
     assert run_info.info.status == "FINISHED"
-    assert run_info.data.params["stages.decode.op"] == "decode"
+    assert run_info.data.params["stages.decode.params.min_side"] == "64"
     assert run_info.data.metrics["stage.decode.in"] == 12
     assert run_info.data.metrics["stage.degrade.out"] == 12
     assert run_info.data.metrics["subset.i2i.written"] == 12
@@ -125,6 +125,7 @@ def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
                 f"source.cache_dir={tmp_path / 'inputs'}",
                 "source.max_side=256",
                 "shards.max_samples=4",
+                "subsets=[t2i,i2i]",
                 "allow_recipe_change=true",
                 f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
             ]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
-from pipelines.ops import DecodeOp
+from datagen.labelers.decode import DecodeStage, DecodeStageParams
 from tests.bad_inputs import (
     BOMB,
     CMYK,
@@ -42,6 +42,11 @@ CASES = make_bad_inputs()
 BAD = sorted(name for name, (_, error) in CASES.items() if error is not None)
 GOOD = sorted(name for name, (_, error) in CASES.items() if error is None)
 WHITE = (255, 255, 255)
+
+
+def decode_op(**params):
+    """The decode stage's per-row function (raises BadInput to reject the row)."""
+    return DecodeStage(DecodeStageParams(**params)).label
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +300,7 @@ def _row(path, caption="a caption", offset=None, size=None):
 def test_decode_op_keeps_original_upright_rgb_jpeg(folder):
     root, _ = folder
     data = (root / UPRIGHT).read_bytes()
-    out = DecodeOp()(_row(root / UPRIGHT))
+    out = decode_op()(_row(root / UPRIGHT))
     assert out["jpg"] == data
     assert out["image"].shape == (H, W, 3)
     assert out["txt"] == b"a caption"
@@ -306,7 +311,7 @@ def test_decode_op_keeps_original_upright_rgb_jpeg(folder):
 def test_decode_op_reencodes_everything_else(folder, name):
     root, _ = folder
     data = (root / name).read_bytes()
-    out = DecodeOp()(_row(root / name))
+    out = decode_op()(_row(root / name))
     assert out["jpg"] != data
     assert out["jpg"][:3] == b"\xff\xd8\xff"
     with Image.open(io.BytesIO(out["jpg"])) as im:
@@ -319,7 +324,7 @@ def test_decode_op_reencodes_everything_else(folder, name):
 
 def test_decode_op_exif6_output_is_upright(folder):
     root, _ = folder
-    out = DecodeOp()(_row(root / EXIF6))
+    out = decode_op()(_row(root / EXIF6))
     assert out["image"].shape == (EXIF6_W, EXIF6_H, 3)
     assert out["meta"]["width"] == EXIF6_H and out["meta"]["height"] == EXIF6_W
 
@@ -327,7 +332,7 @@ def test_decode_op_exif6_output_is_upright(folder):
 def test_decode_op_gray_jpeg_is_reencoded_as_rgb(tmp_path):
     path = tmp_path / "gray.jpg"
     Image.new("L", (100, 90), 77).save(path, quality=95)
-    out = DecodeOp()(_row(path))
+    out = decode_op()(_row(path))
     assert out["jpg"] != path.read_bytes()
     with Image.open(io.BytesIO(out["jpg"])) as im:
         assert im.mode == "RGB"
@@ -336,7 +341,7 @@ def test_decode_op_gray_jpeg_is_reencoded_as_rgb(tmp_path):
 def test_decode_op_resizes_and_reencodes(folder):
     root, _ = folder
     # min_side applies to the resized image (80x60), so it is lowered with max_side.
-    out = DecodeOp(max_side=80, min_side=32)(_row(root / UPRIGHT))
+    out = decode_op(max_side=80, min_side=32)(_row(root / UPRIGHT))
     assert out["image"].shape == (60, 80, 3)
     assert out["jpg"] != (root / UPRIGHT).read_bytes()
     with Image.open(io.BytesIO(out["jpg"])) as im:
@@ -348,22 +353,22 @@ def test_decode_op_reads_a_byte_range(tmp_path, folder):
     data = (root / UPRIGHT).read_bytes()
     blob = tmp_path / "blob.bin"
     blob.write_bytes(b"x" * 100 + data + b"y" * 50)
-    out = DecodeOp()(_row(blob, offset=100, size=len(data)))
+    out = decode_op()(_row(blob, offset=100, size=len(data)))
     assert out["jpg"] == data
     # NaN offsets (how Ray fills a missing int) mean "the whole file"
-    whole = DecodeOp()(_row(root / UPRIGHT, offset=math.nan, size=math.nan))
+    whole = decode_op()(_row(root / UPRIGHT, offset=math.nan, size=math.nan))
     assert whole["jpg"] == data
 
 
 def test_decode_op_missing_caption_and_rejects(folder, tmp_path):
     root, _ = folder
-    out = DecodeOp()(_row(root / PALETTE, caption=None))
+    out = decode_op()(_row(root / PALETTE, caption=None))
     assert out["txt"] == b"" and out["meta"]["caption"] == ""
     with pytest.raises(BadInput) as info:
-        DecodeOp()(_row(root / TINY))
+        decode_op()(_row(root / TINY))
     assert info.value.error == "TooSmall"
     with pytest.raises(BadInput) as info:
-        DecodeOp()(_row(tmp_path / "gone.jpg"))
+        decode_op()(_row(tmp_path / "gone.jpg"))
     assert info.value.error == "MissingFile"
 
 

@@ -20,7 +20,8 @@ from datagen.degrade import (
     rng_for,
     soft_edges,
 )
-from pipelines.ops import DegradeOp
+from datagen.labelers.degrade import DegradeStage
+from datagen.stage import column_for
 
 H, W = 96, 128
 
@@ -79,10 +80,10 @@ def test_degrade_all_is_byte_identical_for_the_same_key_and_seed():
 
 def test_degrade_op_output_bytes_are_identical_across_instances():
     row = {"key": "sample_001", "image": _scene()}
-    out1 = DegradeOp(seed=3)(dict(row))
-    out2 = DegradeOp(seed=3)(dict(row))
-    assert set(out1) == set(DegradeOp.outputs) | {"meta"}
-    for column in DegradeOp.outputs:
+    out1 = DegradeStage(seed=3).label(dict(row))
+    out2 = DegradeStage(seed=3).label(dict(row))
+    assert set(out1) == {column_for(f) for f in DegradeStage.fields()} | {"meta"}
+    for column in sorted(column_for(f) for f in DegradeStage.fields()):
         assert isinstance(out1[column], bytes) and out1[column]
         assert out1[column] == out2[column], column
     assert out1["meta"] == out2["meta"]

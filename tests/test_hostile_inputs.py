@@ -28,6 +28,7 @@ from PIL import Image
 
 from datagen import decode
 from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
+from datagen.labelers.decode import DecodeStage, DecodeStageParams
 from datagen.schema import KEY_PATTERN
 from datagen.sources import (
     MANIFEST_SCHEMA,
@@ -38,8 +39,12 @@ from datagen.sources import (
     tar_key,
     webdataset_shards,
 )
-from pipelines.ops import DecodeOp
 from tests.bad_inputs import SPARSE_SIZE, one_bit_png, write_hostile_folder
+
+
+def decode_op(**params):
+    """The decode stage's per-row function (raises BadInput to reject the row)."""
+    return DecodeStage(DecodeStageParams(**params)).label
 
 
 def _jpeg(seed: int, size: tuple[int, int] = (96, 80)) -> bytes:
@@ -81,7 +86,7 @@ def test_fifo_is_refused_without_opening_it(tmp_path):
     os.mkfifo(fifo)
     exc = _error(read_bytes, str(fifo))
     assert exc.error == "NotARegularFile" and "FIFO" in exc.message and str(fifo) in exc.message
-    assert _error(DecodeOp(), _row(fifo)).error == "NotARegularFile"
+    assert _error(decode_op(), _row(fifo)).error == "NotARegularFile"
 
 
 @pytest.mark.timeout(10)
@@ -104,7 +109,7 @@ def test_char_device_is_refused(tmp_path, link):
         uri = str(tmp_path / "zero.jpg")
     exc = _error(read_bytes, uri)
     assert exc.error == "NotARegularFile" and "character device" in exc.message
-    assert _error(DecodeOp(), _row(uri)).error == "NotARegularFile"
+    assert _error(decode_op(), _row(uri)).error == "NotARegularFile"
 
 
 @pytest.mark.timeout(10)
@@ -115,7 +120,7 @@ def test_sparse_file_is_refused_before_reading(tmp_path):
     start = time.perf_counter()
     exc = _error(read_bytes, str(sparse), max_bytes=10_000_000)
     assert exc.error == "TooLarge" and str(SPARSE_SIZE) in exc.message
-    assert _error(DecodeOp(), _row(sparse)).error == "TooLarge"  # default cap: 200 MB
+    assert _error(decode_op(), _row(sparse)).error == "TooLarge"  # default cap: 200 MB
     # A byte range is capped by its own size, and must lie inside the file.
     assert read_bytes(str(sparse), SPARSE_SIZE - 8, 8) == b"\0" * 8
     assert _error(read_bytes, str(sparse), 0, 500_000_000).error == "TooLarge"
@@ -162,7 +167,7 @@ def test_a_read_that_never_returns_times_out(hang_in, monkeypatch):
         exc = _error(read_bytes, "onegenhang://bucket/x.jpg", timeout_s=0.3)
         assert exc.error == "ReadTimeout" and "onegenhang://bucket/x.jpg" in exc.message
         assert time.perf_counter() - start < 2.0
-        exc = _error(DecodeOp(read_timeout_s=0.3), _row("onegenhang://bucket/y.jpg"))
+        exc = _error(decode_op(read_timeout_s=0.3), _row("onegenhang://bucket/y.jpg"))
         assert exc.error == "ReadTimeout"
     finally:
         _HangingFS.release.set()
@@ -206,22 +211,22 @@ def test_long_strip_is_refused_before_decoding():
 def test_decode_op_checks_aspect_ratio_and_min_side_after_resizing(tmp_path):
     strip = tmp_path / "strip.png"
     strip.write_bytes(_png((2000, 64)))
-    assert _error(DecodeOp(max_side=1024), _row(strip)).error == "BadAspectRatio"
+    assert _error(decode_op(max_side=1024), _row(strip)).error == "BadAspectRatio"
     # With the ratio allowed, the resize to 1024 x 33 still fails: min_side is checked after it.
-    exc = _error(DecodeOp(max_side=1024, max_aspect_ratio=40), _row(strip))
+    exc = _error(decode_op(max_side=1024, max_aspect_ratio=40), _row(strip))
     assert exc.error == "TooSmall" and "1024x33 after resizing" in exc.message
     # 3:1 passes the ratio, but max_side=150 leaves a 50 px short side < min_side=64.
     wide = tmp_path / "wide.png"
     wide.write_bytes(_png((300, 100)))
-    exc = _error(DecodeOp(max_side=150, min_side=64), _row(wide))
+    exc = _error(decode_op(max_side=150, min_side=64), _row(wide))
     assert exc.error == "TooSmall" and "150x50" in exc.message and "after resizing" in exc.message
-    assert DecodeOp(max_side=300)(_row(wide))["image"].shape == (100, 300, 3)
+    assert decode_op(max_side=300)(_row(wide))["image"].shape == (100, 300, 3)
 
 
 def test_normal_two_to_one_jpeg_is_passed_through_unchanged(tmp_path):
     path = tmp_path / "wide.jpg"
     path.write_bytes(_jpeg(1, (256, 128)))
-    out = DecodeOp(max_side=1024)(_row(path))
+    out = decode_op(max_side=1024)(_row(path))
     assert out["jpg"] == path.read_bytes() and out["image"].shape == (128, 256, 3)
 
 
@@ -242,9 +247,9 @@ def test_image_folder_quarantines_bad_sidecars_and_keeps_the_rest(tmp_path):
     assert "not a regular file" in rows["fifocap.jpg"]["source_error"]
     assert rows["good_0.jpg"]["source_error"] is None
     assert rows["good_0.jpg"]["caption"] == "a good photo number 0"
-    exc = _error(DecodeOp(), rows["badcap.jpg"])
+    exc = _error(decode_op(), rows["badcap.jpg"])
     assert exc.error == "BadCaption" and "badcap.txt" in exc.message
-    assert DecodeOp()(rows["good_0.jpg"])["txt"] == b"a good photo number 0"
+    assert decode_op()(rows["good_0.jpg"])["txt"] == b"a good photo number 0"
 
 
 def test_non_utf8_file_name_is_quarantined(tmp_path):
@@ -303,7 +308,7 @@ def _assert_good(rows: dict[str, dict], *suffixes: str) -> None:
     for suffix in suffixes:
         row = rows[suffix]
         assert row["source_error"] is None, row
-        out = DecodeOp()(row)
+        out = decode_op()(row)
         assert out["txt"].startswith(b"caption of ") and out["image"].shape == (80, 96, 3)
 
 
@@ -395,7 +400,7 @@ def test_broken_tars_keep_what_was_read_and_name_the_break(tars):
                 continue
             assert row["source_error"].startswith(f"{error}: "), (name, row)
             assert str(path) in row["source_error"], row["source_error"]
-            assert _error(DecodeOp(), row).error == error
+            assert _error(decode_op(), row).error == error
 
 
 def test_truncation_and_lies_name_the_member(tars):

@@ -236,6 +236,30 @@ def test_datagen_fit_and_sample_stay_on_this_machine(tmp_path):
     assert not outside, "network attempts beyond this machine:\n" + "\n".join(map(str, outside))
 
 
+def test_depth_and_pose_dags_stay_on_this_machine(tmp_path):
+    """The model stages (transformers, ultralytics) load and label offline: in the driver,
+    which validates the DAG, and in the actors, which build the tiny random models."""
+    env, log = hooked_env(tmp_path)
+    own = own_addresses()
+    out = tmp_path / "out"
+    _run(
+        [
+            ONEGEN,
+            *tiny_demo_run_args(tmp_path, out, "subsets=[depth,pose]", "weights=random-tiny"),
+        ],
+        tmp_path,
+        env,
+    )
+    for subset in ("depth", "pose"):
+        manifest = json.loads((out / subset / "manifest.json").read_text())
+        assert manifest["written"] + manifest["quarantined"] == 4, manifest
+    assert json.loads((out / "depth" / "manifest.json").read_text())["written"] == 4
+    processes = {json.loads(line)["argv"] for line in log.read_text().splitlines()}
+    assert any("ray" in p for p in processes), f"no Ray process was hooked: {processes}"
+    outside = outside_attempts(log, own)
+    assert not outside, "network attempts beyond this machine:\n" + "\n".join(map(str, outside))
+
+
 PROBE_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import mlflow

@@ -26,7 +26,18 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _job(out: Path, tmp: Path) -> list[str]:
+# (subsets, extra overrides): cheap task stages only; and a model stage in an actor pool.
+PLANS = {
+    "tasks": (("t2i", "i2i"), []),
+    "actor_pool": (
+        ("t2i", "depth"),
+        ["weights=random-tiny", "stages.depth.resources.batch_size=2"],
+    ),
+}
+
+
+def _job(out: Path, tmp: Path, plan: str) -> list[str]:
+    subsets, extra = PLANS[plan]
     return [
         sys.executable,
         "-m",
@@ -42,14 +53,19 @@ def _job(out: Path, tmp: Path) -> list[str]:
         "shards.max_samples=2",
         "ray.num_cpus=2",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"subsets=[{','.join(subsets)}]",
+        *extra,
     ]
 
 
-def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path):
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path, plan):
+    subsets = PLANS[plan][0]
+    last = subsets[-1]
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        _job(out, tmp_path),
+        _job(out, tmp_path, plan),
         cwd=tmp_path,
         env=env,
         start_new_session=True,
@@ -59,7 +75,7 @@ def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path):
     # Kill as soon as some shards are committed but before the job can finish.
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if len(list(out.glob("i2i/*.parquet"))) >= 2:
+        if len(list(out.glob(f"{last}/*.parquet"))) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the job finished before it could be killed; make it longer"
@@ -73,16 +89,21 @@ def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path):
     # No partial tar is visible: every *.tar parses completely.
     for tar in out.rglob("*.tar"):
         shards.read_tar_samples(tar.read_bytes())
-    committed = shards.read_indexes(str(out), "i2i").num_rows
+    committed = shards.read_indexes(str(out), last).num_rows
     assert 0 < committed < 40
     before = {
         s: shards.read_indexes(str(out), s).num_rows + shards.read_quarantine(str(out), s).num_rows
-        for s in ("t2i", "i2i")
+        for s in subsets
     }
     assert (out / "_onegen.lock").exists(), "the killed job's lock is left behind (and is stale)"
 
     rerun = subprocess.run(
-        _job(out, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        _job(out, tmp_path, plan),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # The summary reads as a resume, not as a loss.
@@ -92,7 +113,7 @@ def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path):
             "40 inputs in all" in rerun.stdout
         ), rerun.stdout
     assert not (out / "_onegen.lock").exists()
-    for subset in ("t2i", "i2i"):
+    for subset in subsets:
         keys = [
             k
             for tar in sorted((out / subset).glob("*.tar"))

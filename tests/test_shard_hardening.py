@@ -122,13 +122,15 @@ def test_longest_key_and_field_through_every_reader(tmp_path):
     fs = fsspec.filesystem("file")
     for key, files in samples:
         row = rows[key]
-        chunk = sampling.read_range(fs, str(tar_path), row["offset"], row["offset"] + row["length"])
-        assert sampling.sample_files(chunk, key) == dict(files)
+        chunk = shards.read_range(fs, str(tar_path), row["offset"], row["offset"] + row["length"])
+        assert shards.sample_files(chunk, key) == dict(files)
         assert shards.read_tar_samples(chunk + b"\0" * 1024) == [(key, dict(files))]
+        entry = shards.Entry(key, row["offset"], row["length"])
+        assert shards.ShardReader(out).sample(subset, tar_path.name, entry) == dict(files)
     # One range request over all three samples, as training windows read them.
-    names = [n for n, _ in sampling.parse_members(data[: sum(r["length"] for r in rows.values())])]
+    names = [n for n, _ in shards.parse_members(data[: sum(r["length"] for r in rows.values())])]
     assert f"{LONGEST_KEY}.{LONGEST_FIELD}" in names and len(names) == 15
-    assert sampling.scan_tar_ranges(fs, str(tar_path)) == [
+    assert shards.ShardReader(out).scan(subset, tar_path.name) == [
         (k, rows[k]["offset"], rows[k]["length"]) for k, _ in samples
     ]
     index = sampling.build_subset_index([out], subset)
@@ -148,13 +150,13 @@ def test_longest_key_and_field_through_every_reader(tmp_path):
     "header", [b"0 path=x\n", b"12 path=x\n", b"11 pathx\n\0\0", b"abc", b"9 path=\xff\n"]
 )
 def test_malformed_pax_header_is_a_format_error_not_a_hang(header):
-    with pytest.raises(sampling.TarFormatError):
-        sampling._pax_path(header)
+    with pytest.raises(shards.TarFormatError):
+        shards._pax_info(header)
 
 
 def test_pax_path_reads_tarfile_records():
-    assert sampling._pax_path(b"") is None
-    assert sampling._pax_path(b"12 path=abc\n15 path=a.b.cd\n13 mtime=0.5\n") == "a.b.cd"
+    assert shards._pax_info(b"")[0] is None
+    assert shards._pax_info(b"12 path=abc\n15 path=a.b.cd\n13 mtime=0.5\n")[0] == "a.b.cd"
 
 
 def _image_file(path: Path, seed: int) -> None:
@@ -176,10 +178,10 @@ def _check_output(out: str, subset: str, key: str) -> None:
     i = index.keys.to_pylist().index(key)
     shard = int((index.shard_start <= i).sum()) - 1
     fs = fsspec.filesystem("file")
-    chunk = sampling.read_range(
+    chunk = shards.read_range(
         fs, index.urls[shard], int(index.offsets[i]), int(index.offsets[i] + index.lengths[i])
     )
-    assert set(sampling.sample_files(chunk, key)) == {f.name for f in SUBSETS[subset].fields}
+    assert set(shards.sample_files(chunk, key)) == {f.name for f in SUBSETS[subset].fields}
     keys = {
         s["__key__"]
         for s in wds.WebDataset(

@@ -1,248 +1,234 @@
-"""pipelines.stage: failures are recorded, never dropped; batches keep bytes intact."""
+"""The Stage protocol (datagen.stage): who sees which row, typed failures, groups,
+batches that isolate a poisonous row, and exact accounting through Ray."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
+import cloudpickle
 import numpy as np
 import pytest
-from PIL import Image
 
-from datagen.decode import BadInput
-from pipelines.ops import Op
-from pipelines.stage import (
-    MESSAGE_LIMIT,
-    StageFn,
-    apply_op,
-    batch_to_rows,
-    failure_record,
-    object_column,
-    rows_to_batch,
-    stages_task,
+from datagen import labelers
+from datagen.stage import (
+    ERROR,
+    FILTERED,
+    OK,
+    Failure,
+    Filtered,
+    RowStage,
+    Stage,
+    column_for,
+    error_column,
+    message_column,
+    meta_column,
+    run_stage,
+    status_column,
 )
+from tests import toy_stages
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _row(key: str, failures: dict | None = None, **extra: Any) -> dict[str, Any]:
-    return {
-        "key": key,
-        "uri": f"/nowhere/{key}.jpg",
-        "meta": json.dumps({"source": "test"}),
-        "failures": json.dumps(failures or {}),
-        "timings": json.dumps({}),
-        **extra,
-    }
+class Doubler(Stage):
+    """Batched: doubles ``n``; a batch holding ``n == 13`` raises as a whole."""
 
+    name: ClassVar[str] = "doubler"
+    reads: ClassVar[tuple[str, ...]] = ("n",)
+    produces: ClassVar[tuple[str, ...]] = ("jpg", "doubled")
 
-class PickyOp(Op):
-    """Doubles ``n``; rejects odd keys with a BadInput, 'boom' keys with a RuntimeError."""
+    def __init__(self, params: Any = None, seed: int = 0):
+        super().__init__(params, seed)
+        self.batches: list[list[str]] = []
 
-    outputs: ClassVar[dict[str, Any]] = {"doubled": -1, "blob": b"", "arr": None}
-
-    def __init__(self, seed: int = 0, **params: Any):
-        super().__init__(seed, **params)
-        self.calls: list[str] = []
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        self.calls.append(row["key"])
-        if row["key"].startswith("boom"):
-            raise RuntimeError("exploded " + "x" * 2000)
-        if row["n"] % 2:
-            raise BadInput("OddNumber", f"{row['n']} is odd")
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        self.batches.append(list(batch["key"]))
+        if 13 in list(batch["n"]):
+            raise RuntimeError("13 poisons the whole batch")
         return {
-            "doubled": 2 * row["n"],
-            "blob": bytes([row["n"]]) + b"\x00\x00",
-            "arr": np.full((2, 2), row["n"]),
-            "meta": {"n": row["n"]},
+            "jpg": [bytes([n]) + b"\x00" for n in batch["n"]],
+            "meta": [{"doubled": 2 * n} for n in batch["n"]],
         }
 
 
-def test_failures_are_recorded_and_rows_kept():
-    rows = [_row("r0", n=0), _row("r1", n=1), _row("boom2", n=2), _row("r4", n=4)]
-    op = PickyOp()
-    out = apply_op(op, "pick", (), rows)
-    assert [r["key"] for r in out] == ["r0", "r1", "boom2", "r4"]  # every row, same order
-    assert op.calls == ["r0", "r1", "boom2", "r4"]
-
-    failures = [json.loads(r["failures"]) for r in out]
-    assert failures[0] == {} and failures[3] == {}
-    assert failures[1] == {"pick": {"error": "OddNumber", "message": "1 is odd"}}
-    assert failures[2]["pick"]["error"] == "RuntimeError"
-    assert failures[2]["pick"]["message"].startswith("exploded xxx")
-    assert len(failures[2]["pick"]["message"]) == MESSAGE_LIMIT
-
-    # declared outputs: computed for good rows, the op's defaults for failed ones
-    assert [r["doubled"] for r in out] == [0, -1, -1, 8]
-    assert [r["blob"] for r in out] == [b"\x00\x00\x00", b"", b"", b"\x04\x00\x00"]
-    assert out[1]["arr"] is None and out[2]["arr"] is None
-    assert np.array_equal(out[3]["arr"], np.full((2, 2), 4))
-
-    # meta merged only where the op succeeded
-    metas = [json.loads(r["meta"]) for r in out]
-    assert metas[0] == {"source": "test", "n": 0}
-    assert metas[1] == {"source": "test"} and metas[2] == {"source": "test"}
-    assert metas[3] == {"source": "test", "n": 4}
-
-    # every attempted row is timed, failed or not
-    for r in out:
-        timings = json.loads(r["timings"])
-        assert set(timings) == {"pick"} and timings["pick"] >= 0
+def _batch(keys: list[str], **columns: list[Any]) -> dict[str, Any]:
+    return {"key": keys, **columns}
 
 
-def test_rows_whose_needed_stage_failed_are_skipped():
-    earlier = {"decode": {"error": "CorruptImage", "message": "truncated"}}
-    other = {"caption": {"error": "Timeout", "message": "slow"}}
-    rows = [
-        _row("a", n=2),
-        _row("b", failures=earlier, n=4),
-        _row("c", failures=other, n=6),
-        _row("d", n=3),
-    ]
-    op = PickyOp()
-    out = apply_op(op, "pick", ("decode",), rows)
-    assert op.calls == ["a", "c", "d"]  # b's decode failed; c's failure is not a need
-    assert len(out) == 4
-    b = out[1]
-    assert json.loads(b["failures"]) == earlier  # the original failure stays, nothing added
-    assert json.loads(b["timings"]) == {}  # not attempted
-    assert b["doubled"] == -1 and b["blob"] == b"" and b["arr"] is None
-    assert json.loads(out[2]["failures"]) == other
-    assert out[2]["doubled"] == 12
-    assert set(json.loads(out[3]["failures"])) == {"pick"}
-
-
-def test_needs_is_any_of_several_stages():
-    rows = [
-        _row("a", failures={"depth": {"error": "E", "message": "m"}}, n=2),
-        _row("b", n=2),
-    ]
-    op = PickyOp()
-    out = apply_op(op, "pick", ("decode", "depth"), rows)
-    assert op.calls == ["b"]
-    assert [r["doubled"] for r in out] == [-1, 4]
-
-
-def test_failure_record():
-    assert failure_record(BadInput("EmptyFile", "zero bytes")) == {
-        "error": "EmptyFile",
-        "message": "zero bytes",
-    }
-    assert failure_record(KeyError("image")) == {"error": "KeyError", "message": "'image'"}
-    long = failure_record(BadInput("X", "y" * 10_000))
-    assert long["message"] == "y" * MESSAGE_LIMIT
-
-
-# --- batches -----------------------------------------------------------------------------
-
-
-def test_rows_batch_round_trip_keeps_trailing_nul_bytes():
-    values = [b"abc\x00", b"\x00\x00", b"", b"\xff\xd8\xff\xd9\x00\x00\x00"]
-    rows = [{"key": f"k{i}", "data": v, "n": i} for i, v in enumerate(values)]
-    batch = rows_to_batch(rows)
-    assert all(col.dtype == object for col in batch.values())
-    assert len(batch["data"]) == len(values)
-    back = batch_to_rows(batch)
-    assert [r["data"] for r in back] == values
-    assert all(type(r["data"]) is bytes for r in back)
-    assert [r["key"] for r in back] == ["k0", "k1", "k2", "k3"]
-    assert [r["n"] for r in back] == [0, 1, 2, 3]
-    # a plain numpy bytes column would have lost them: this is what the object column avoids
-    assert np.array(values)[0] != values[0]
-
-
-def test_rows_batch_round_trip_ragged_arrays_and_missing_columns():
-    a = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
-    b = np.zeros((5, 1, 3), np.uint8)
-    rows = [{"key": "x", "image": a}, {"key": "y", "image": b, "extra": "only here"}]
-    batch = rows_to_batch(rows)
-    assert list(batch) == ["key", "image", "extra"]
-    back = batch_to_rows(batch)
-    assert np.array_equal(back[0]["image"], a)
-    assert back[1]["image"].shape == (5, 1, 3)
-    assert back[0]["extra"] is None and back[1]["extra"] == "only here"
-
-
-def test_same_shape_arrays_stay_one_object_per_row():
-    rows = [{"image": np.full((2, 2, 3), i, np.uint8)} for i in range(3)]
-    col = rows_to_batch(rows)["image"]
-    assert col.shape == (3,)
-    assert [int(v[0, 0, 0]) for v in col] == [0, 1, 2]
-
-
-def test_object_column_and_empty_batch():
-    col = object_column([b"a\x00", None, np.zeros(3)])
-    assert col.dtype == object and col.shape == (3,)
-    assert col[0] == b"a\x00" and col[1] is None
-    assert rows_to_batch([]) == {}
-    assert batch_to_rows({}) == []
-
-
-# --- the callable handed to Ray, run without Ray ------------------------------------------
-
-
-def test_stage_fn_decode_over_a_batch(tmp_path):
-    good = tmp_path / "good.png"
-    Image.new("RGB", (80, 70), (10, 20, 30)).save(good)
-    empty = tmp_path / "empty.jpg"
-    empty.write_bytes(b"")
-    rows = [
-        {**_row("good"), "uri": str(good), "caption": "c", "byte_offset": None, "byte_size": None},
-        {
-            **_row("empty"),
-            "uri": str(empty),
-            "caption": None,
-            "byte_offset": None,
-            "byte_size": None,
-        },
-        {
-            **_row("gone"),
-            "uri": str(tmp_path / "gone.jpg"),
-            "caption": None,
-            "byte_offset": None,
-            "byte_size": None,
-        },
-    ]
-    batch = rows_to_batch(rows)
-    for result in (
-        StageFn("decode", "decode", {}, 0, ())(batch),
-        stages_task(
-            batch, stages=[dict(op_name="decode", stage="decode", params={}, seed=0, needs=())]
-        ),
-    ):
-        out = batch_to_rows(result)
-        assert [r["key"] for r in out] == ["good", "empty", "gone"]
-        assert out[0]["image"].shape == (70, 80, 3)
-        assert out[0]["jpg"][:3] == b"\xff\xd8\xff"
-        assert json.loads(out[0]["meta"])["width"] == 80
-        assert json.loads(out[1]["failures"])["decode"]["error"] == "EmptyFile"
-        assert json.loads(out[2]["failures"])["decode"]["error"] == "MissingFile"
-        for r in out[1:]:
-            assert r["jpg"] == b"" and r["txt"] == b"" and r["image"].shape == (1, 1, 3)
-
-
-def test_stage_fn_degrade_skips_rows_whose_decode_failed(tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, (72, 96, 3), dtype=np.uint8)
-    rows = [
-        _row("ok", image=image),
-        _row(
-            "bad",
-            failures={"decode": {"error": "EmptyFile", "message": "zero bytes"}},
-            image=np.zeros((1, 1, 3), np.uint8),
-        ),
-    ]
-    out = batch_to_rows(StageFn("degrade", "degrade", {}, 5, ("decode",))(rows_to_batch(rows)))
-    assert out[0]["canny_png"][:4] == b"\x89PNG" and out[0]["mask_png"][:4] == b"\x89PNG"
-    assert "degradations" in json.loads(out[0]["meta"])
-    assert all(
-        out[1][c] == b""
-        for c in ("canny_png", "hed_png", "blur_jpg", "lowres_jpg", "masked_jpg", "mask_png")
+def test_batched_call_sees_only_wanted_rows_whose_needs_succeeded():
+    batch = _batch(
+        ["a", "b", "c", "d"],
+        n=[1, 2, 3, 4],
+        **{status_column("decode"): [OK, ERROR, FILTERED, OK]},
     )
-    assert json.loads(out[1]["failures"]) == {
-        "decode": {"error": "EmptyFile", "message": "zero bytes"}
+    stage = Doubler()
+    out = run_stage(
+        stage, batch, name="doubler", needs=("decode",), wanted=[True, True, True, False]
+    )
+    assert stage.batches == [["a"]]  # one batch: b failed, c was filtered, d not wanted
+    assert out[status_column("doubler")] == [OK, "", "", ""]
+    assert out["jpg"] == [b"\x01\x00", b"", b"", b""]  # bytes stay bytes, NULs kept
+    assert json.loads(out[meta_column("doubler")][0]) == {"doubled": 2}
+
+
+def test_a_poisonous_row_fails_alone():
+    stage = Doubler()
+    out = run_stage(stage, _batch(["a", "b", "c"], n=[1, 13, 3]), name="doubler", needs=())
+    assert out[status_column("doubler")] == [OK, ERROR, OK]
+    assert out[error_column("doubler")][1] == "RuntimeError"
+    assert "poisons" in out[message_column("doubler")][1]
+    assert out["jpg"][0] == b"\x01\x00" and out["jpg"][2] == b"\x03\x00"
+
+
+class Picky(RowStage):
+    name: ClassVar[str] = "picky"
+    reads: ClassVar[tuple[str, ...]] = ("n",)
+    produces: ClassVar[tuple[str, ...]] = ("txt",)
+
+    def label(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row["n"] < 0:
+            raise Filtered("Negative", f"{row['n']} < 0")
+        if row["n"] == 0:
+            raise ValueError("zero " + "x" * 2000)
+        return {"txt": str(row["n"]).encode()}
+
+
+def test_row_failures_are_typed_and_messages_bounded():
+    out = run_stage(Picky(), _batch(["a", "b", "c"], n=[-1, 0, 5]), name="picky", needs=())
+    assert out[status_column("picky")] == [FILTERED, ERROR, OK]
+    assert out[error_column("picky")][:2] == ["Negative", "ValueError"]
+    assert len(out[message_column("picky")][1]) <= 500
+    assert out["txt"] == [b"", b"", b"5"]
+    with pytest.raises(ValueError, match="kind"):
+        Failure("oops", "E", "m")
+
+
+def test_groups_run_per_view_and_fail_as_a_whole():
+    batch = _batch(["g1", "g2", "item"], n=[[1, 2], [3, -4, 5], 7], views=[2, 3, 0])
+    out = run_stage(Picky(), batch, name="picky", needs=())
+    assert out[status_column("picky")] == [OK, FILTERED, OK]
+    assert out["txt"][0] == [b"1", b"2"] and out["txt"][2] == b"7"
+    assert out[message_column("picky")][1] == "view 1: -4 < 0"
+
+
+@dataclass(frozen=True)
+class _Strict:
+    limit: int = 3
+
+
+def test_param_names_come_from_the_params_dataclass():
+    class WithParams(Stage):
+        Params: ClassVar[type] = _Strict
+
+    assert WithParams.param_names() == ("limit",)
+    assert WithParams().params == _Strict()
+
+
+@pytest.fixture
+def toy_labelers(monkeypatch):
+    """The toy stages as registered labelers; pickled by value so Ray workers need not
+    import the tests folder."""
+    cloudpickle.register_pickle_by_value(toy_stages)
+    monkeypatch.setitem(labelers.LABELERS, "toy_middle", "tests.toy_stages:MiddleStage")
+    monkeypatch.setitem(labelers.LABELERS, "toy_last", "tests.toy_stages:LastStage")
+    yield
+    cloudpickle.unregister_pickle_by_value(toy_stages)
+
+
+def _toy_dag(tmp_path: Path) -> Path:
+    path = tmp_path / "toy.yaml"
+    path.write_text(
+        f"""
+name: toy
+source: {{kind: demo, n: 12, max_side: 96, cache_dir: {tmp_path / "inputs"}}}
+output: {tmp_path / "out"}
+max_error_rate: 1.0
+shards: {{max_samples: 4}}
+stages:
+  - name: decode
+    params: {{min_side: 16}}
+  - name: toy_middle
+    params: {{fail_every: 3, filter_every: 4}}
+    resources: {{actors: [1, 1], num_cpus: 0.5, batch_size: 4}}
+  - name: toy_last
+subsets: [t2i, i2i]
+mlflow: {{tracking_uri: "sqlite:///{tmp_path / "mlflow.db"}"}}
+"""
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_three_stages_middle_one_failing_keep_exact_accounting(ray_local, toy_labelers, tmp_path):
+    """decode -> toy_middle (an actor pool; errors on n % 3 == 1, filters n % 4 == 2) ->
+    toy_last (raises if it ever sees a rejected row): t2i does not need toy_middle,
+    i2i does; every key lands exactly once in each."""
+    from datagen import shards
+    from orchestration.datagen_job import run
+    from pipelines import dag
+
+    cfg = dag.load(_toy_dag(tmp_path))
+    assert [s.needs for s in dag.subsets(cfg)] == [
+        ("decode",),
+        ("decode", "toy_middle", "toy_last"),
+    ]
+    result = run(cfg, log=lambda *_: None)
+    numbers = range(12)
+    errors = {n for n in numbers if n % 3 == 1}
+    filtered = {n for n in numbers if n % 4 == 2 and n not in errors}
+    i2i = result.subsets["i2i"]
+    assert (i2i["written"], i2i["quarantined"], i2i["filtered"]) == (
+        12 - len(errors) - len(filtered),
+        len(errors),
+        len(filtered),
+    )
+    assert not i2i["problems"]
+    assert (result.subsets["t2i"]["written"], result.subsets["t2i"]["quarantined"]) == (12, 0)
+    out = Path(result.output)
+    q = shards.read_quarantine(str(out), "i2i").to_pylist()
+    assert {(r["key"], r["stage"], r["kind"]) for r in q} == {
+        *((f"demo_{n:06d}", "toy_middle", ERROR) for n in errors),
+        *((f"demo_{n:06d}", "toy_middle", FILTERED) for n in filtered),
     }
-    assert "degrade" not in json.loads(out[1]["timings"])
+    written = {
+        k
+        for tar in (out / "i2i").glob("*.tar")
+        for k, _ in shards.read_tar_samples(tar.read_bytes())
+    }
+    assert written == {f"demo_{n:06d}" for n in numbers} - {
+        f"demo_{n:06d}" for n in errors | filtered
+    }
+    assert shards.verify(str(out)).ok
+    # The rejected rows' failures rate only errors against max_error_rate.
+    assert result.error_rate == pytest.approx(len(errors) / 24)
 
 
-def test_unknown_op():
-    with pytest.raises(KeyError, match="unknown op"):
-        StageFn("nope", "s", {}, 0, ())
+def test_unknown_stage_parameter_fails_before_anything_is_written(tmp_path, capsys):
+    from orchestration.cli import main as cli
+
+    out = tmp_path / "never"
+    code = cli(
+        [
+            "datagen",
+            "run",
+            str(REPO / "pipelines" / "demo.yaml"),
+            "--output",
+            str(out),
+            "stages.degrade.params.canny_hi=3",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (
+        "stages.degrade.params.canny_hi: unknown key 'canny_hi'; did you mean 'canny_high'?" in err
+    )
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_field_columns():
+    assert column_for("depth.png") == "depth_png" and column_for("img{i}.jpg") == "img_jpg"
+    assert np.asarray(run_stage(Picky(), _batch([], n=[]), name="picky", needs=())["txt"]).size == 0

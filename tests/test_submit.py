@@ -53,7 +53,8 @@ def test_paths_become_absolute_urls_stay(tmp_path, monkeypatch):
 def test_prepare_resolves_the_dag_for_the_cluster(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = dag.load(
-        ROOT / "pipelines" / "demo.yaml", ["output=data/x", "ray.address=auto", "ray.num_cpus=8"]
+        ROOT / "pipelines" / "demo.yaml",
+        ["output=data/x", "ray.address=auto", "ray.num_cpus=8", "weights=random-tiny"],
     )
     cfg.source = OmegaConf.create({"kind": "folder", "path": "images"})
     job = prepare(cfg)
@@ -173,6 +174,7 @@ def _submit(
             address,
             "--python",
             sys.executable,
+            "subsets=[t2i,i2i]",
             *args,
         ],
         capture_output=True,

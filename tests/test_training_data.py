@@ -111,13 +111,21 @@ def make_sample(subset: str, i: int) -> tuple[str, dict[str, bytes]]:
         return key, {
             "jpg": _jpg(img),
             "depth.png": _png(depth),
-            "json": _meta(key, "depth", ["[[depth2image]]"], depth_model="test", **common),
+            "json": _meta(
+                key,
+                "depth",
+                ["[[depth2image]]"],
+                depth_model="test",
+                depth_min=0.0,
+                depth_max=1.0,
+                **common,
+            ),
         }
     if subset == "pose":
         return key, {
             "jpg": _jpg(img),
             "pose.png": _png(np.zeros((h, w, 3), np.uint8)),
-            "json": _meta(key, "pose", ["[[pose2image]]"], people=[], **common),
+            "json": _meta(key, "pose", ["[[pose2image]]"], people=[], pose_model="test", **common),
         }
     if subset == "faceid":
         n = 2 + i % 3
@@ -654,6 +662,7 @@ def demo_out(ray_local, tmp_path_factory) -> str:
             f"source.cache_dir={tmp / 'inputs'}",
             "source.max_side=256",
             "shards.max_samples=4",
+            "subsets=[t2i,i2i]",
             f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         ],
     )

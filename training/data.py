@@ -54,7 +54,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datagen.schema import SUBSETS, SchemaError, validate_sample
-from datagen.shards import MANIFEST, filesystem, subsets_in
+from datagen.shards import MANIFEST, ShardReader, filesystem, read_range, sample_files
 from training import skips
 from training import tasks as T
 from training.sampling import (
@@ -64,8 +64,6 @@ from training.sampling import (
     choose_subset,
     mix_weights,
     plan_window,
-    read_range,
-    sample_files,
     worker_batches,
 )
 
@@ -180,8 +178,7 @@ def resolve_paths(paths: Any) -> dict[str, list[str]]:
         return out
     out: dict[str, list[str]] = {}
     for root in paths:
-        fs, path = filesystem(str(root))
-        found = [s for s in subsets_in(str(root)) if fs.exists(f"{path}/{s}/{MANIFEST}")]
+        found = ShardReader(str(root)).subsets(with_manifest=True)
         if not found:
             raise FileNotFoundError(f"{root}: no subset folder with a {MANIFEST}")
         for s in found:

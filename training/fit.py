@@ -48,8 +48,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipelines.dag import apply_overrides
 from training import skips
+from training.config_tools import apply_overrides
 
 DEFAULTS: dict[str, Any] = {
     "name": "onegen",
@@ -163,7 +163,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    apply_overrides(cfg, list(overrides or []))
+    try:
+        apply_overrides(cfg, list(overrides or []))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     OmegaConf.resolve(cfg)
     if not cfg.mlflow.get("tracking_uri"):
         # What MLflow itself and Lightning's MLFlowLogger would use; never a hard-coded store
@@ -534,8 +537,13 @@ def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> 
 
 
 def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 16) -> torch.Tensor:
-    """An RGB image -> [3, H, W] in [-1, 1], resized to ``size`` (or its own size rounded
-    down to a multiple of ``multiple``, the VAE x patch stride)."""
+    """An image -> [3, H, W] in [-1, 1], resized to ``size`` (or its own size rounded down to
+    a multiple of ``multiple``, the VAE x patch stride).
+
+    8-bit images map as training maps them, ``(v - 127.5) / 127.5``. 16-bit gray images (the
+    depth subset's ``depth.png``) keep their precision: ``(v - 32767.5) / 32767.5`` over
+    0..65535, the training reader's mapping, in all three channels, instead of PIL's RGB
+    conversion, which clips everything above 255 to white."""
     import numpy as np
     from PIL import Image
 
@@ -543,29 +551,66 @@ def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 1
         raise ConfigError(f"--image {path} is not a readable image file")
     try:
         with Image.open(path) as opened:
-            img = opened.convert("RGB")
+            opened.load()
+            wide = opened.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I")
+            img = opened.copy() if wide else opened.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"--image {path} is not a readable image ({exc})") from None
     if size is None:
         w, h = img.size
         size = (max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple))
+    if wide:
+        gray = np.asarray(img, dtype=np.float32).clip(0, 65535)
+        unit = Image.fromarray((gray - 32767.5) / 32767.5)  # float32: mode F
+        unit = unit.resize((size[1], size[0]), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(unit, dtype=np.float32).copy())
+        return x.clamp(-1, 1).expand(3, -1, -1).contiguous()
     img = img.resize((size[1], size[0]), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float()
     return x / 127.5 - 1.0
 
 
+def save_view(pixels: torch.Tensor, field: str, path: Path) -> Path:
+    """One view [3, H, W] in [-1, 1] as a PNG in the format of the sample field it stands
+    for: ``depth.png`` as a 16-bit gray PNG (the depth subset's format, channels averaged,
+    near = bright), anything else 8-bit RGB."""
+    import numpy as np
+    from PIL import Image
+
+    from training.callbacks import to_uint8
+
+    if field == "depth.png":
+        unit = (pixels.float().mean(0).clamp(-1, 1) + 1) / 2
+        depth = (unit * 65535).round().to(torch.int32).cpu().numpy().astype(np.uint16)
+        Image.fromarray(depth).save(path)  # uint16 -> mode I;16, written as 16-bit PNG
+    else:
+        Image.fromarray(to_uint8(pixels)).save(path)
+    return path
+
+
 def task_token(task: str) -> str:
     """The prompt token of a task the trainer builds (``image2depth`` -> ``[[depth2image]]``),
     or a ConfigError naming the tasks there are."""
-    from datagen.schema import TASK_LABELS
+    from training.tasks import all_task_names
     from training.tasks import task_token as token_of
 
     try:
         return token_of(task.strip("[]"))
     except KeyError:
-        raise ConfigError(
-            f"unknown task {task!r}; tasks: {[t.strip('[]') for t in TASK_LABELS]}"
-        ) from None
+        raise ConfigError(f"unknown task {task!r}; tasks: {all_task_names()}") from None
+
+
+def sample_layout(task: str) -> tuple[str, tuple[str, ...]]:
+    """``(token, fields)`` of a task ``onegen sample`` runs: the fields of its two views as
+    the trainer lays them out (view 0 the target, view 1 the condition ``--image``), or one
+    field for ``text2image``. ``depth2image``: ``(jpg, depth.png)``, the depth map is the
+    condition; ``image2depth``: ``(depth.png, jpg)``, the photo is the condition and the
+    depth map is generated. faceid: one reference image (view 1)."""
+    from training.tasks import task_spec
+
+    token = task_token(task)
+    spec = task_spec(task.strip("[]"), num_views=2)
+    return token, spec.views
 
 
 def sample_from_checkpoint(
@@ -582,14 +627,29 @@ def sample_from_checkpoint(
     weights: str = "ema",
     device: str = "cpu",
 ) -> list[Path]:
-    """Generate with a checkpoint's EMA weights; writes one PNG per view plus a strip."""
+    """Generate with a checkpoint's EMA weights; writes one PNG per view plus a strip.
+
+    ``text2image`` generates one image from the prompt. Every other task generates view 0
+    from the condition ``image`` (view 1), in the trainer's layout: the forward direction of
+    a map task (``depth2image``, ``pose2image``) takes the map and makes a photo, the reverse
+    (``image2depth``, ``image2pose``) takes a photo and makes the map. Each view is written
+    in its field's format (a depth map as a 16-bit gray PNG, see :func:`save_view`)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     from model import NextDiT
-    from training.callbacks import save_grid, to_uint8
+    from training.callbacks import save_grid
     from training.errors import CheckpointError
     from training.module import build_encoders, generate, model_config
 
+    task = task.strip("[]")
+    token, fields = sample_layout(task)
+    if len(fields) == 1 and image is not None:
+        raise ConfigError(f"--task {task} generates from the prompt alone: drop --image")
+    if len(fields) > 1 and image is None:
+        raise ConfigError(
+            f"--task {task} needs --image: the {fields[1]} condition "
+            f"({'a photo' if fields[1].endswith('jpg') else 'a map'}); view 0 ({fields[0]}) is generated"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = checkpoint_meta(checkpoint)
@@ -611,8 +671,6 @@ def sample_from_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frozen = build_encoders(cfg, net.config.caption_dim, out / ".tiny_vocab").to(device)
-    task = task.strip("[]")
-    token = task_token(task)
     side = int(size or cfg.samples.resolution)
     cond_pixels = cond_mask = None
     views = 1
@@ -635,14 +693,10 @@ def sample_from_checkpoint(
         seed=seed,
         device=torch.device(device),
     )[0]
-    from PIL import Image
-
     paths = []
     for v in range(pixels.shape[0]):
         role = "condition" if cond_mask is not None and bool(cond_mask[0, v]) else "generated"
-        path = out / f"{task}_view{v}_{role}.png"
-        Image.fromarray(to_uint8(pixels[v])).save(path)
-        paths.append(path)
+        paths.append(save_view(pixels[v], fields[v], out / f"{task}_view{v}_{role}.png"))
     paths.append(save_grid([[pixels[v] for v in range(pixels.shape[0])]], out / f"{task}_grid.png"))
     return paths
 

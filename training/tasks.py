@@ -130,6 +130,18 @@ def task_token(name: str) -> str:
     raise KeyError(f"unknown task name {name!r}")
 
 
+def task_spec(name: str, num_views: int = 2) -> TaskSpec:
+    """The :class:`TaskSpec` of a task name, as the trainer builds it: ``depth2image`` ->
+    views ``(jpg, depth.png)``, ``image2depth`` -> ``(depth.png, jpg)`` (the map is the
+    target, view 0). ``num_views`` is used by faceid only (target + references)."""
+    if name == "faceid":
+        return faceid_task(num_views)
+    token = task_token(name)
+    if name.startswith("image2"):
+        return reverse_task(token)
+    return forward_task(token)
+
+
 def subset_task_names(subset: str) -> list[str]:
     """Every task name a subset can train (both directions of its map tasks)."""
     names = []

@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.dag import flat_params
+from training.config_tools import flat_params
 
 RUN_FILE = "mlflow_run.json"
 PROBE_TIMEOUT_S = 5.0

@@ -1,0 +1,88 @@
+"""What every model labeler shares: where its weights come from, which device and
+dtype it runs in, how many CPU threads it may use, and sub-batched inference.
+
+``weights`` is a local folder or file (real weights, loaded offline) or
+``random-tiny``: a tiny model built from a config with random weights, so the
+mechanics (shapes, batching, rendering, the pipeline) run anywhere while the
+labels mean nothing. The DAG-level ``weights=random-tiny`` switch sets every
+``weights`` / ``*_weights`` parameter of a DAG's model stages to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from datagen.stage import Stage
+
+RANDOM_TINY = "random-tiny"
+T = TypeVar("T")
+
+
+def weight_params(params_cls: type) -> tuple[str, ...]:
+    """The Params fields that name weights (``weights``, ``detector_weights``)."""
+    import dataclasses
+
+    return tuple(
+        f.name
+        for f in dataclasses.fields(params_cls)
+        if f.name == "weights" or f.name.endswith("_weights")
+    )
+
+
+def weights_id(weights: str) -> str:
+    """What the metadata records as the model: ``random-tiny`` or the folder/file name."""
+    if weights == RANDOM_TINY:
+        return RANDOM_TINY
+    return Path(weights.rstrip("/")).name
+
+
+def check_weights_path(weights: str, what: str) -> None:
+    """A one-line error for a weights path that is not there (real runs load offline)."""
+    if weights != RANDOM_TINY and not os.path.exists(weights):
+        raise FileNotFoundError(
+            f"{what}: weights {weights!r} do not exist (a local path is needed: nothing is "
+            f"downloaded); pass weights={RANDOM_TINY} for random-weight mechanics"
+        )
+
+
+def pick_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: Any) -> Any:
+    """``auto``: bf16 on a GPU that has it (else fp16), fp32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def set_cpu_threads() -> None:
+    """Torch's intra-op threads = the CPUs Ray gave this worker (``OMP_NUM_THREADS``, which Ray
+    sets from ``num_cpus``; at least 1), not every core of the node in every actor."""
+    import torch
+
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        torch.set_num_threads(int(n))
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + max(1, size)]
+
+
+class ModelStage(Stage):
+    """Base of labelers with a model: run in an actor pool, model loaded in ``setup()``."""
+
+    uses_model: ClassVar[bool] = True
