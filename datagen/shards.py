@@ -738,7 +738,8 @@ def write_manifest(
         "subset": subset,
         "schema_version": SCHEMA_VERSION,
         "written": index.num_rows,
-        "quarantined": quarantine.num_rows,
+        "quarantined": quarantine.num_rows - filtered_count(quarantine),
+        "filtered": filtered_count(quarantine),
         "quarantine_by_error": dict(
             Counter(
                 f"{s}:{e}"
@@ -1024,6 +1025,11 @@ def shard_urls(out: str, subset: str) -> list[str]:
     return ShardReader(out).urls(subset)
 
 
+def filtered_count(quarantine: pa.Table) -> int:
+    """Quarantine records of kind ``filtered`` (expected non-samples, not errors)."""
+    return quarantine.column("kind").to_pylist().count("filtered")
+
+
 def status(out: str) -> dict[str, dict[str, Any]]:
     """Per subset: written, quarantined, shards, bytes, read from the indexes so
     it is right while a job is still running. Raises :class:`ShardFileError` naming a
@@ -1042,9 +1048,11 @@ def status(out: str) -> dict[str, dict[str, Any]]:
             )
         )
         quarantine = read_quarantine(out, subset)
+        filtered = filtered_count(quarantine)
         result[subset] = {
             "written": index.num_rows,
-            "quarantined": quarantine.num_rows,
+            "quarantined": quarantine.num_rows - filtered,
+            "filtered": filtered,
             "shards": len(shard_bytes),
             "bytes": int(sum(shard_bytes.values())),
             "errors": dict(Counter(quarantine.column("error").to_pylist())),

@@ -92,3 +92,11 @@ def test_pose_dag_counts_filtered_apart(ray_local, tmp_path, capsys):
     q = shards.read_quarantine(str(strict), "pose").to_pylist()
     assert {(r["kind"], r["error"]) for r in q} == {("filtered", "NoPerson")} and len(q) == 6
     assert shards.verify(str(strict)).ok
+    assert shards.status(str(strict))["pose"] | {"errors": None} == {
+        "written": 0,
+        "quarantined": 0,
+        "filtered": 6,
+        "shards": 0,
+        "bytes": 0,
+        "errors": None,
+    }

@@ -252,7 +252,7 @@ def test_depth_and_pose_dags_stay_on_this_machine(tmp_path):
     )
     for subset in ("depth", "pose"):
         manifest = json.loads((out / subset / "manifest.json").read_text())
-        assert manifest["written"] + manifest["quarantined"] == 4, manifest
+        assert manifest["written"] + manifest["quarantined"] + manifest["filtered"] == 4, manifest
     assert json.loads((out / "depth" / "manifest.json").read_text())["written"] == 4
     processes = {json.loads(line)["argv"] for line in log.read_text().splitlines()}
     assert any("ray" in p for p in processes), f"no Ray process was hooked: {processes}"

@@ -87,6 +87,7 @@ def test_quarantine_counts_as_committed_and_verify_flags_overlap(tmp_path):
     assert shards.status(out)["t2i"] == {
         "written": 1,
         "quarantined": 1,
+        "filtered": 0,
         "shards": 1,
         "bytes": shards.status(out)["t2i"]["bytes"],
         "errors": {"CorruptImage": 1},
