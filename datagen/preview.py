@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from datagen.decode import pil_open
+from datagen.labelers.model_stage import RANDOM_TINY
 from datagen.shards import ShardReader, subsets_in
 
 IMAGE_CODECS = ("jpg", "jpeg", "png", "webp")
-RANDOM_WEIGHTS = "random-tiny"  # what a labeler records as its model on random weights
 BANNER_TEXT = "random weights"
 BANNER_RGB = (220, 20, 20)  # not a palette or OpenPose colour: a banner pixel is unambiguous
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -56,7 +56,7 @@ def random_weight_fields(meta: dict, fields: list[str]) -> set[str]:
     for key, value in meta.items():
         if not (isinstance(key, str) and key.endswith("_model")):
             continue
-        if RANDOM_WEIGHTS not in str(value):
+        if RANDOM_TINY not in str(value):  # the model id of a labeler on random weights
             continue
         name = key[: -len("_model")]
         own = [f for f in fields if f.split(".", 1)[0] == name]

@@ -328,37 +328,32 @@ def run_stage(
         started = time.perf_counter()
         out = _call(stage, units, len(where))
         per_unit = (time.perf_counter() - started) / len(where)
-        views: dict[int, dict[str, list[Any]]] = {}  # group row -> column -> per-view values
-        metas: dict[int, list[dict[str, Any]]] = {}
-        for j, (i, v) in enumerate(where):
+        none = [None] * len(where)
+        failures, metas = out.get("failure", none), out.get("meta", none)
+        values = {c: out.get(c, none) for c in produced}
+        units_of: dict[int, list[int]] = {}  # row -> its units (one, or one per view)
+        for j, (i, _) in enumerate(where):
+            units_of.setdefault(i, []).append(j)
             seconds[i] += per_unit
-            failure = _failure(out.get("failure", [None] * len(where))[j], stage)
-            if failure is not None:
-                if not status[i].startswith((ERROR, FILTERED)):
-                    status[i], error[i] = failure.kind, failure.error
-                    message[i] = failure.message if v is None else f"view {v}: {failure.message}"
-                continue
-            row_meta_j = out.get("meta", [None] * len(where))[j] or {}
-            if v is None:
-                for c in produced:
-                    produced[c][i] = out.get(c, [None] * len(where))[j]
-                metas[i] = [row_meta_j]
-            else:
-                cols = views.setdefault(i, {c: [] for c in produced})
-                for c in produced:
-                    cols[c].append(out.get(c, [None] * len(where))[j])
-                metas.setdefault(i, []).append(row_meta_j)
-        for i in rows:
-            if status[i]:
+        for i, js in units_of.items():
+            failed = next(((j, f) for j in js if (f := _failure(failures[j], stage))), None)
+            if failed is not None:
+                j, f = failed
+                view = where[j][1]
+                status[i], error[i] = f.kind, f.error
+                message[i] = f.message if view is None else f"view {view}: {f.message}"
                 continue
             status[i] = OK
-            if i in views:
+            row_metas = [metas[j] or {} for j in js]
+            if where[js[0]][1] is None:  # an item
                 for c in produced:
-                    produced[c][i] = views[i][c]
-                keys = sorted({k for m in metas[i] for k in m})
-                merged = {k: [m.get(k) for m in metas[i]] for k in keys}
-            else:
-                merged = metas[i][0]
+                    produced[c][i] = values[c][js[0]]
+                merged = row_metas[0]
+            else:  # a group: per-view lists
+                for c in produced:
+                    produced[c][i] = [values[c][j] for j in js]
+                keys = sorted({k for m in row_metas for k in m})
+                merged = {k: [m.get(k) for m in row_metas] for k in keys}
             meta[i] = json.dumps(merged, sort_keys=True) if merged else ""
     for c in field_cols:  # bytes columns stay bytes (Arrow binary), also where nothing was made
         produced[c] = [b"" if v is None else v for v in produced[c]]

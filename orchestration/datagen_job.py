@@ -271,7 +271,7 @@ def execute(
         return totals, stages
     resources = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     check_gpus(cfg, resources)
-    subset_names = [s.name for s in dag.subsets(cfg)]
+    subset_names = list(cfg.subsets)
     plan = builder.build(cfg, builder.input_rows(pending, todo, subset_names), out)
     done_rows, plan_started = 0, time.time()
     for summary in _unwrapped(plan.iter_rows(), out):
@@ -362,7 +362,7 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
         digests = check_recipe(cfg, out)
         digest = dag.config_digest(cfg)
         manifest = load_inputs(cfg, work)
-        subset_names = [s.name for s in dag.subsets(cfg)]
+        subset_names = list(cfg.subsets)
         pending, todo, already = pending_work(manifest, out, subset_names)
         log(
             f"{manifest.num_rows} inputs, {pending.num_rows} with work left this run "

@@ -35,11 +35,10 @@ class PlannedStage:
     subsets: tuple[str, ...]  # a row runs this stage only if one of these is still to do
 
 
-def plan(cfg: DictConfig) -> list[PlannedStage]:
-    subsets = dag.subsets(cfg)
+def planned_stages(what: dag.Plan) -> list[PlannedStage]:
     return [
-        PlannedStage(s, tuple(sub.name for sub in subsets if s.name in sub.needs))
-        for s in dag.stages(cfg)
+        PlannedStage(s, tuple(sub.name for sub in what.subsets if s.name in sub.needs))
+        for s in what.stages
     ]
 
 
@@ -58,11 +57,10 @@ def process_rows(rows_table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     return ray.data.from_arrow(blocks or [rows_table])
 
 
-def run_stages(
-    stages: list[tuple[Stage, PlannedStage]], batch: dict[str, Any], keep_transient: bool = False
-) -> dict[str, Any]:
+def run_stages(stages: list[tuple[Stage, PlannedStage]], batch: dict[str, Any]) -> dict[str, Any]:
     """``stages`` one after another over one batch, rows kept as Python objects in
-    between (a decoded image reaches the next stage as the same array)."""
+    between (a decoded image reaches the next stage as the same array); the in-memory
+    ``transient`` columns are dropped at the end, before anything leaves the task."""
     columns: dict[str, Any] = dict(batch)
     n = batch_len(columns)
     transient: set[str] = set()
@@ -77,9 +75,8 @@ def run_stages(
         )
         columns.update(out)
         transient.update(stage.transient)
-    if not keep_transient:
-        for c in transient:
-            columns.pop(c, None)
+    for c in transient:
+        columns.pop(c, None)
     return columns
 
 
@@ -113,7 +110,8 @@ class StageActor:
     """An actor of a model stage's pool: the model is set up once, then batches flow."""
 
     def __init__(self, stages: list[PlannedStage], seed: int):
-        set_cpu_threads()
+        if any(p.spec.cls.uses_model for p in stages):
+            set_cpu_threads()
         self.stages = _built(stages, seed)
         for stage, _ in self.stages:
             stage.setup()
@@ -122,12 +120,12 @@ class StageActor:
         return to_numpy(run_stages(self.stages, batch))
 
 
-def sink_kwargs(cfg: DictConfig, out: str) -> dict[str, Any]:
+def sink_kwargs(cfg: DictConfig, what: dag.Plan, out: str) -> dict[str, Any]:
     """:func:`write_batch`'s arguments, resolved once from the DAG."""
     return {
         "out": out,
-        "subsets": dag.subsets(cfg),
-        "stage_names": [s.name for s in dag.stages(cfg)],
+        "subsets": what.subsets,
+        "stage_names": [s.name for s in what.stages],
         "max_samples": int(cfg.shards.max_samples),
         "max_bytes": int(cfg.shards.max_bytes),
     }
@@ -158,10 +156,11 @@ def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
     working folders differ from the driver's)."""
     max_samples = int(cfg.shards.max_samples)
     seed = int(cfg.seed)
-    planned = plan(cfg)
-    sink = sink_kwargs(cfg, out)
+    what = dag.plan(cfg)
+    stages = planned_stages(what)
+    sink = sink_kwargs(cfg, what, out)
     ds = process_rows(rows_table, max_samples)
-    groups = _groups(planned, max_samples)
+    groups = _groups(stages, max_samples)
     sink_done = False
     for i, group in enumerate(groups):
         head = group[0].spec
@@ -192,7 +191,7 @@ def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
         ds = ds.map_batches(
             write_batch, fn_kwargs=sink, batch_size=max_samples, batch_format="numpy", num_cpus=1
         )
-    if not any(p.spec.actors for p in planned):
+    if not any(p.spec.actors for p in stages):
         # One task operator whose outputs are a few summary rows: nothing for
         # Ray Data's per-operator resource reservation to balance, and it costs
         # throughput (Ray 2.60, measured on 2 cores): it admits a single task
@@ -217,15 +216,16 @@ def run_in_process(cfg: DictConfig, rows_table: pa.Table, out: str) -> list[dict
     work as :func:`build`. The baseline of ``bench/datagen_throughput.py`` and
     a debugging aid (pdb works here)."""
     max_samples = int(cfg.shards.max_samples)
-    built = _built(plan(cfg), int(cfg.seed))
+    what = dag.plan(cfg)
+    built = _built(planned_stages(what), int(cfg.seed))
     for stage, _ in built:
         stage.setup()
-    sink = sink_kwargs(cfg, out)
+    sink = sink_kwargs(cfg, what, out)
     summaries: list[dict[str, Any]] = []
     for start in range(0, rows_table.num_rows, max_samples):
         block = rows_table.slice(start, max_samples).to_pydict()
         batch = {k: object_column(v) for k, v in block.items()}
-        result = write_batch(run_stages(built, batch, keep_transient=True), **sink)
+        result = write_batch(run_stages(built, batch), **sink)
         n = batch_len(result)
         summaries.extend({c: result[c][i] for c in result} for i in range(n))
     return summaries

@@ -171,7 +171,6 @@ def load(
         raise DagError(f"{path}: not a valid YAML DAG: {exc}".splitlines()[0]) from None
     if not isinstance(text, DictConfig):
         raise DagError(f"{path}: a DAG is a mapping of keys (name, source, stages, subsets, ...)")
-    _check(P.unknown_keys, text, DEFAULTS, "")
     for key in ("stages", "subsets"):
         if key in text and not OmegaConf.is_list(text[key]):
             example = "[t2i, i2i]" if key == "subsets" else "[{name: decode}, ...]"
@@ -196,8 +195,6 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
             raise DagError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
         parts = key.split(".")
-        if parts[0] not in DEFAULTS:
-            raise DagError(f"override {item!r}: {P.unknown_message(parts[0], DEFAULTS)}")
         if len(parts) > 1 and parts[0] == "stages" and not parts[1].isdigit():
             names = [st.get("name") for st in cfg.stages]
             if parts[1] not in names:
@@ -210,7 +207,10 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as exc:
             raise DagError(f"override {item!r}: value is not YAML: {exc}".splitlines()[0]) from None
-        OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=True)
+        try:
+            OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. stages.9 of a 2-stage DAG, one line
+            raise DagError(f"override {item!r}: {exc}".splitlines()[0]) from None
 
 
 def _check(fn: Any, *args: Any) -> Any:
@@ -248,8 +248,6 @@ def _stage_specs(cfg: DictConfig, plain: dict[str, Any]) -> list[StageSpec]:
         where = f"stages[{i}]"
         if not isinstance(raw, dict):
             raise DagError(f"{where}: a stage is a mapping (name, params, resources)")
-        if "op" in raw and "name" not in raw:
-            raise DagError(f"{where}: unknown key 'op'; a stage is named by its labeler: name: ...")
         if isinstance(raw.get("name"), str):
             where = f"stages.{raw['name']}"
         section = _check(P.build, StageSection, raw, where)
@@ -428,16 +426,28 @@ def _all_stages(cfg: DictConfig) -> list[StageSpec]:
     return _in_run_order(_stage_specs(cfg.copy(), plain))
 
 
-def subsets(cfg: DictConfig) -> list[SubsetSpec]:
+@dataclass(frozen=True)
+class Plan:
+    """What a run does: the stages some chosen subset needs, in run order (``subsets=[i2i]``
+    leaves a DAG's model stages out, their weights unloaded), and what each subset needs."""
+
+    stages: list[StageSpec]
+    subsets: list[SubsetSpec]
+
+
+def plan(cfg: DictConfig) -> Plan:
     ordered = _all_stages(cfg)
-    return [SubsetSpec(name, _subset_needs(ordered, name)) for name in cfg.subsets]
+    chosen = [SubsetSpec(name, _subset_needs(ordered, name)) for name in cfg.subsets]
+    needed = {n for s in chosen for n in s.needs}
+    return Plan([s for s in ordered if s.name in needed], chosen)
 
 
 def stages(cfg: DictConfig) -> list[StageSpec]:
-    """The stages that run, in run order (by ``needs``): those some chosen subset needs
-    (``subsets=[i2i]`` leaves a DAG's model stages out, their weights unloaded)."""
-    needed = {n for s in subsets(cfg) for n in s.needs}
-    return [s for s in _all_stages(cfg) if s.name in needed]
+    return plan(cfg).stages
+
+
+def subsets(cfg: DictConfig) -> list[SubsetSpec]:
+    return plan(cfg).subsets
 
 
 def _digest(content: Any) -> str:
@@ -452,7 +462,8 @@ def subset_digests(cfg: DictConfig) -> dict[str, str]:
     recipes in one subset; adding a subset to an output does not touch the others."""
     from datagen.sources import KEY_SCHEME_VERSION
 
-    by_name = {s.name: s for s in stages(cfg)}
+    what = plan(cfg)
+    by_name = {s.name: s for s in what.stages}
     source = OmegaConf.to_container(cfg.source, resolve=True)
     return {
         spec.name: _digest(
@@ -472,7 +483,7 @@ def subset_digests(cfg: DictConfig) -> dict[str, str]:
                 ],
             }
         )
-        for spec in subsets(cfg)
+        for spec in what.subsets
     }
 
 

@@ -8,6 +8,7 @@ import io
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -52,8 +53,6 @@ def source_failure(row: dict[str, Any]) -> BadInput | None:
 
 def _fit_max_side(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, bool]:
     """Downscale so the long side is at most ``max_side``; True if it did."""
-    import cv2
-
     if not max_side or max(image.shape[:2]) <= max_side:
         return image, False
     scale = max_side / max(image.shape[:2])

@@ -19,7 +19,6 @@ from datagen.decode import BadInput
 from datagen.labelers.model_stage import (
     ModelStage,
     check_weights_path,
-    set_cpu_threads,
     weights_id,
 )
 from datagen.params import ParamError
@@ -91,7 +90,6 @@ class DepthStage(ModelStage):
         self.model: Any = None  # loaded in setup(), on the worker
 
     def setup(self) -> None:
-        set_cpu_threads()
         check_weights_path(self.params.weights, "depth")
         from datagen.labelers.depth_model import DepthModel
 

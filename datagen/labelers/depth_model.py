@@ -65,88 +65,63 @@ REQUIRED_FILES = ("config.json", "preprocessor_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
 
 
-def tiny_config() -> DepthAnythingConfig:
-    """A ~120k-parameter DepthAnything (4-layer Dinov2 backbone): mechanics only."""
+def _config(
+    width: int,
+    layers: int,
+    heads: int,
+    out_indices: list[int],
+    neck: list[int],
+    fusion: int,
+    head: int = 32,
+    mlp_ratio: int = 4,
+    image_size: int = DA_V2_INPUT_SIZE,
+) -> DepthAnythingConfig:
+    """A DepthAnything-v2 layout: a DINOv2 ViT/14 backbone of ``width`` x ``layers`` read
+    at ``out_indices``, a DPT neck, a relative-depth head (the transformers conversion
+    script's settings; patch 14, reassemble factors 4, 2, 1, 0.5)."""
     backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        mlp_ratio=2,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        mlp_ratio=mlp_ratio,
         patch_size=14,
-        image_size=TINY_INPUT_SIZE,
-        out_indices=[1, 2, 3, 4],
+        image_size=image_size,
+        out_indices=out_indices,
         apply_layernorm=True,
         reshape_hidden_states=False,
     )
     return DepthAnythingConfig(
         backbone_config=backbone,
         patch_size=14,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-        depth_estimation_type="relative",
-        max_depth=1,
-    )
-
-
-def large_config() -> DepthAnythingConfig:
-    """The architecture of ``depth-anything/Depth-Anything-V2-Large-hf`` (335.3M
-    parameters): a DINOv2 ViT-L/14 backbone read at layers 5, 12, 18, 24, DPT neck
-    [256, 512, 1024, 1024], fusion 256, relative-depth head. Built here from the
-    transformers conversion script's settings, never downloaded."""
-    backbone = Dinov2Config(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        mlp_ratio=4,
-        patch_size=14,
-        image_size=DA_V2_INPUT_SIZE,
-        out_indices=[5, 12, 18, 24],
-        apply_layernorm=True,
-        reshape_hidden_states=False,
-    )
-    return DepthAnythingConfig(
-        backbone_config=backbone,
-        patch_size=14,
-        reassemble_hidden_size=1024,
+        reassemble_hidden_size=width,
         reassemble_factors=[4, 2, 1, 0.5],
-        neck_hidden_sizes=[256, 512, 1024, 1024],
-        fusion_hidden_size=256,
-        head_hidden_size=32,
+        neck_hidden_sizes=neck,
+        fusion_hidden_size=fusion,
+        head_hidden_size=head,
         head_in_index=-1,
         depth_estimation_type="relative",
         max_depth=1,
+    )
+
+
+def tiny_config() -> DepthAnythingConfig:
+    """A ~120k-parameter DepthAnything (4-layer Dinov2 backbone): mechanics only."""
+    return _config(
+        32, 4, 2, [1, 2, 3, 4], [8, 16, 32, 32], 16, head=8, mlp_ratio=2, image_size=TINY_INPUT_SIZE
     )
 
 
 def small_config() -> DepthAnythingConfig:
-    """The architecture of Depth-Anything-V2-Small (24.8M parameters): ViT-S/14 read at
-    layers 3, 6, 9, 12, neck [48, 96, 192, 384], fusion 64. For CPU benchmarks with
-    random weights (``bench/labelers.py``): inference dominates as it does for real."""
-    backbone = Dinov2Config(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        mlp_ratio=4,
-        patch_size=14,
-        image_size=DA_V2_INPUT_SIZE,
-        out_indices=[3, 6, 9, 12],
-        apply_layernorm=True,
-        reshape_hidden_states=False,
-    )
-    return DepthAnythingConfig(
-        backbone_config=backbone,
-        patch_size=14,
-        reassemble_hidden_size=384,
-        reassemble_factors=[4, 2, 1, 0.5],
-        neck_hidden_sizes=[48, 96, 192, 384],
-        fusion_hidden_size=64,
-        head_hidden_size=32,
-        head_in_index=-1,
-        depth_estimation_type="relative",
-        max_depth=1,
-    )
+    """Depth-Anything-V2-Small (24.8M parameters): ViT-S/14 read at layers 3, 6, 9, 12. For
+    CPU benchmarks with random weights (``bench/labelers.py``): inference dominates as it
+    does for real."""
+    return _config(384, 12, 6, [3, 6, 9, 12], [48, 96, 192, 384], 64)
+
+
+def large_config() -> DepthAnythingConfig:
+    """``depth-anything/Depth-Anything-V2-Large-hf`` (335.3M parameters): ViT-L/14 read at
+    layers 5, 12, 18, 24, neck [256, 512, 1024, 1024], fusion 256; never downloaded."""
+    return _config(1024, 24, 16, [5, 12, 18, 24], [256, 512, 1024, 1024], 256)
 
 
 def da_v2_processor(size: int = DA_V2_INPUT_SIZE) -> DPTImageProcessor:

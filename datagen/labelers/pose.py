@@ -23,7 +23,6 @@ from datagen.labelers.model_stage import (
     check_weights_path,
     pick_device,
     pick_dtype,
-    set_cpu_threads,
     weights_id,
 )
 from datagen.labelers.pose_render import render_openpose
@@ -68,7 +67,6 @@ class PoseStage(ModelStage):
     def setup(self) -> None:
         from datagen.labelers.pose_model import load_detector, load_pose_estimator
 
-        set_cpu_threads()
         p = self.params
         check_weights_path(p.detector_weights, "pose detector_weights")
         check_weights_path(p.weights, "pose weights")

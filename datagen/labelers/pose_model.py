@@ -599,18 +599,3 @@ def load_pose_estimator(
     else:
         model, processor = load_vitpose(weights)
     return PoseEstimator(model, processor, device, dtype)
-
-
-def bench_weights(work: str | Path) -> dict[str, str]:
-    """Pose params for benchmarks, weights in the real formats from random init:
-    YOLO11n (its packaged layout) as ultralytics writes a ``.pt``, ViTPose-S saved as
-    ``save_pretrained`` does. The random detector finds a person in every box, so
-    ``max_people`` is held to 4 (photos of people hold a few), keeping ViTPose's share
-    of the work realistic."""
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    pt = work / "yolo11n-random.pt"
-    save_yolo_checkpoint(build_random_yolo(0), pt)
-    folder = work / "vitpose-small-random"
-    save_vitpose(*build_vitpose(vitpose_small_config(), 0), folder)
-    return {"detector_weights": str(pt), "weights": str(folder), "max_people": "4"}
