@@ -22,7 +22,8 @@ demo: $(STAMP)
 	@echo
 	@echo "shards:        data/demo/<subset>/*.tar   (status: .venv/bin/onegen datagen status data/demo)"
 	@echo "contact sheet: data/demo/_preview.png"
-	@echo "checkpoints:   runs/demo/checkpoints/   (sample: .venv/bin/onegen sample --checkpoint <ckpt> --task text2image --out samples/)"
+	@echo "run folder:    runs/onegen-demo/demo-<time>/   (checkpoints/, config.yaml, logs/fit.log, samples/)"
+	@echo "sample:        .venv/bin/onegen sample --checkpoint runs/onegen-demo/<run>/checkpoints/<step>.ckpt --task text2image --out samples/"
 	@echo "MLflow runs:   mlflow.db   (review: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 test: $(STAMP)
@@ -38,4 +39,4 @@ bench: $(STAMP)
 	$(PY) bench/labelers.py
 
 clean:
-	rm -rf data/demo runs mlflow.db mlruns .pytest_cache
+	rm -rf data/demo runs mlflow.db mlflow.db.lock mlruns .pytest_cache

@@ -41,7 +41,7 @@ from model import (  # noqa: E402
     get_config,
 )
 from model.flops import counted_training_flops, image_tokens, peak_bf16_flops  # noqa: E402
-from training.module import checkpoint_block, init_sharded, shard  # noqa: E402
+from training.parallelize import checkpoint_block, init_sharded, shard  # noqa: E402
 
 
 def build_meta(name: str) -> NextDiT:

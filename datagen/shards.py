@@ -5,7 +5,8 @@ Layout of an output folder::
     OUT/<subset>/<subset>-<digest>.tar       the samples
     OUT/<subset>/<subset>-<digest>.parquet   its index: one row per key, sizes, tar sha256
     OUT/<subset>/quarantine/<digest>.parquet rejected keys: key, uri, stage, error, message
-    OUT/<subset>/manifest.json               shards, counts, checksums, versions
+    OUT/<subset>/manifest.json               shards, counts, checksums, versions, and
+                                             the MLflow runs that wrote it (datagen_runs)
 
 Commit protocol: the tar is written under a hidden temporary name and
 renamed, then its index is written the same way. The index is the commit
@@ -72,6 +73,11 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 QUARANTINE_OPTIONAL = frozenset({"kind"})
 MANIFEST = "manifest.json"
+# manifest["datagen_runs"]: the MLflow runs that wrote the subset, oldest first, one entry
+# per run id: {"run_id", "tracking_uri", "experiment"}. Training links a fit to them.
+DATAGEN_RUNS = "datagen_runs"
+DATAGEN_RUN_KEYS = ("run_id", "tracking_uri", "experiment")
+MANIFEST_VOLATILE = frozenset({"updated", DATAGEN_RUNS})
 QUARANTINE_DIR = "quarantine"
 TMP_MARK = ".tmp-"
 
@@ -716,10 +722,16 @@ def write_manifest(
     info: Mapping[str, Any],
     index: pa.Table | None = None,
     quarantine: pa.Table | None = None,
+    datagen_run: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Summarise a subset from its indexes (all runs, not just the last); ``index`` and
-    ``quarantine`` are read here unless the caller already holds them."""
+    ``quarantine`` are read here unless the caller already holds them. ``datagen_run``
+    (``{run_id, tracking_uri, experiment}``, the MLflow run writing it) is added to the
+    previous manifest's ``datagen_runs``, once per run id."""
     fs, root = filesystem(out)
+    runs = previous_datagen_runs(fs, f"{root}/{subset}/{MANIFEST}")
+    if datagen_run is not None and all(r["run_id"] != datagen_run["run_id"] for r in runs):
+        runs.append({k: str(datagen_run[k]) for k in DATAGEN_RUN_KEYS})
     index = read_indexes(out, subset) if index is None else index
     quarantine = read_quarantine(out, subset) if quarantine is None else quarantine
     shards: dict[str, dict[str, Any]] = {}
@@ -754,11 +766,37 @@ def write_manifest(
         "shards": sorted(shards.values(), key=lambda s: s["name"]),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info,
+        DATAGEN_RUNS: runs,
     }
     atomic_write(
         fs, f"{root}/{subset}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode()
     )
     return manifest
+
+
+def previous_datagen_runs(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, str]]:
+    """The ``datagen_runs`` of the manifest at ``path``: [] when there is none, it predates
+    the field, or it cannot be read (a rerun rewrites a damaged manifest)."""
+    try:
+        with fs.open(path, "rb") as fh:
+            old = json.loads(fh.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    runs = old.get(DATAGEN_RUNS) if isinstance(old, dict) else None
+    if not isinstance(runs, list):
+        return []
+    return [
+        {k: str(r.get(k, "")) for k in DATAGEN_RUN_KEYS}
+        for r in runs
+        if isinstance(r, dict) and isinstance(r.get("run_id"), str)
+    ]
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of a manifest without its bookkeeping (``updated``, ``datagen_runs``): equal
+    for two manifests describing the same shards made the same way."""
+    stable = {k: v for k, v in manifest.items() if k not in MANIFEST_VOLATILE}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
 
 def _is_int(value: Any) -> bool:
@@ -790,7 +828,14 @@ def manifest_problem(manifest: Any) -> str | None:
         if bad:
             return f"shards[{i}]: {bad} are not integers"
     bad = [k for k in ("written", "quarantined") if k in manifest and not _is_int(manifest[k])]
-    return f"{bad} are not integers" if bad else None
+    if bad:
+        return f"{bad} are not integers"
+    runs = manifest.get(DATAGEN_RUNS, [])  # absent in manifests written before it
+    if not isinstance(runs, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("run_id"), str) for r in runs
+    ):
+        return f"'{DATAGEN_RUNS}' is not a list of objects with a run_id"
+    return None
 
 
 def read_manifest(out: str, subset: str) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ def offline_mode() -> None:
         constants.HF_HUB_OFFLINE = True
 
 
-def _local_folder(path: str | os.PathLike, subfolder: str, marker: str) -> Path:
+def local_folder(path: str | os.PathLike, subfolder: str, marker: str) -> Path:
     """Resolve a flat folder or a pipeline root's ``subfolder``; fail clearly.
 
     Checked before any library call: given a missing path, transformers and
@@ -138,7 +138,7 @@ class FrozenVAE(nn.Module):
         """Load from a local folder (or a pipeline root's ``vae/``), offline."""
         from diffusers import AutoencoderKL
 
-        folder = _local_folder(path, "vae", "config.json")
+        folder = local_folder(path, "vae", "config.json")
         offline_mode()
         vae = AutoencoderKL.from_pretrained(
             folder, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
@@ -263,8 +263,8 @@ class FrozenTextEncoder(nn.Module):
         """
         from transformers import AutoTokenizer, T5EncoderModel
 
-        model_dir = _local_folder(path, "text_encoder", "config.json")
-        tok_dir = _local_folder(path, "tokenizer", "tokenizer_config.json")
+        model_dir = local_folder(path, "text_encoder", "config.json")
+        tok_dir = local_folder(path, "tokenizer", "tokenizer_config.json")
         offline_mode()
         model = T5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)

@@ -147,33 +147,22 @@ def _datagen_preview(args: argparse.Namespace) -> int:
 
 
 def _train_fit(args: argparse.Namespace) -> int:
-    from training.errors import FitError
-    from training.fit import ConfigError, fit, load_config, print_result
+    from training.config import config_from_args
 
-    try:
-        cfg = load_config(args.config, list(args.overrides))
-    except ValueError as exc:  # ConfigError, DagError (bad override)
-        print(f"onegen train fit: error: {exc}", file=sys.stderr)
-        return 1
-    from datagen.shards import ShardFileError
+    cfg = config_from_args(args, "onegen train fit")
+    if isinstance(cfg, int):  # a config error (2) or --print-config (0): nothing imported
+        return cfg
+    from training.fit import run
 
-    try:
-        result = fit(cfg)
-    except (
-        ConfigError,
-        FileNotFoundError,
-        FitError,
-        ShardFileError,
-    ) as exc:  # FitError: checkpoint, MLflow, data
-        print(f"onegen train fit: error: {exc}", file=sys.stderr)
-        return 1
-    print_result(result)
-    return 0
+    return run(cfg, "onegen train fit")
 
 
 def _sample(args: argparse.Namespace) -> int:
+    """Exit code 2: a usage error, found before any weights are read (nothing written);
+    1: a missing or broken checkpoint, an unreadable condition image."""
+    from training.config import ConfigError
     from training.errors import FitError
-    from training.fit import ConfigError, sample_from_checkpoint
+    from training.sample import SampleUsageError, sample_from_checkpoint
 
     try:
         paths = sample_from_checkpoint(
@@ -189,12 +178,22 @@ def _sample(args: argparse.Namespace) -> int:
             weights=args.weights,
             device=args.device,
         )
+    except SampleUsageError as exc:
+        print(f"onegen sample: error: {exc}", file=sys.stderr)
+        return 2
     except (ConfigError, FileNotFoundError, FitError) as exc:  # FitError: a broken checkpoint
         print(f"onegen sample: error: {exc}", file=sys.stderr)
         return 1
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _task_name(text: str) -> str:
+    """``--task``: a task name, or its prompt token in brackets (``[[depth2image]]``)."""
+    from training.sample import normalise_task
+
+    return normalise_task(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -246,18 +245,27 @@ def parser() -> argparse.ArgumentParser:
         "train", help="fit the model with Lightning (FSDP2 when devices > 1)"
     ).add_subparsers(dest="action", required=True)
     f = train.add_parser("fit", help="run a fit from an OmegaConf YAML (resume: resume=last)")
-    f.add_argument("--config", required=True, type=Path, help="training/configs/<cfg>.yaml")
-    f.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
+    from training.config import add_fit_arguments
+
+    add_fit_arguments(f)
     f.set_defaults(func=_train_fit)
 
     sm = top.add_parser("sample", help="generate with a checkpoint's EMA weights, write PNGs")
     sm.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded .ckpt folder")
+    from training.tasks import all_task_names
+
+    tasks = all_task_names()
     sm.add_argument(
         "--task",
         required=True,
-        help="text2image (prompt only); a map task, map -> photo: depth2image, pose2image, "
-        "canny2image, ...; its reverse, photo -> map: image2depth, image2pose, image2canny, ...; "
-        "deblurring, image_inpainting, faceid (no brackets needed)",
+        type=_task_name,
+        choices=tasks,
+        metavar="TASK",
+        help=f"one of: {', '.join(tasks)} (a prompt token such as [[depth2image]] is taken "
+        "too). text2image: the prompt only; a map task, map -> photo: depth2image, "
+        "pose2image, canny2image, ...; its reverse, photo -> map: image2depth, image2pose, "
+        "image2canny, ...; deblurring and image_inpainting: the degraded photo -> the photo; "
+        "faceid: a photo of the face -> another. The checkpoint must have trained it",
     )
     sm.add_argument(
         "--image",
@@ -267,10 +275,20 @@ def parser() -> argparse.ArgumentParser:
         "16-bit gray PNG)",
     )
     sm.add_argument("--prompt", default="a photo", help="caption after the task token")
-    sm.add_argument("--out", required=True, help="output folder")
+    sm.add_argument(
+        "--out",
+        required=True,
+        help="output folder, created when the PNGs are written; holds nothing else",
+    )
     sm.add_argument("--steps", type=int, help="Euler steps (default: the config's samples.steps)")
     sm.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    sm.add_argument("--size", type=int, help="square output side in pixels (multiple of 16)")
+    sm.add_argument(
+        "--size",
+        type=int,
+        help="square output side in pixels, a multiple of the model's patch grid in pixels "
+        "(16 for the tiny and released models; default: the config's samples.resolution, "
+        "or the --image's size rounded down to the grid)",
+    )
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--weights", choices=["ema", "model"], default="ema")
     sm.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")

@@ -395,7 +395,11 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
             }
             manifests = {
                 s: shards.write_manifest(
-                    out, s, {**info, "config_digest": digests[s]}, *committed[s]
+                    out,
+                    s,
+                    {**info, "config_digest": digests[s]},
+                    *committed[s],
+                    datagen_run=run_ctx.record(),
                 )
                 for s in subset_names
             }
@@ -418,7 +422,9 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
             total_n = sum(a["inputs"] for a in accounting.values()) or 1
             result.error_rate = total_q / total_n
             result.preview, sheet = preview(cfg, out, work)
-            run_ctx.log_result(result, manifests, {s: q for s, (_, q) in committed.items()}, sheet)
+            run_ctx.log_result(
+                result, manifests, {s: q for s, (_, q) in committed.items()}, sheet, digests
+            )
             if problems:
                 raise DatagenError("accounting failed: " + "; ".join(problems))
             if result.error_rate > float(cfg.max_error_rate):

@@ -46,11 +46,24 @@ class RaySection:
     object_store_memory: int | None = None
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
 @dataclass(frozen=True)
 class MlflowSection:
-    tracking_uri: str | None = "sqlite:///mlflow.db"
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (resolved by :func:`load`)
+    tracking_uri: str | None = None
     experiment: str = "onegen-datagen"
     enabled: bool = True
+
+
+def tracking_uri(explicit: str | None) -> str:
+    """The store a run logs to: an explicit value (YAML or ``mlflow.tracking_uri=...``),
+    else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. Empty counts as unset."""
+    if explicit:
+        return str(explicit)
+    return os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
 
 
 @dataclass(frozen=True)
@@ -160,8 +173,9 @@ def load(
     local_weights: bool = True,
 ) -> DictConfig:
     """Resolved and validated DAG: defaults <- YAML file <- dotted overrides (<- ``source``,
-    the CLI's ``--input``). ``local_weights``: model weights load on this machine (false
-    for a DAG submitted to a cluster, whose workers check their own paths)."""
+    the CLI's ``--input``), ``mlflow.tracking_uri`` filled in by :func:`tracking_uri`.
+    ``local_weights``: model weights load on this machine (false for a DAG submitted to a
+    cluster, whose workers check their own paths)."""
     path = Path(path)
     if not path.is_file():
         raise DagError(f"DAG file {path} does not exist")
@@ -183,6 +197,9 @@ def load(
     if source is not None:
         cfg.source = OmegaConf.create(source)
     validate(cfg, local_weights)
+    # Resolved here, where the user runs or submits the DAG: the resolved DAG names its
+    # store (``submit`` anchors a relative sqlite path there). Not part of any digest.
+    cfg.mlflow.tracking_uri = tracking_uri(cfg.mlflow.tracking_uri)
     return cfg
 
 

@@ -90,11 +90,15 @@ MLFLOW_PROCESS_ENV = (
 )
 
 
+# What the session started with: every test ends with it again, including after a
+# module-scoped fixture that ran MLflow in this process before the test's own snapshot.
+_MLFLOW_ENV_AT_START = {k: os.environ.get(k) for k in MLFLOW_PROCESS_ENV}
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_env_per_test():
-    saved = {k: os.environ.get(k) for k in MLFLOW_PROCESS_ENV}
     yield
-    for key, value in saved.items():
+    for key, value in _MLFLOW_ENV_AT_START.items():
         if value is None:
             os.environ.pop(key, None)
         else:

@@ -49,7 +49,8 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
-    from training.fit import fit, load_config
+    from training.config import load_config
+    from training.fit import fit
 
     work = tmp_path_factory.mktemp("ckpts")
     cfg_path = work / "fit.yaml"
@@ -171,7 +172,7 @@ def test_resume_refuses_code_in_metadata(ckpts, tmp_path, capsys, how):
                              _payloads(marker)["exec"])  # fmt: skip
     resume = str(folder) if how == "path" else "last"
     rc = main(["train", "fit", "--config", str(ckpts["cfg"]), f"resume={resume}",
-               f"run_dir={tmp_path / 'run'}", f"checkpoint.dir={ckdir}"])  # fmt: skip
+               f"run_dir={tmp_path}"])  # fmt: skip
     assert rc == 1
     line = _one_error_line(capsys.readouterr().err, "onegen train fit: error: ")
     assert "refers to builtins.exec" in line and "refusing to load it" in line
@@ -290,7 +291,9 @@ def _truncate(path: Path) -> None:
 def test_broken_newest_checkpoint_falls_back_with_a_warning(
     ckpts, tmp_path, capsys, kind, breakage, mode
 ):
-    from training.fit import load_config, resolve_resume
+    from training.config import load_config
+    from training.errors import warn
+    from training.runs import plan_run
 
     ckdir = _copy_dir(ckpts, kind, tmp_path / "checkpoints")
     newest = ckdir / "step00000004.ckpt"
@@ -300,8 +303,8 @@ def test_broken_newest_checkpoint_falls_back_with_a_warning(
         _truncate(newest / "__1_0.distcp")
     else:
         _truncate(newest)
-    cfg = load_config(ckpts["cfg"], [f"resume={mode}", f"checkpoint.dir={ckdir}"])
-    assert resolve_resume(cfg) == str(ckdir / "step00000002.ckpt")
+    cfg = load_config(ckpts["cfg"], [f"resume={mode}", f"run_dir={tmp_path}"])
+    assert plan_run(cfg, warn).resume_from == str(ckdir / "step00000002.ckpt")
     err = capsys.readouterr().err
     assert f"skipping checkpoint {newest}" in err and "step00000002.ckpt instead" in err
 
@@ -309,13 +312,14 @@ def test_broken_newest_checkpoint_falls_back_with_a_warning(
 @pytest.mark.slow
 def test_resume_last_after_a_truncated_file_continues_from_the_previous(ckpts, tmp_path, capsys):
     """A real single-device resume (Lightning loads the file with weights_only=True)."""
-    from training.fit import fit, load_config
+    from training.config import load_config
+    from training.fit import fit
 
     ckdir = _copy_dir(ckpts, "single", tmp_path / "checkpoints")
     _truncate(ckdir / "step00000004.ckpt")
     cfg = load_config(ckpts["cfg"], [
         "trainer.devices=1", "trainer.max_steps=3", "checkpoint.every_n_steps=3",
-        "resume=last", f"checkpoint.dir={ckdir}", f"run_dir={tmp_path / 'run'}"])  # fmt: skip
+        "resume=last", f"run_dir={tmp_path}"])  # fmt: skip
     result = fit(cfg)
     assert result.resumed_from == str(ckdir / "step00000002.ckpt") and result.global_step == 3
     assert "skipping checkpoint" in capsys.readouterr().err
@@ -365,14 +369,16 @@ def test_sample_bad_condition_image_is_one_error_line(ckpts, tmp_path, capsys, k
 
 @pytest.mark.slow
 def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(ckpts, tmp_path):
-    from training.fit import ConfigError, load_config, resolve_resume
+    from training.config import ConfigError, load_config
+    from training.errors import warn
+    from training.runs import plan_run
 
     ckdir = _copy_dir(ckpts, "single", tmp_path / "checkpoints")
     for p in ckdir.iterdir():
         _truncate(p)
-    cfg = load_config(ckpts["cfg"], ["resume=auto", f"checkpoint.dir={ckdir}"])
+    cfg = load_config(ckpts["cfg"], ["resume=auto", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="no whole checkpoint"):
-        resolve_resume(cfg)
+        plan_run(cfg, warn)
 
 
 def test_restricted_reader_on_a_dcp_save_folder(tmp_path):

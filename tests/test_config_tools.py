@@ -37,7 +37,7 @@ def test_bad_overrides_are_value_errors_naming_them(override, message):
 
 
 def test_fit_configs_report_bad_overrides_as_config_errors():
-    from training.fit import ConfigError, load_config
+    from training.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="is not key=value"):
         load_config(None, ["trainer.max_steps"])
@@ -63,11 +63,14 @@ def test_flat_params_names_stages_and_cuts_values():
 
 def test_datagen_tracking_gets_flat_params_without_lightning():
     """orchestration.tracking (every datagen run) imports flat_params from training: that
-    must not import Lightning or torch (seconds per run)."""
+    must not import Lightning or torch (seconds per run), and training's config helpers
+    import nothing from pipelines."""
     code = (
-        "import sys, orchestration.tracking as t, training.config_tools as c;"
+        "import sys, training.config_tools as c;"
+        "assert not [m for m in ('lightning', 'torch', 'pipelines') if m in sys.modules];"
+        "import orchestration.tracking as t;"
         "assert t.flat_params is c.flat_params;"
-        "print(sorted(m for m in ('lightning', 'torch', 'pipelines') if m in sys.modules))"
+        "print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120

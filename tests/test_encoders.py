@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model.encoders import FrozenTextEncoder, FrozenVAE
-from training.module import TINY_TOKENS
+from training.encoders import TINY_TOKENS
 
 
 @pytest.fixture

@@ -93,3 +93,64 @@ def test_the_check_sees_what_it_should(tmp_path, monkeypatch, source, allowed):
     (folder / "x.py").write_text(source + "\n")
     monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
     assert (_violations("training", _training_allows) == []) is allowed
+
+
+def _project_imports(path: Path) -> list[tuple[int, str, str]]:
+    """``(line, module, name)`` of every ``from <project module> import <name>``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        project = ("datagen", "pipelines", "orchestration", "training", "model")
+        if (
+            isinstance(node, ast.ImportFrom)
+            and not node.level
+            and _top(node.module or "") in project
+        ):
+            found += [(node.lineno, node.module, a.name) for a in node.names]
+    return found
+
+
+def test_no_private_names_are_imported_across_modules():
+    """A ``_name`` is its module's own business: no other module imports it."""
+    bad = [
+        f"{path.relative_to(REPO)}:{line}: from {module} import {name}"
+        for folder in ("training", "model", "datagen", "pipelines", "orchestration")
+        for path in _files(folder)
+        for line, module, name in _project_imports(path)
+        if name.startswith("_") and not name.startswith("__")
+    ]
+    assert bad == []
+
+
+def _training_graph() -> dict[str, set[str]]:
+    """training module -> the training modules it imports (lazy imports included)."""
+    graph: dict[str, set[str]] = {}
+    names = {p.stem for p in _files("training")}
+    for path in _files("training"):
+        deps = set()
+        for _, module in imported_modules(path):
+            parts = module.split(".")
+            if parts[0] == "training" and len(parts) > 1:
+                deps.add(parts[1] if parts[1] in names else "")
+        graph[path.stem] = {d for d in deps if d and d != path.stem}
+    return graph
+
+
+def test_training_modules_import_each_other_without_a_circle():
+    graph = _training_graph()
+    state: dict[str, int] = {}
+    circles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                circles.append([*trail[trail.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert circles == []

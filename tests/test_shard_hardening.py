@@ -21,7 +21,7 @@ import webdataset as wds
 from datagen import shards
 from datagen.schema import KEY_PATTERN, SUBSETS, make_meta
 from orchestration.cli import main as cli
-from training import sampling
+from training import data_index as sampling
 
 REPO = Path(__file__).resolve().parents[1]
 LONGEST_KEY = "K" * 199 + "z"  # 200 chars: the most KEY_PATTERN allows

@@ -30,7 +30,7 @@ from training.data import (
     load_view,
     nearest_bucket,
 )
-from training.sampling import batch_rng, build_subset_index, mix_weights, plan_window
+from training.data_index import batch_rng, build_subset_index, mix_weights, plan_window
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKETS = [[32, 32], [32, 48], [48, 32]]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,8 @@ samples:
   prompts: ["a photo of a cat"]
   resolution: 32
   steps: 2
-mlflow: {experiment: onegen-test, synchronous: false, system_metrics: true,
+experiment: onegen-test
+mlflow: {synchronous: false, system_metrics: true,
          system_metrics_interval: 1}
 """
 
@@ -91,7 +93,21 @@ def fsdp_runs(tmp_path_factory):
     out_b2 = _fit(
         work, "B", "trainer.max_steps=6", "resume=last", f"debug.report_dir={work / 'report_B2'}"
     )
-    return {"work": work, "out": {"A": out_a, "B1": out_b1, "B2": out_b2}}
+    # Another process count: 2 -> 1 (B's sharded step-3 checkpoint read whole by one
+    # process) and 1 -> 2 (a single-device file checkpoint resharded over two).
+    (work / "C" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        work / "B" / "checkpoints" / "step00000003.ckpt",
+        work / "C" / "checkpoints" / "step00000003.ckpt",
+    )
+    quiet = ("mlflow.enabled=false", "samples.every_n_steps=0", "checkpoint.every_n_steps=100")
+    out_c = _fit(work, "C", "trainer.devices=1", "trainer.max_steps=4", "resume=last",
+                 f"debug.report_dir={work / 'report_C'}", *quiet)  # fmt: skip
+    _fit(work, "D", "trainer.devices=1", "trainer.max_steps=3", "mlflow.enabled=false",
+         "samples.every_n_steps=0", f"debug.report_dir={work / 'report_D1'}")  # fmt: skip
+    _fit(work, "D", "trainer.devices=2", "trainer.max_steps=4", "resume=last",
+         f"debug.report_dir={work / 'report_D2'}", *quiet)  # fmt: skip
+    return {"work": work, "out": {"A": out_a, "B1": out_b1, "B2": out_b2, "C": out_c}}
 
 
 def _report(runs: dict, name: str, part: str) -> dict:
@@ -159,7 +175,7 @@ def test_lightning_materialisation_breaks_zero_init_and_init_sharded_restores_it
     from lightning.fabric.utilities.init import _materialize_distributed_module
 
     from model import NextDiT, get_config
-    from training.module import init_sharded
+    from training.parallelize import init_sharded
 
     with torch.device("meta"):
         net = NextDiT(get_config("tiny"))
@@ -194,6 +210,30 @@ def test_resume_equals_uninterrupted_run(fsdp_runs):
     losses_a = _report(fsdp_runs, "A", "end")["losses"]
     assert _report(fsdp_runs, "B1", "end")["losses"] == losses_a[:3]
     assert _report(fsdp_runs, "B2", "end")["losses"] == losses_a[3:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("resumed", "saved"), [("C", "B1"), ("D2", "D1")], ids=["2to1", "1to2"])
+def test_resume_on_another_process_count_restores_the_saved_state(fsdp_runs, resumed, saved):
+    """Model, EMA and optimizer state right after the restore equal what the other process
+    count saved (gathered whole, keyed by name on both sides)."""
+    start = _report(fsdp_runs, resumed, "start")
+    assert start["global_step"] == 3
+    assert start["world_size"] == (1 if resumed == "C" else 2)
+    assert _report(fsdp_runs, saved, "start")["world_size"] == (2 if saved == "B1" else 1)
+    restored = torch.load(
+        fsdp_runs["work"] / f"report_{resumed}" / "start_state.pt", weights_only=True
+    )
+    original = _state(fsdp_runs, saved)
+    assert set(restored["model"]) == set(original["model"])
+    for key, value in original["model"].items():
+        assert torch.equal(restored["model"][key], value), key
+    sa, sb = original["optimizer"]["state"], restored["optimizer"]["state"]
+    assert set(sa) == set(sb) and sa
+    for name in sa:
+        for k in sa[name]:
+            assert torch.equal(torch.as_tensor(sa[name][k]), torch.as_tensor(sb[name][k])), name
+    assert _report(fsdp_runs, resumed, "end")["global_step"] == 4  # and it trains on
 
 
 @pytest.mark.slow
@@ -232,10 +272,11 @@ def test_mlflow_run_records_and_resume_continues_it(fsdp_runs):
 
     artifacts = set(files())
     assert "config/config.yaml" in artifacts and "config/resume_step00000003.yaml" in artifacts
-    assert "samples/step_00000003/text2image.png" in artifacts
-    assert "samples/step_00000006/text2image.png" in artifacts
+    # Sample grids through log_image: one image per task and step, for the UI's step slider.
+    assert any(a.startswith("images/samples~text2image+step+3+") for a in artifacts)
+    assert any(a.startswith("images/samples~text2image+step+6+") for a in artifacts)
     assert any(
-        a.startswith("samples/step_00000006/") and "2image" in a and "text" not in a
+        a.startswith(("images/samples~canny2image+step+6+", "images/samples~depth2image+step+6+"))
         for a in artifacts
     )
     tags = run.data.tags
@@ -251,7 +292,7 @@ def test_mlflow_run_records_and_resume_continues_it(fsdp_runs):
 def test_sample_from_sharded_checkpoint_loads_ema(fsdp_runs, tmp_path):
     from PIL import Image
 
-    from training.fit import sample_from_checkpoint
+    from training.sample import sample_from_checkpoint
 
     ckpt = fsdp_runs["work"] / "B" / "checkpoints" / "step00000006.ckpt"
     paths = sample_from_checkpoint(ckpt, "text2image", tmp_path / "t2i", steps=2, size=32)
@@ -290,18 +331,18 @@ def test_cli_single_device_fit_then_sample(tmp_path, capsys, monkeypatch):
 
     Image.new("RGB", (40, 36), (200, 30, 30)).save(tmp_path / "cond.png")
     rc = main([
-        "sample", "--checkpoint", str(ckpt), "--task", "image2depth",
+        "sample", "--checkpoint", str(ckpt), "--task", "depth2image",
         "--image", str(tmp_path / "cond.png"), "--out", str(tmp_path / "samples"),
         "--steps", "2", "--device", "cpu",
     ])  # fmt: skip
     assert rc == 0
-    written = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    written = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert written == [
-        "image2depth_grid.png",
-        "image2depth_view0_generated.png",
-        "image2depth_view1_condition.png",
+        "depth2image_grid.png",
+        "depth2image_view0_generated.png",
+        "depth2image_view1_condition.png",
     ]
-    assert Image.open(tmp_path / "samples" / "image2depth_view0_generated.png").size == (32, 32)
+    assert Image.open(tmp_path / "samples" / "depth2image_view0_generated.png").size == (32, 32)
 
 
 def test_cli_keeps_datagen_commands_and_parses_training():
@@ -320,26 +361,23 @@ def test_cli_keeps_datagen_commands_and_parses_training():
 
 
 def test_configs_resolve_and_pick_strategies(monkeypatch):
-    from training.fit import _precision, load_config, use_fsdp
+    from training.config import load_config, model_config
+    from training.fit import precision, use_fsdp
 
     # No tracking URI in the configs: MLflow's environment variable, else sqlite:///mlflow.db
     # (an earlier in-process fit may have set it: mlflow.set_tracking_uri exports it).
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from training.module import model_config
 
     demo = load_config(REPO / "training/configs/demo.yaml", ["trainer.max_steps=7"])
-    assert demo.trainer.max_steps == 7 and demo.checkpoint.dir == "runs/demo/checkpoints"
-    assert (
-        demo.mlflow.experiment == "onegen-demo"
-        and demo.mlflow.tracking_uri == "sqlite:///mlflow.db"
-    )
+    assert demo.trainer.max_steps == 7 and demo.runs_dir == "runs" and demo.run_dir is None
+    assert demo.experiment == "onegen-demo" and demo.mlflow.tracking_uri == "sqlite:///mlflow.db"
     assert not use_fsdp(demo) and use_fsdp(
         load_config(REPO / "training/configs/demo.yaml", ["trainer.devices=2"])
     )
     assert model_config(demo).name == "tiny"
 
     big = load_config(REPO / "training/configs/onediffusion-2.8b.yaml")
-    assert use_fsdp(big) and _precision(big) == "32-true"
+    assert use_fsdp(big) and precision(big) == "32-true"
     assert big.optim.lr == 5e-4 and big.model.activation_checkpointing and big.model.compile
     assert model_config(big).hidden_size == 3840 and model_config(big).caption_dim == 2048
     assert big.encoders.kind == "pretrained"
@@ -347,17 +385,15 @@ def test_configs_resolve_and_pick_strategies(monkeypatch):
 
 def test_configs_data_nodes_fit_the_datamodule():
     data = pytest.importorskip("training.data")
-    for name in ("demo", "onediffusion-2.8b"):
-        from training.fit import load_config
+    from training.config import load_config
 
-        node = OmegaConf.to_container(load_config(REPO / f"training/configs/{name}.yaml").data)
-        node.pop("kind")
-        node.pop("synthetic", None)
+    for name in ("demo", "onediffusion-2.8b"):
+        node = load_config(REPO / f"training/configs/{name}.yaml").data
         data.DataConfig.from_any(node)  # raises on unknown keys or bad buckets
 
 
 def test_synthetic_batches_follow_the_contract_and_are_pure():
-    from training.fit import synthetic_batch
+    from training.synthetic import synthetic_batch
 
     kw = {"batch_size": 3, "resolution": 32, "max_views": 2, "tasks": ["text2image", "canny2image"]}
     seen_views = set()

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from PIL import Image
 
 from model import flops_per_token
 from model.flops import peak_bf16_flops
+from training.sample_grid import (
+    Row,
+    conditional_row,
+    render_grid,
+    save_grid_image,
+    text2image_rows,
+)
 
 
 def peak_flops(device: torch.device, override: float | None = None) -> float | None:
@@ -124,42 +130,32 @@ class ThroughputMonitor(Callback):
 # --------------------------------------------------------------------------- sample grids
 
 
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [-1, 1] -> HxWx3 uint8."""
-    x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 0).cpu().numpy()
-
-
-def save_grid(rows: list[list[torch.Tensor]], path: Path, pad: int = 2) -> Path:
-    """Rows of [3, H, W] images (equal sizes) -> one PNG, white padding between cells."""
-    h, w = rows[0][0].shape[-2:]
-    ncol = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y : y + h, x : x + w] = to_uint8(img)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path
-
-
 class SampleGrid(Callback):
-    """Every N steps, sample a fixed set of tasks with the EMA weights and log PNG grids.
+    """Every N steps, sample a fixed set of tasks with the EMA weights and log one labelled
+    grid per task (``training.sample_grid``).
 
-    ``text2image``: one row per configured prompt. Any other task: the first training sample
-    of that task this rank saw is kept (pixels, views, prompt); its row shows the condition
-    views, the generated targets, then the ground-truth targets. Under FSDP every rank samples
-    (each forward all-gathers), the tasks being those every rank has captured; rank 0 writes
-    and logs the files (``samples/step_XXXXXXXX/<task>.png``).
+    ``text2image``: one row per configured prompt (the generated image). Any other task: the
+    first training sample of that task this rank saw is kept (pixels, views, prompt); its row
+    shows the condition views, the generated targets, then the ground-truth targets. Each row
+    has a header band with the task and the prompt, each panel a caption, panels are shown
+    ``samples.cell`` pixels wide. Under FSDP every rank samples (each forward all-gathers),
+    the tasks being those every rank has captured; rank 0 writes
+    ``<out_dir>/step_XXXXXXXX/<task>.png`` and logs each grid with ``MlflowClient.log_image``
+    under the key ``samples/<task>`` at the step (the MLflow UI's image step slider).
     """
 
     def __init__(self, cfg: Any, out_dir: str | Path) -> None:
         self.cfg = cfg
         self.every = int(cfg.every_n_steps)
         self.tasks = [str(t) for t in cfg.tasks]
+        self.cell = int(cfg.get("cell", 192) or 192)
         self.out_dir = Path(out_dir)
         self.captured: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def mlflow_key(task: str) -> str:
+        """``samples/<task>``, with anything MLflow refuses in an image key as ``_``."""
+        return "samples/" + re.sub(r"[^A-Za-z0-9_\-. ]", "_", task)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -199,31 +195,35 @@ class SampleGrid(Callback):
 
     @torch.no_grad()
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> list[Path]:
-        grids: dict[str, list[list[torch.Tensor]]] = {}
+        grids: dict[str, list[Row]] = {}
         seed = int(self.cfg.get("seed", 0))
         if "text2image" in self.tasks and self.cfg.prompts:
             res = int(self.cfg.resolution)
-            prompts = [f"[[text2image]] {p}" for p in self.cfg.prompts]
-            out = pl_module.generate(prompts, views=1, size=(res, res), seed=seed)
-            grids["text2image"] = [[img[0]] for img in out]
+            prompts = [str(p) for p in self.cfg.prompts]
+            out = pl_module.generate(
+                [f"[[text2image]] {p}" for p in prompts], views=1, size=(res, res), seed=seed
+            )
+            grids["text2image"] = text2image_rows(prompts, [img[0] for img in out])
         for task in self._common_tasks(trainer):
             item = self.captured[task]
             pixels, cond = item["pixels"], item["cond_mask"]
             out = pl_module.generate(
                 [item["prompt"]], cond_pixels=pixels, cond_mask=cond, seed=seed
             )[0]
-            conds = [pixels[0, v] for v in range(pixels.shape[1]) if cond[0, v]]
-            targets = [v for v in range(pixels.shape[1]) if not cond[0, v]]
-            grids[task] = [conds + [out[v] for v in targets] + [pixels[0, v] for v in targets]]
+            grids[task] = [conditional_row(task, item["prompt"], pixels[0], cond[0], out.cpu())]
         written: list[Path] = []
         if trainer.is_global_zero:
             folder = self.out_dir / f"step_{step:08d}"
-            for task, rows in grids.items():
-                written.append(save_grid(rows, folder / f"{task}.png"))
             target = mlflow_target(trainer)
-            if target is not None and written:
-                client, run_id = target
-                client.log_artifacts(run_id, str(folder), f"samples/step_{step:08d}")
+            for task, rows in grids.items():
+                image = render_grid(rows, self.cell, step=step)
+                written.append(save_grid_image(image, folder / f"{task}.png"))
+                if target is not None:
+                    client, run_id = target
+                    # Synchronous: the image is in the store when the step's hooks are done.
+                    client.log_image(
+                        run_id, image, key=self.mlflow_key(task), step=step, synchronous=True
+                    )
         return written
 
 
@@ -324,6 +324,12 @@ class StateReport(Callback):
             }
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "start.json").write_text(json.dumps(report, indent=1))
+        if self.save_state and trainer.global_step > 0:
+            # Resumed: the restored state, to compare with the state that was saved. (Not on
+            # a fresh start: reading an optimizer without state initialises it.)
+            state = self.full_state(trainer, pl_module)
+            if trainer.is_global_zero:
+                torch.save(state, self.out / "start_state.pt")
 
     def on_train_batch_end(
         self,
@@ -336,19 +342,23 @@ class StateReport(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @staticmethod
+    def full_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Model + EMA and optimizer state, gathered whole and keyed by parameter name: the
+        same form whatever the number of processes (a collective under FSDP)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
-        state = None
-        if self.save_state:
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd = get_model_state_dict(pl_module, options=opts)
-            optim_sd = get_optimizer_state_dict(pl_module, trainer.optimizers[0], options=opts)
-            state = {"model": model_sd, "optimizer": optim_sd}
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(pl_module, options=opts)
+        optim_sd = get_optimizer_state_dict(pl_module, trainer.optimizers[0], options=opts)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = self.full_state(trainer, pl_module) if self.save_state else None
         if trainer.is_global_zero:
             self.out.mkdir(parents=True, exist_ok=True)
             if state is not None:

@@ -25,7 +25,7 @@ from pathlib import Path, PurePath
 from typing import IO, Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -253,47 +253,146 @@ def verify_checkpoint(path: str | Path) -> dict:
     return _load_meta_file(meta_file)
 
 
+def checkpoint_meta(path: str | Path) -> dict:
+    """The ``onegen`` entry (config YAML, MLflow run id, world size) of a checkpoint file or
+    folder, after ``verify_checkpoint`` (whole, nothing but weights and plain data)."""
+    return dict(verify_checkpoint(path).get("onegen") or {})
+
+
 def _is_zip(f: IO[bytes]) -> bool:
     head = f.read(4)
     f.seek(0)
     return head == b"PK\x03\x04"
 
 
+def _names_in_optimizer_order(module: torch.nn.Module, optimizer: Any) -> list[str]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def rekey_optimizer_state(saved: dict, module: torch.nn.Module, optimizer: Any) -> dict:
+    """A plain ``optimizer.state_dict()`` (parameters numbered in group order) keyed by
+    parameter name instead, the form ``set_optimizer_state_dict`` takes for any sharding; the
+    numbering is matched against ``optimizer`` built by the same ``configure_optimizers``."""
+    order = _names_in_optimizer_order(module, optimizer)
+    saved_groups = saved.get("param_groups") or []
+    sizes = [len(g["params"]) for g in saved_groups]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(
+            f"the checkpoint's optimizer has parameter groups of sizes {sizes}, this model's "
+            f"{[len(g['params']) for g in optimizer.param_groups]}: not the same model"
+        )
+    index = {}
+    for group in saved_groups:
+        for pid in group["params"]:
+            index[pid] = order[len(index)]
+    return {
+        "state": {index[pid]: value for pid, value in saved.get("state", {}).items()},
+        "param_groups": [
+            {**g, "params": [index[pid] for pid in g["params"]]} for g in saved_groups
+        ],
+    }
+
+
+def load_full_checkpoint(path: Path, module: torch.nn.Module, optimizers: list) -> dict:
+    """A single-file (full) checkpoint into a sharded module and its optimizers: every rank
+    reads the file memory-mapped and keeps its own shards. Returns the rest of the file."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    ck = verify_checkpoint(path)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, ck.pop("state_dict"), options=options)
+    saved = ck.pop("optimizer_states", None) or []
+    for optimizer, state in zip(optimizers, saved, strict=False):
+        keyed = rekey_optimizer_state(state, module, optimizer)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=keyed, options=options)
+    return ck
+
+
+def load_sharded_checkpoint(
+    path: Path, module: torch.nn.Module, optimizers: list, *, no_dist: bool
+) -> dict:
+    """A distributed (sharded) checkpoint into ``module`` and its optimizers, whatever the
+    number of processes that wrote it: DCP reads each local shard's slice of the saved ones
+    (``no_dist``: one process without a process group, the whole tensors). Returns
+    Lightning's ``meta.pt`` (loops, schedulers, callbacks, ``onegen``)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    meta = verify_checkpoint(path)
+    module_state = {"state_dict": get_model_state_dict(module)}
+    safe_dcp_load(module_state, path, no_dist=no_dist)
+    set_model_state_dict(module, module_state["state_dict"])
+    for idx, optimizer in enumerate(optimizers):
+        key = f"optimizer_{idx}"
+        optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+        safe_dcp_load(optim_state, path, no_dist=no_dist)
+        set_optimizer_state_dict(
+            module,
+            optimizer,
+            optim_state_dict=optim_state[key],
+            options=StateDictOptions(cpu_offload=no_dist),
+        )
+    return meta
+
+
 class SafeModelParallelStrategy(ModelParallelStrategy):
     """Lightning's FSDP2 strategy, resuming through ``verify_checkpoint`` and
     ``safe_dcp_load`` (Lightning's own path uses torch's default reader and planner, which
-    unpickle freely). Same steps as ``lightning.fabric.strategies.model_parallel``'s sharded
-    branch: model, then each optimizer, then ``meta.pt`` (weights only) as the remaining state.
-    """
+    unpickle freely): a sharded checkpoint from any number of processes, or a single-device
+    one (a file) resharded onto this mesh."""
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
         path = Path(self.broadcast(checkpoint_path))
+        module = self.model
+        assert module is not None and self.lightning_module is not None
+        if path.is_dir():
+            return load_sharded_checkpoint(path, module, list(self.optimizers), no_dist=False)
+        return load_full_checkpoint(path, module, list(self.optimizers))
+
+
+class SafeSingleDeviceStrategy(SingleDeviceStrategy):
+    """Lightning's single-device strategy that also resumes a sharded checkpoint (a folder
+    written by N processes: read whole, in this one process); files load as Lightning loads
+    them, after ``verify_checkpoint``."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device=device)
+        self._restored_here = False
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return not self._restored_here
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # After the optimizers exist (as under FSDP): a sharded folder restores them here.
+        return True
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        path = Path(checkpoint_path)
         if not path.is_dir():
             verify_checkpoint(path)
             return super().load_checkpoint(path, weights_only=True)
-        meta = verify_checkpoint(path)
-        module = self.model
-        assert module is not None and self.lightning_module is not None
-        module_state = {"state_dict": get_model_state_dict(module)}
-        safe_dcp_load(module_state, path)
-        module.load_state_dict(
-            module_state["state_dict"], strict=self.lightning_module.strict_loading
-        )
-        for idx, optimizer in enumerate(self.optimizers):
-            key = f"optimizer_{idx}"
-            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
-            safe_dcp_load(optim_state, path)
-            set_optimizer_state_dict(
-                module,
-                optimizer,
-                optim_state_dict=optim_state[key],
-                options=StateDictOptions(cpu_offload=True),
-            )
+        module = self.lightning_module
+        assert module is not None
+        meta = load_sharded_checkpoint(path, module, list(self.optimizers), no_dist=True)
+        self._restored_here = True
         return meta
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if not self._restored_here:
+            super().load_model_state_dict(checkpoint, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        if not self._restored_here:
+            super().load_optimizer_state_dict(checkpoint)

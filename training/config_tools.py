@@ -13,9 +13,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+def apply_overrides(cfg: DictConfig, overrides: list[str], strict: bool = False) -> None:
     """Apply ``a.b=1``-style overrides in place; values parse as YAML (``[2, 3]``, ``null``,
-    ``true``, ``{t2i: /data}``). A malformed override is a ValueError naming it."""
+    ``true``, ``{t2i: /data}``). A malformed override is a ValueError naming it. ``strict``:
+    a key the (structured) config does not have is OmegaConf's error, not a new key."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
@@ -26,7 +27,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as exc:
             raise ValueError(f"override {item!r}: the value is not YAML ({exc})") from None
-        OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        OmegaConf.update(cfg, key, value, merge=True, force_add=not strict)
 
 
 def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:

@@ -16,7 +16,7 @@ Batch contract (what the LightningModule gets, every batch one shape)::
      "batch_index": int}               the rank's batch number k
 
 Determinism and resume: batch ``k`` of rank ``r`` is a pure function of
-``(seed, r, k)`` and the data (see :mod:`training.sampling`). Worker ``w`` of
+``(seed, r, k)`` and the data (see :mod:`training.data_index`). Worker ``w`` of
 ``W`` builds batches ``start + w, start + w + W, ...`` and torch's DataLoader
 yields workers round-robin, so the loader's i-th batch is batch ``start + i``
 whatever ``W`` is. ``start = global_step * batches_per_step``: a loader built
@@ -43,7 +43,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -55,9 +55,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datagen.schema import SUBSETS, SchemaError, validate_sample
 from datagen.shards import MANIFEST, ShardReader, filesystem, read_range, sample_files
-from training import skips
 from training import tasks as T
-from training.sampling import (
+from training.config import DataConfig
+from training.data_index import (
     SubsetIndex,
     batch_rng,
     build_subset_index,
@@ -67,104 +67,9 @@ from training.sampling import (
     worker_batches,
 )
 
-DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((256, 256), (256, 384), (384, 256))
 IMPLEMENTED_SUBSETS = ("t2i", "i2i", "semantic", "depth", "pose", "faceid")
 # Why a sample was skipped: stable names, used in metric keys (data/skipped.<subset>.<reason>).
 SKIP_REASONS = ("unreadable", "truncated", "schema", "decode")
-
-
-@dataclass
-class DataConfig:
-    """The ``data:`` node of a fit config.
-
-    ``paths``: ``{subset: dir | [dirs/URLs]}`` where each dir is a datagen
-    output (holding ``<subset>/manifest.json``) or the subset folder itself;
-    or one dir / a list of dirs, meaning every subset found in them.
-    """
-
-    paths: Any = None
-    mix: dict[str, float] | None = None  # None: equal budget per task family
-    batch_size: int = 8  # per rank
-    num_workers: int = 2
-    seed: int = 0
-    buckets: list[list[int]] = field(
-        default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS]
-    )  # (H, W)
-    bucket_mode: str = "aspect"  # "aspect": nearest to the batch's first sample; "random"
-    bucket_weights: list[float] | None = None  # for bucket_mode=random
-    caption_dropout: float = 0.1
-    reads_per_batch: int = 4  # byte-range reads (windows) per batch
-    overread: float = 0.25  # read this fraction more samples than needed
-    reverse_prob: float = 0.5  # map tasks: P(image -> map)
-    tasks: list[str] | None = None  # restrict to these task names
-    faceid_max_views: int = 4
-    prefetch_factor: int = 2
-    pin_memory: bool = False
-    persistent_workers: bool = True
-    validate: bool = True  # datagen.schema.validate_sample on every sample
-    max_skipped_per_batch: int = 256  # more than this in one batch: the data is broken, raise
-    max_skip_rate: float = skips.MAX_SKIP_RATE  # read by training.module, checked here
-    skip_rate_min_samples: int = skips.SKIP_RATE_MIN_SAMPLES
-    batches_per_step: int = 1  # gradient accumulation, when no trainer says it
-    rank: int | None = None  # default: trainer.global_rank / torch.distributed
-    # None: the platform default (fork on Linux). Note: do not call cv2.setNumThreads in a
-    # forked worker after the parent used OpenCV's thread pool: it deadlocks.
-    multiprocessing_context: str | None = None
-
-    @classmethod
-    def from_any(cls, cfg: Any = None, **overrides: Any) -> DataConfig:
-        if isinstance(cfg, DataConfig):
-            values = asdict(cfg)
-        elif cfg is None:
-            values = {}
-        else:
-            try:
-                from omegaconf import DictConfig, OmegaConf
-
-                if isinstance(cfg, DictConfig):
-                    cfg = OmegaConf.to_container(cfg, resolve=True)
-            except ImportError:  # pragma: no cover
-                pass
-            values = dict(cfg)
-        values.update(overrides)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data config keys {unknown}; known: {sorted(known)}")
-        out = cls(**values)
-        out.check()
-        return out
-
-    def check(self) -> None:
-        if self.paths is None:
-            raise ValueError("data.paths is required: {subset: datagen output dir(s)} or dir(s)")
-        if self.batch_size < 1 or self.reads_per_batch < 1 or self.num_workers < 0:
-            raise ValueError("batch_size and reads_per_batch must be >= 1, num_workers >= 0")
-        if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.reverse_prob <= 1.0:
-            raise ValueError("caption_dropout and reverse_prob must be in [0, 1]")
-        if self.seed < 0:
-            raise ValueError("seed must be >= 0")
-        if self.overread < 0:
-            raise ValueError("overread must be >= 0")
-        if not self.buckets:
-            raise ValueError("buckets must list at least one [H, W]")
-        for b in self.buckets:
-            if len(b) != 2 or any(int(x) <= 0 or int(x) % 16 for x in b):
-                raise ValueError(
-                    f"bucket {list(b)} must be [H, W] with multiples of 16 (VAE /8, patch 2)"
-                )
-        if self.bucket_mode not in ("aspect", "random"):
-            raise ValueError("bucket_mode must be 'aspect' or 'random'")
-        if self.bucket_weights is not None and len(self.bucket_weights) != len(self.buckets):
-            raise ValueError("bucket_weights needs one weight per bucket")
-        if self.tasks is not None:
-            bad = sorted(set(self.tasks) - set(T.all_task_names()))
-            if bad:
-                raise ValueError(f"unknown task names {bad}; known: {T.all_task_names()}")
-        if self.faceid_max_views < 2:
-            raise ValueError("faceid_max_views must be >= 2")
-        if not 0.0 <= self.max_skip_rate <= 1.0 or self.skip_rate_min_samples < 0:
-            raise ValueError("max_skip_rate must be in [0, 1] and skip_rate_min_samples >= 0")
 
 
 def resolve_paths(paths: Any) -> dict[str, list[str]]:

@@ -26,3 +26,13 @@ class TrackingError(FitError):
 
 class SkipRateError(FitError):
     """The data loader skipped more corrupt samples than ``data.max_skip_rate`` allows."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr, from the global rank-0 process only."""
+    import sys
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(f"onegen: warning: {message}", file=sys.stderr, flush=True)

@@ -24,11 +24,9 @@ Shard batches also carry what the loader skipped (``training.skips`` counts, log
 
 from __future__ import annotations
 
-import math
-import warnings
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,205 +35,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from datagen.schema import TASK_LABELS, image_marker
-from model import NextDiT, get_config
-from model.encoders import FrozenTextEncoder, FrozenVAE
+from model import NextDiT
 from model.flops import image_tokens
-from model.flow import flow_matching_loss, sample
+from model.flow import flow_matching_loss
 from training import skips
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
-# Whole tokens in the tiny tokenizer; eight image markers cover every view count the
-# readers build (multi-view samples are capped well below that).
-TINY_TOKENS: tuple[str, ...] = (*TASK_LABELS, *(image_marker(i) for i in range(8)))
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name in (None, "", "auto"):
-        return None
-    try:
-        return _DTYPES[str(name)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
-
-
-# --------------------------------------------------------------------------- encoders
-
-
-@dataclass
-class FrozenEncoders:
-    """The frozen codec and text encoder; deliberately not an ``nn.Module`` attribute."""
-
-    vae: FrozenVAE
-    text: FrozenTextEncoder
-
-    def to(self, device: torch.device | str) -> FrozenEncoders:
-        self.vae.to(device)
-        self.text.to(device)
-        return self
-
-
-def build_encoders(cfg: DictConfig, caption_dim: int, vocab_dir: str | Path) -> FrozenEncoders:
-    """``encoders.kind: tiny`` (random, seeded: the same weights in every process and at
-    sampling time) or ``pretrained`` (local folders, offline)."""
-    enc = cfg.encoders
-    kind = str(enc.kind)
-    if kind == "tiny":
-        seed = int(enc.get("seed", 0))
-        vae = FrozenVAE.tiny(seed=seed, apply_shift=bool(enc.get("vae_apply_shift", True)))
-        text = FrozenTextEncoder.tiny(
-            vocab_dir,
-            extra_tokens=TINY_TOKENS,
-            max_length=int(enc.text_max_length),
-            d_model=caption_dim,
-            seed=seed + 1,
-        )
-    elif kind == "pretrained":
-        if not enc.get("vae_path") or not enc.get("text_path"):
-            raise ValueError(
-                "encoders.kind=pretrained needs encoders.vae_path and encoders.text_path"
-            )
-        vae = FrozenVAE.from_pretrained(
-            str(enc.vae_path),
-            dtype=parse_dtype(enc.get("vae_dtype")),
-            apply_shift=bool(enc.get("vae_apply_shift", True)),
-        )
-        text = FrozenTextEncoder.from_pretrained(
-            str(enc.text_path),
-            max_length=int(enc.text_max_length),
-            dtype=parse_dtype(enc.get("text_dtype")),
-        )
-    else:
-        raise ValueError(f"encoders.kind must be 'tiny' or 'pretrained', got {kind!r}")
-    if text.dim != caption_dim:
-        raise ValueError(f"text encoder width {text.dim} != model caption_dim {caption_dim}")
-    return FrozenEncoders(vae=vae, text=text)
-
-
-def model_config(cfg: DictConfig):
-    node = cfg.model.get("overrides")
-    overrides = OmegaConf.to_container(node, resolve=True) if node else {}
-    return get_config(str(cfg.model.config), **overrides)  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------- parallelism
-
-
-def checkpoint_block(block: nn.Module) -> None:
-    """Activation checkpointing of one block, keeping its parameter names unchanged.
-
-    ``checkpoint_wrapper`` would insert ``_checkpoint_wrapped_module`` into every name (and
-    into the optimizer-state keys); overriding the instance's ``forward`` does not. FSDP2's
-    hooks sit on ``__call__``, outside the checkpointed region, so recomputation in backward
-    runs while the block's parameters are gathered, as with the wrapper.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    inner = block.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    block.forward = forward  # type: ignore[method-assign]
-
-
-def shard(model: NextDiT, mesh: Any, param_dtype: torch.dtype | None) -> None:
-    """``fully_shard`` every block, then the root. Inputs are cast by the caller (so the
-    timesteps and RoPE tables stay float32): ``cast_forward_inputs=False`` everywhere."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(
-        param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
-    )
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _dtensor_rng_supported(mesh: Any) -> bool:
-    try:
-        from torch.distributed.tensor._random import is_rng_supported_mesh
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return bool(is_rng_supported_mesh(mesh))
-    except Exception:  # private API; fall back to the replica path
-        return False
-
-
-@torch.no_grad()
-def init_sharded(model: NextDiT) -> None:
-    """Apply ``NextDiT.init_weights`` to a (possibly sharded) model after materialisation.
-
-    On CUDA meshes DTensor random ops draw each shard as the slice of one global random
-    tensor, so ``init_weights`` runs in place. On CPU (gloo) DTensor has no RNG tracker: every
-    rank would draw its shard from the same local stream and all shards would be copies of
-    each other. There, a full replica is initialised on each rank (same seed) and each rank
-    keeps its own ``torch.chunk`` slice, which is how FSDP2 shards dim 0.
-    """
-    params = list(model.parameters())
-    dtensors = [p for p in params if hasattr(p, "device_mesh")]
-    if not dtensors or _dtensor_rng_supported(dtensors[0].device_mesh):
-        model.init_weights()
-        return
-    with torch.device("cpu"):
-        full = NextDiT(model.config)  # the constructor runs init_weights
-    for (name, p), (_, q) in zip(model.named_parameters(), full.named_parameters(), strict=True):
-        if not hasattr(p, "device_mesh"):
-            p.copy_(q)
-            continue
-        mesh = p.device_mesh
-        if mesh.ndim != 1 or len(p.placements) != 1 or not p.placements[0].is_shard(0):
-            raise RuntimeError(f"{name}: unexpected placement {p.placements}")
-        chunks = torch.chunk(q, mesh.size(), dim=0)
-        rank = mesh.get_local_rank()
-        local = _local(p)
-        part = chunks[rank] if rank < len(chunks) else q.new_empty((0, *q.shape[1:]))
-        if part.shape != local.shape:
-            raise RuntimeError(f"{name}: shard {tuple(local.shape)} != slice {tuple(part.shape)}")
-        local.copy_(part)
-
-
-# --------------------------------------------------------------------------- schedule
-
-
-def lr_lambda(warmup: int, schedule: str, total: int, min_ratio: float):
-    """Linear warmup from 0 then constant or cosine (to ``min_ratio``) over ``total`` steps."""
-
-    def fn(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        if schedule == "cosine":
-            span = max(1, total - warmup)
-            progress = min(1.0, (step - warmup) / span)
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
-
-    return fn
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps): stable across processes and runs."""
-    h = 0x9E3779B97F4A7C15
-    for part in parts:
-        h = (h ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
+from training.config import model_config, schema
+from training.encoders import FrozenEncoders, build_encoders, parse_dtype
+from training.optim import build_optimizer, clip_grad_norm, ema_decay, ema_update
+from training.parallelize import init_sharded, local_tensor, parallelize
+from training.runs import log_line
+from training.sample import generate
+from training.seeding import mix_seed
 
 # --------------------------------------------------------------------------- module
 
@@ -243,7 +53,10 @@ def _mix_seed(*parts: int) -> int:
 class OneGenModule(pl.LightningModule):
     def __init__(self, cfg: DictConfig | dict) -> None:
         super().__init__()
-        self.cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
+        # Complete (the schema's defaults under what was given) and plain: it goes into every
+        # checkpoint as YAML.
+        full = OmegaConf.merge(schema(), OmegaConf.create(cfg))
+        self.cfg = OmegaConf.create(OmegaConf.to_container(full, resolve=True))
         self.net_config = model_config(self.cfg)
         self.model: NextDiT | None = None
         self.ema: NextDiT | None = None
@@ -257,6 +70,7 @@ class OneGenModule(pl.LightningModule):
         self._param_cache: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
         self.last_batch_stats: dict[str, int] = {}  # samples / tokens of the last micro-batch
         self.last_perf: dict[str, float] = {}  # ThroughputMonitor's last window (progress line)
+        self._progress_mark: tuple[int, float] | None = None  # (step, time) of the last line
         self._skips = skips.empty()  # this rank's data skips since the last log window
         self.data_totals = skips.empty()  # summed over ranks and the run (checkpointed)
         self.mlflow_run_id: str | None = None  # set by TrackingCallback (all ranks)
@@ -280,29 +94,29 @@ class OneGenModule(pl.LightningModule):
         # DeviceMesh, and this runs every step.
         if getattr(self, "_device_mesh", None) is None or self._root_device().type != "cuda":
             return torch.float32
-        return parse_dtype(self.cfg.model.get("param_dtype", "bfloat16")) or torch.float32
+        return parse_dtype(self.cfg.model.param_dtype) or torch.float32
 
     def configure_model(self) -> None:
         if self.model is not None:  # configure_model may be called again (fit, then validate)
             return
         mesh = self.dp_mesh
-        meta = mesh is not None and bool(self.cfg.model.get("meta_init", True))
+        meta = mesh is not None and bool(self.cfg.model.meta_init)
         with torch.device("meta") if meta else nullcontext():
             model = NextDiT(self.net_config)
             ema = NextDiT(self.net_config)
         if not meta:
             ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)  # train/eval mode is irrelevant: no dropout in Next-DiT
-        if self.cfg.model.get("activation_checkpointing", False):
-            for block in model.layers:
-                checkpoint_block(block)
-        if self.cfg.model.get("compile", False):
-            for block in model.layers:
-                block.compile()
-        if mesh is not None:
-            param_dtype = self.compute_dtype()
-            shard(model, mesh, param_dtype if param_dtype != torch.float32 else None)
-            shard(ema, mesh, param_dtype if param_dtype != torch.float32 else None)
+        mcfg = self.cfg.model
+        param_dtype = self.compute_dtype() if mesh is not None else None
+        for net, train in ((model, True), (ema, False)):
+            parallelize(
+                net,
+                activation_checkpointing=train and bool(mcfg.activation_checkpointing),
+                compile_blocks=train and bool(mcfg.compile),
+                mesh=mesh,
+                param_dtype=param_dtype,
+            )
         self.model, self.ema = model, ema
         self._needs_init = meta
         self.built_on_meta = meta
@@ -330,7 +144,7 @@ class OneGenModule(pl.LightningModule):
             init_sharded(self.model)
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                    _local(e).copy_(_local(p))
+                    local_tensor(e).copy_(local_tensor(p))
             self._needs_init = False
 
     # ------------------------------------------------------------------ training
@@ -362,7 +176,7 @@ class OneGenModule(pl.LightningModule):
             self.model.set_requires_gradient_sync(self._micro == accum - 1)
         self._micro += 1
         gen = torch.Generator(device=latents.device)
-        gen.manual_seed(_mix_seed(int(self.cfg.seed), self.global_rank, micro_step))
+        gen.manual_seed(mix_seed(int(self.cfg.seed), self.global_rank, micro_step))
         lcfg = self.cfg.loss
         out = flow_matching_loss(
             self.denoiser(self.model),
@@ -406,17 +220,9 @@ class OneGenModule(pl.LightningModule):
     ) -> None:
         """Clip by global norm ourselves: works on FSDP2's DTensor gradients (the norm is a
         DTensor; ``full_tensor()`` gives the global value), and records it for logging."""
-        grads = [p for p in self._params()[0] if p.grad is not None]
-        if not grads:
-            return
-        max_norm = float(self.cfg.optim.get("grad_clip") or 0.0)
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self._grad_norm = norm.detach()
+        norm = clip_grad_norm(self._params()[0], float(self.cfg.optim.grad_clip or 0.0))
+        if norm is not None:
+            self._grad_norm = norm
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
@@ -428,15 +234,13 @@ class OneGenModule(pl.LightningModule):
     @torch.no_grad()
     def update_ema(self) -> None:
         """``ema = decay * ema + (1 - decay) * model`` on the local shards (same sharding)."""
-        if not self.cfg.ema.get("enabled", True):
+        ecfg = self.cfg.ema
+        if not ecfg.enabled:
             return
-        decay = float(self.cfg.ema.decay)
-        warmup = int(self.cfg.ema.get("warmup_steps", 0) or 0)
-        if warmup > 0:  # step = optimizer steps done, including this one
-            step = self.global_step + 1
-            decay = min(decay, (1 + step) / (warmup + step))
+        # step = optimizer steps done, including this one
+        decay = ema_decay(float(ecfg.decay), int(ecfg.warmup_steps or 0), self.global_step + 1)
         _, src, dst = self._params()
-        torch._foreach_lerp_(dst, src, 1.0 - decay)
+        ema_update(dst, src, decay)
 
     def _params(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """(model params, their local shards, the EMA's local shards), cached: walking
@@ -448,11 +252,11 @@ class OneGenModule(pl.LightningModule):
         if (
             cache is None
             or cache[0][0] is not first
-            or cache[1][0].data_ptr() != _local(first).data_ptr()  # e.g. moved by .to()
+            or cache[1][0].data_ptr() != local_tensor(first).data_ptr()  # e.g. moved by .to()
         ):
             params = list(self.model.parameters())
-            src = [_local(p).detach() for p in params]
-            dst = [_local(p) for p in self.ema.parameters()]
+            src = [local_tensor(p).detach() for p in params]
+            dst = [local_tensor(p) for p in self.ema.parameters()]
             if [t.shape for t in src] != [t.shape for t in dst]:
                 raise RuntimeError("model and EMA shards do not line up")
             self._param_cache = (params, src, dst)
@@ -471,7 +275,7 @@ class OneGenModule(pl.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = int(self.cfg.trainer.get("log_every_n_steps", 10))
+        every = int(self.cfg.trainer.log_every_n_steps)
         step = self.global_step
         if self._micro != 0 or step == 0 or step % every or self._trainer is None:
             return
@@ -519,60 +323,47 @@ class OneGenModule(pl.LightningModule):
         self.last_logged = metrics
         if self.trainer.is_global_zero and self.trainer.logger is not None and metrics:
             self.trainer.logger.log_metrics(metrics, step=step)
-        if self.trainer.is_global_zero and self.trainer.progress_bar_callback is None:
-            print(self.progress_line(step, metrics), flush=True)
-        dcfg = self.cfg.get("data") or {}
-        skips.check(
-            self.data_totals,
-            float(dcfg.get("max_skip_rate", skips.MAX_SKIP_RATE)),
-            int(dcfg.get("skip_rate_min_samples", skips.SKIP_RATE_MIN_SAMPLES)),
-        )
+        if self.trainer.is_global_zero:
+            line = self.progress_line(step, metrics)
+            if self.trainer.progress_bar_callback is None:
+                print(line, flush=True)
+            if self.cfg.run_dir:
+                log_line(self.cfg.run_dir, line)
+        dcfg = self.cfg.data
+        skips.check(self.data_totals, float(dcfg.max_skip_rate), int(dcfg.skip_rate_min_samples))
 
     def progress_line(self, step: int, metrics: dict[str, float]) -> str:
-        """``step 20/40 | loss 0.5123 | 12.3 samples/s | skipped 3 (0.4%: t2i.decode 3)``."""
-        parts = [f"step {step}/{int(self.cfg.trainer.max_steps)}"]
+        """``step 20/40 | loss 0.5123 | 12.3 samples/s | ETA 1m23s | skipped 3 (0.4%: ...)``.
+
+        ETA = remaining steps x the seconds per step of the last window, measured here as the
+        wall time between two progress lines (so it counts sampling and checkpoints too, and
+        does not depend on the throughput window); the first line of a fit (or of a resume)
+        falls back on the ThroughputMonitor's ``perf/step_time_s``, else ``ETA --``."""
+        max_steps = int(self.cfg.trainer.max_steps)
+        parts = [f"step {step}/{max_steps}"]
         if "train/loss" in metrics:
             parts.append(f"loss {metrics['train/loss']:.4f}")
         if "perf/samples_per_s" in self.last_perf:
             parts.append(f"{self.last_perf['perf/samples_per_s']:.1f} samples/s")
+        now = time.perf_counter()
+        mark = self._progress_mark
+        per_step = self.last_perf.get("perf/step_time_s")
+        if mark is not None and step > mark[0]:
+            per_step = (now - mark[1]) / (step - mark[0])
+        self._progress_mark = (step, now)
+        if max_steps > 0 and step >= max_steps:
+            parts.append("ETA 0s")
+        elif max_steps > 0 and per_step is not None:
+            parts.append(f"ETA {format_eta((max_steps - step) * per_step)}")
+        else:
+            parts.append("ETA --")
         skipped = skips.summary(self.data_totals)
-        if skipped:
-            world = self.trainer.world_size
-            parts.append(skipped + (f" over {world} ranks" if world > 1 else ""))
+        world = self._trainer.world_size if self._trainer is not None else 1
+        parts.append((skipped or "skipped 0") + (f" over {world} ranks" if world > 1 else ""))
         return " | ".join(parts)
 
     def configure_optimizers(self) -> Any:
-        ocfg = self.cfg.optim
-        wd = float(ocfg.get("weight_decay", 0.0))
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 and ocfg.get("no_decay_1d", True) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": wd}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=float(ocfg.lr),
-            betas=tuple(float(b) for b in ocfg.betas),
-            eps=float(ocfg.eps),
-            foreach=bool(ocfg.get("foreach", True)),
-        )
-        total = int(self.cfg.trainer.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lr_lambda(
-                int(ocfg.warmup_steps),
-                str(ocfg.schedule),
-                total,
-                float(ocfg.get("min_lr_ratio", 0.0)),
-            ),
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return build_optimizer(self.model, self.cfg.optim, int(self.cfg.trainer.max_steps))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -582,6 +373,7 @@ class OneGenModule(pl.LightningModule):
             "config": OmegaConf.to_yaml(self.cfg),
             "mlflow_run_id": self.mlflow_run_id or "",
             "model_config": self.net_config.name,
+            "world_size": self.trainer.world_size if self._trainer is not None else 1,
             # Summed over ranks up to the last log window, plus this (the saving) rank's
             # window in progress: Lightning saves in the checkpoint callback's
             # on_train_batch_end, before the module's, which closes the window. Other
@@ -624,52 +416,20 @@ class OneGenModule(pl.LightningModule):
             cond_pixels=cond_pixels,
             cond_mask=cond_mask,
             steps=int(scfg.steps),
-            guidance=float(scfg.get("guidance", 1.0)),
-            shift=float(scfg.get("shift", self.cfg.loss.shift)),
+            guidance=float(scfg.guidance),
+            shift=float(scfg.shift if scfg.shift is not None else self.cfg.loss.shift),
             seed=seed,
             device=self.device,
         )
 
 
-@torch.no_grad()
-def generate(
-    denoiser: Any,
-    frozen: FrozenEncoders,
-    prompts: Sequence[str],
-    *,
-    views: int,
-    size: tuple[int, int],
-    cond_pixels: Tensor | None,
-    cond_mask: Tensor | None,
-    steps: int,
-    guidance: float,
-    shift: float,
-    seed: int,
-    device: torch.device,
-) -> Tensor:
-    """Encode prompts and condition views, Euler-sample the targets, decode every view."""
-    b = len(prompts)
-    if cond_pixels is not None:
-        views, size = cond_pixels.shape[1], tuple(cond_pixels.shape[-2:])
-    down = frozen.vae.downsample
-    h, w = size[0] // down, size[1] // down
-    text, text_mask = frozen.text(list(prompts))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(b, views, frozen.vae.latent_channels, h, w, generator=gen).to(device)
-    kwargs: dict[str, Any] = {}
-    if cond_pixels is not None and cond_mask is not None and bool(cond_mask.any()):
-        kwargs["cond_latents"] = frozen.vae.encode(cond_pixels.to(device))
-        kwargs["cond_mask"] = cond_mask.to(device).bool()
-    if guidance != 1.0:
-        kwargs["uncond_text"], kwargs["uncond_text_mask"] = frozen.text([""] * b)
-    latents = sample(
-        denoiser,
-        noise,
-        text,
-        text_mask,
-        steps=steps,
-        shift=shift,
-        guidance_scale=guidance,
-        **kwargs,
-    )
-    return frozen.vae.decode(latents).clamp(-1, 1)
+def format_eta(seconds: float) -> str:
+    """``42s``, ``1m23s``, ``2h05m``, ``3d04h``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

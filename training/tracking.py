@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from datagen.shards import manifest_digest
 from training.config_tools import flat_params
+from training.runs import CHECKPOINTS, checkpoint_step
 
 RUN_FILE = "mlflow_run.json"
 PROBE_TIMEOUT_S = 5.0
@@ -75,13 +78,13 @@ def ensure_tracking(cfg: DictConfig, warn: Any = print) -> None:
     from training.errors import TrackingError
 
     mcfg = cfg.mlflow
-    if not mcfg.get("enabled", True):
+    if not mcfg.enabled:
         return
     uri = str(mcfg.tracking_uri)
     reason = probe_tracking_server(uri)
     if reason is None:
         return
-    if mcfg.get("required", True):
+    if mcfg.required:
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
             "mlflow.tracking_uri, or set mlflow.required=false"
@@ -90,25 +93,49 @@ def ensure_tracking(cfg: DictConfig, warn: Any = print) -> None:
     mcfg.enabled = False
 
 
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens a sqlite store: every rank builds its logger, and ranks
+    starting together on a new file would run MLflow's schema migrations concurrently (one
+    fails). An exclusive ``flock`` on ``<db>.lock`` beside it; other stores need none."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len(prefix) :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).search_experiments(max_results=1)  # creates / migrates the schema
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_logger(cfg: DictConfig, run_id: str | None = None):
     """The run's ``MLFlowLogger``, or None when ``mlflow.enabled`` is false."""
     mcfg = cfg.mlflow
-    if not mcfg.get("enabled", True):
+    if not mcfg.enabled:
         return None
     from lightning.pytorch.loggers import MLFlowLogger
 
     kwargs: dict[str, Any] = {}
-    if mcfg.get("synchronous") is not None:
-        kwargs["synchronous"] = bool(mcfg.synchronous)
-    return MLFlowLogger(
-        experiment_name=str(mcfg.experiment),
-        run_name=str(mcfg.get("run_name") or cfg.name),
-        tracking_uri=str(mcfg.tracking_uri),
-        tags={"onegen.kind": "train"},
-        run_id=run_id,
-        log_model=False,
-        **kwargs,
-    )
+    kwargs["synchronous"] = bool(mcfg.synchronous)
+    with sqlite_store_lock(str(mcfg.tracking_uri)):
+        return MLFlowLogger(
+            experiment_name=str(cfg.experiment),
+            run_name=str(cfg.run_name or cfg.name),
+            tracking_uri=str(mcfg.tracking_uri),
+            tags={"onegen.kind": "train"},
+            run_id=run_id,
+            log_model=False,
+            **kwargs,
+        )
 
 
 def read_run_file(run_dir: str | Path) -> dict | None:
@@ -162,9 +189,11 @@ def manifest_paths(cfg: DictConfig) -> list[Path]:
 
 
 def log_dataset_inputs(client: Any, run_id: str, cfg: DictConfig) -> list[dict]:
-    """Each manifest becomes a run input (``mlflow.log_inputs``): a ``MetaDataset`` whose
-    source is the manifest path and whose digest is the manifest's sha256 (first 32 hex
-    chars: MLflow caps digests); the full hash and sample count are input tags."""
+    """Each manifest becomes a run input (``mlflow.log_inputs``): a ``MetaDataset`` named
+    after its subset whose source is the manifest path and whose digest is
+    ``datagen.shards.manifest_digest`` (first 32 hex chars, as the datagen run logs the same
+    dataset as its output, so the two match in MLflow); the file's sha256, the sample count
+    and the datagen runs that wrote it (``datagen_runs`` of the manifest) are input tags."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.entities import DatasetInput, InputTag
@@ -172,22 +201,33 @@ def log_dataset_inputs(client: Any, run_id: str, cfg: DictConfig) -> list[dict]:
     logged = []
     inputs = []
     for path in manifest_paths(cfg):
-        digest = sha256_file(path)
+        sha = sha256_file(path)
         try:
-            written = json.loads(path.read_text()).get("written", "")
+            manifest = json.loads(path.read_text())
         except (OSError, ValueError):
-            written = ""
-        name = path.parent.name
+            manifest = {}
+        if not isinstance(manifest, dict):
+            manifest = {}
+        runs = [
+            r
+            for r in manifest.get("datagen_runs") or []
+            if isinstance(r, dict) and isinstance(r.get("run_id"), str)
+        ]
+        name = str(manifest.get("subset") or path.parent.name)
+        digest = manifest_digest(manifest) if manifest else sha
         ds = MetaDataset(
             LocalArtifactDatasetSource(str(path.resolve())), name=name, digest=digest[:32]
         )
         tags = [
             InputTag(key="mlflow.data.context", value="training"),
-            InputTag(key="onegen.manifest_sha256", value=digest),
-            InputTag(key="onegen.samples", value=str(written)),
+            InputTag(key="onegen.manifest_sha256", value=sha),
+            InputTag(key="onegen.samples", value=str(manifest.get("written", ""))),
+            InputTag(key="onegen.datagen_runs", value=",".join(r["run_id"] for r in runs)),
         ]
         inputs.append(DatasetInput(dataset=ds._to_mlflow_entity(), tags=tags))
-        logged.append({"name": name, "path": str(path), "sha256": digest})
+        logged.append(
+            {"name": name, "path": str(path), "sha256": sha, "digest": digest, "datagen_runs": runs}
+        )
     if str(cfg.data.kind) == "synthetic":
         from mlflow.data.sources import CodeDatasetSource
 
@@ -195,7 +235,7 @@ def log_dataset_inputs(client: Any, run_id: str, cfg: DictConfig) -> list[dict]:
         spec = json.dumps(node, sort_keys=True)
         digest = hashlib.sha256(spec.encode()).hexdigest()
         ds = MetaDataset(
-            CodeDatasetSource({"generator": "training.fit.SyntheticDataModule"}),
+            CodeDatasetSource({"generator": "training.synthetic.SyntheticDataModule"}),
             name="synthetic",
             digest=digest[:32],
         )
@@ -269,18 +309,25 @@ class TrackingCallback(Callback):
             client.log_text(run_id, yaml_text, "config/config.yaml")
         run_dir = Path(cfg.run_dir).resolve()
         client.set_tag(run_id, "onegen.run_dir", str(run_dir))
-        client.set_tag(run_id, "onegen.checkpoint_dir", str(Path(cfg.checkpoint.dir).resolve()))
+        client.set_tag(run_id, "onegen.checkpoint_dir", str((run_dir / CHECKPOINTS).resolve()))
+        client.set_tag(run_id, "onegen.config_name", str(cfg.name))
         client.set_tag(run_id, "onegen.model", str(cfg.model.config))
         client.set_tag(run_id, "onegen.world_size", str(trainer.world_size))
         try:
             inputs = log_dataset_inputs(client, run_id, cfg)
             client.set_tag(run_id, "onegen.inputs", json.dumps(inputs)[:5000])
+            lineage = {r["run_id"]: r for i in inputs for r in i.get("datagen_runs", [])}
+            if lineage:  # walk from the fit to the runs that wrote its data
+                client.set_tag(run_id, "onegen.datagen_runs", ",".join(lineage))
+                client.set_tag(
+                    run_id, "onegen.datagen_run_records", json.dumps(list(lineage.values()))[:5000]
+                )
         except Exception as exc:  # lineage must not kill a fit
             client.set_tag(run_id, "onegen.inputs_error", str(exc)[:5000])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_FILE).write_text(
             json.dumps(
-                {"run_id": run_id, "tracking_uri": uri, "experiment": str(cfg.mlflow.experiment)},
+                {"run_id": run_id, "tracking_uri": uri, "experiment": str(cfg.experiment)},
                 indent=1,
             )
         )
@@ -293,7 +340,7 @@ class TrackingCallback(Callback):
         ``system/node<N>/...`` from each node's local rank 0). Skipped, with a tag saying
         why, when it cannot start (psutil missing, ...); GPU metrics need pynvml."""
         mcfg = self.cfg.mlflow
-        if not mcfg.get("system_metrics", True):
+        if not mcfg.system_metrics:
             return
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -301,7 +348,7 @@ class TrackingCallback(Callback):
             node = f"node{trainer.node_rank}" if trainer.num_nodes > 1 else None
             self.monitor = SystemMetricsMonitor(
                 run_id,
-                sampling_interval=float(mcfg.get("system_metrics_interval", 10)),
+                sampling_interval=float(mcfg.system_metrics_interval),
                 resume_logging=self.resumed_from is not None,
                 node_id=node,
                 tracking_uri=uri,
@@ -332,8 +379,5 @@ class TrackingCallback(Callback):
 
 def _ckpt_step(path: str) -> str:
     """``step00000003`` for ``.../step00000003-v1.ckpt``: the step, not every digit."""
-    from training.fit import _STEP_RE
-
-    name = Path(str(path)).name
-    match = _STEP_RE.search(name)
-    return f"step{int(match.group(1)):08d}" if match else name
+    step = checkpoint_step(path)
+    return f"step{step:08d}" if step is not None else Path(str(path)).name

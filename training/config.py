@@ -1,0 +1,485 @@
+"""The fit config: typed sections (OmegaConf structured configs), strict loading, one-line errors.
+
+A config is the schema's defaults <- the YAML file <- dotted ``key=value`` overrides (values
+parse as YAML). Every key must exist in the schema and every value must fit its type: a typo
+(``trainer.max_step=5``) or a wrong type (``trainer.max_steps=abc``) is a ``ConfigError`` whose
+one line names the key and the closest valid one, raised before anything is built, so a fit
+never trains with a setting silently ignored. ``onegen train fit --print-config`` shows the
+resolved result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from datagen.schema import SUBSETS
+from training import skips
+from training import tasks as T
+from training.config_tools import apply_overrides
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((256, 256), (256, 384), (384, 256))
+
+# Keys older configs used, and where they live now.
+MOVED_KEYS = {
+    "mlflow.experiment": "experiment",
+    "mlflow.run_name": "run_name",
+    "checkpoint.dir": "run_dir (checkpoints go to <run_dir>/checkpoints)",
+}
+
+
+class ConfigError(ValueError):
+    """A config the fit cannot start from; the message is one line naming the key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelSection:
+    config: str = "tiny"  # model/config.py: tiny | small | onediffusion-2.8b
+    overrides: dict[str, Any] = field(default_factory=dict)  # NextDiTConfig fields
+    meta_init: bool = True  # under FSDP2: build on meta, materialise, re-apply the init
+    activation_checkpointing: bool = False
+    compile: bool = False  # per-block torch.compile
+    param_dtype: str = "bfloat16"  # FSDP2 compute dtype on CUDA (fp32 on CPU)
+
+
+@dataclass
+class EncodersSection:
+    kind: str = "tiny"  # tiny (random, seeded) | pretrained (local folders, offline)
+    seed: int = 0
+    vae_path: str | None = None
+    text_path: str | None = None
+    vae_dtype: str | None = None
+    text_dtype: str | None = None
+    vae_apply_shift: bool = True
+    text_max_length: int = 64
+
+
+@dataclass
+class LossSection:
+    shift: float = 3.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    no_decay_1d: bool = True
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # global norm; 0: no clipping (the norm is still logged)
+    foreach: bool = True
+
+
+@dataclass
+class EmaSection:
+    enabled: bool = True
+    decay: float = 0.999
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerSection:
+    accelerator: str = "cpu"
+    devices: Any = 1  # an int, or "auto"; torchrun / SLURM environments set it
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | fsdp | single
+    precision: str = "auto"
+    max_steps: int = 100
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    progress_bar: bool = False
+    process_group_backend: str | None = None
+
+
+@dataclass
+class CheckpointSection:
+    every_n_steps: int = 50
+    keep: int = -1  # newest k checkpoints; -1 keeps all
+    save_last: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The shard loader's settings (``training.data.OneGenDataModule``).
+
+    ``paths``: ``{subset: dir | [dirs/URLs]}`` where each dir is a datagen output (holding
+    ``<subset>/manifest.json``) or the subset folder itself; or one dir / a list of dirs,
+    meaning every subset found in them.
+    """
+
+    paths: Any = None
+    mix: dict[str, float] | None = None  # None: equal budget per task family
+    batch_size: int = 8  # per rank
+    num_workers: int = 2
+    seed: int = 0
+    buckets: list[list[int]] = field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
+    bucket_mode: str = "aspect"  # "aspect": nearest to the batch's first sample; "random"
+    bucket_weights: list[float] | None = None  # for bucket_mode=random
+    caption_dropout: float = 0.1
+    reads_per_batch: int = 4  # byte-range reads (windows) per batch
+    overread: float = 0.25  # read this fraction more samples than needed
+    reverse_prob: float = 0.5  # map tasks: P(image -> map)
+    tasks: list[str] | None = None  # restrict to these task names
+    faceid_max_views: int = 4
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    validate: bool = True  # datagen.schema.validate_sample on every sample
+    max_skipped_per_batch: int = 256  # more than this in one batch: the data is broken, raise
+    max_skip_rate: float = skips.MAX_SKIP_RATE  # a subset's skipped / read over the run
+    skip_rate_min_samples: int = skips.SKIP_RATE_MIN_SAMPLES
+    batches_per_step: int = 1  # gradient accumulation, when no trainer says it
+    rank: int | None = None  # default: trainer.global_rank / torch.distributed
+    # None: the platform default (fork on Linux). Do not call cv2.setNumThreads in a forked
+    # worker after the parent used OpenCV's thread pool: it deadlocks.
+    multiprocessing_context: str | None = None
+
+    @classmethod
+    def from_any(cls, cfg: Any = None, **overrides: Any) -> DataConfig:
+        """From a dict / DictConfig / DataConfig (keys of the fit's ``data`` node that belong
+        to other readers, ``kind`` and ``synthetic``, are ignored); checked."""
+        if isinstance(cfg, DataConfig):
+            values = {f.name: getattr(cfg, f.name) for f in fields(DataConfig)}
+        elif cfg is None:
+            values = {}
+        else:
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+            values = dict(cfg)
+        values.update(overrides)
+        for key in ("kind", "synthetic"):
+            values.pop(key, None)
+        known = {f.name for f in fields(DataConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(unknown_key_message(f"data.{unknown[0]}", known))
+        out = DataConfig(**values)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"data.{key}: {why}")
+
+        if self.paths is None:
+            raise bad("paths", "required: {subset: datagen output dir(s)} or dir(s)")
+        for key in ("batch_size", "reads_per_batch"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        if self.num_workers < 0:
+            raise bad("num_workers", "must be >= 0")
+        for key in ("caption_dropout", "reverse_prob", "max_skip_rate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, "must be in [0, 1]")
+        if self.seed < 0:
+            raise bad("seed", "must be >= 0")
+        if self.overread < 0:
+            raise bad("overread", "must be >= 0")
+        if self.skip_rate_min_samples < 0:
+            raise bad("skip_rate_min_samples", "must be >= 0")
+        if not self.buckets:
+            raise bad("buckets", "must list at least one [H, W]")
+        for b in self.buckets:
+            if len(b) != 2 or any(int(x) <= 0 or int(x) % 16 for x in b):
+                raise bad("buckets", f"{list(b)} must be [H, W], multiples of 16 (VAE /8, patch 2)")
+        if self.bucket_mode not in ("aspect", "random"):
+            raise bad("bucket_mode", f"must be aspect or random, got {self.bucket_mode!r}")
+        if self.bucket_weights is not None and len(self.bucket_weights) != len(self.buckets):
+            raise bad("bucket_weights", "needs one weight per bucket")
+        if self.tasks is not None:
+            unknown = sorted(set(self.tasks) - set(T.all_task_names()))
+            if unknown:
+                raise bad("tasks", f"unknown task {unknown[0]!r}; tasks: {T.all_task_names()}")
+        if self.faceid_max_views < 2:
+            raise bad("faceid_max_views", "must be >= 2")
+
+
+@dataclass
+class SyntheticSection:
+    resolution: int = 64
+    max_views: int = 2
+    tasks: list[str] = field(default_factory=lambda: ["text2image", "canny2image", "depth2image"])
+    multiview_fraction: float = 0.5
+
+
+@dataclass
+class DataSection(DataConfig):
+    kind: str = "synthetic"  # onegen (shards, the fields above) | synthetic (below)
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+
+
+@dataclass
+class SamplesSection:
+    every_n_steps: int = 0  # 0: no sample grids
+    tasks: list[str] = field(default_factory=lambda: ["text2image"])
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    resolution: int = 64
+    steps: int = 8
+    guidance: float = 1.0
+    shift: float | None = None  # None: loss.shift
+    seed: int = 0
+    cell: int = 192  # shown side of each panel in the logged grids (pixels)
+
+
+@dataclass
+class ThroughputSection:
+    every_n_steps: int | None = None  # None: trainer.log_every_n_steps
+    peak_flops: float | None = None  # None: from the CUDA device name
+
+
+@dataclass
+class MlflowSection:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    required: bool = True  # false: an unreachable server turns tracking off with a warning
+    run_id: str | None = None  # attach to this run (a resume finds it by itself)
+    synchronous: bool = False
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0
+
+
+@dataclass
+class DebugSection:
+    report_dir: str | None = None
+    save_state: bool = True
+
+
+@dataclass
+class FitConfig:
+    name: str = "onegen"  # the config's name: the prefix of every run name
+    experiment: str = "onegen"  # runs/<experiment>/<run name>/ and the MLflow experiment
+    seed: int = 0
+    runs_dir: str = "runs"
+    run_name: str | None = None  # None: <name>-<YYYYmmdd-HHMMSS> (or the launcher's job id)
+    run_dir: str | None = None  # None: <runs_dir>/<experiment>/<run_name>
+    resume: str | None = None  # null | last | auto | <run name> | <run folder> | <checkpoint>
+    model: ModelSection = field(default_factory=ModelSection)
+    encoders: EncodersSection = field(default_factory=EncodersSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    data: DataSection = field(default_factory=DataSection)
+    samples: SamplesSection = field(default_factory=SamplesSection)
+    throughput: ThroughputSection = field(default_factory=ThroughputSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "encoders.kind": ("tiny", "pretrained"),
+    "optim.schedule": ("constant", "cosine"),
+    "trainer.strategy": ("auto", "fsdp", "single"),
+    "data.kind": ("onegen", "synthetic"),
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _section(path: str) -> Any:
+    """The dataclass at dotted ``path`` of ``FitConfig`` (None past a free-form node)."""
+    cls: Any = FitConfig
+    for part in [p for p in path.split(".") if p]:
+        found = next((f for f in fields(cls) if f.name == part), None)
+        default = found.default_factory() if found and callable(found.default_factory) else None
+        if not is_dataclass(default):
+            return None
+        cls = type(default)
+    return cls
+
+
+def unknown_key_message(full_key: str, known: Any = None) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    if full_key in MOVED_KEYS:
+        return f"{full_key}: unknown key; it moved to {MOVED_KEYS[full_key]}"
+    if known is None:
+        cls = _section(parent)
+        known = [f.name for f in fields(cls)] if cls is not None else []
+    close = difflib.get_close_matches(leaf, list(known), n=1, cutoff=0.6)
+    prefix = f"{parent}." if parent else ""
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {sorted(known)}"
+    return f"{full_key}: unknown key{hint}"
+
+
+def _one_line(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    key = str(getattr(exc, "full_key", "") or "")
+    msg = str(getattr(exc, "msg", None) or exc).strip().splitlines()[0]
+    if "not in" in msg and msg.startswith("Key "):
+        return ConfigError(f"{where}{unknown_key_message(key)}")
+    msg = msg.replace("Value ", "value ", 1)
+    return ConfigError(f"{where}{key or 'config'}: {msg}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    """``onegen train fit`` and ``python -m training.fit`` take the same arguments."""
+    p.add_argument("--config", required=True, help="training/configs/<cfg>.yaml")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
+
+
+def config_from_args(args: argparse.Namespace, prog: str) -> DictConfig | int:
+    """The config of ``--config`` + overrides, or the exit code: 2 after a one-line error,
+    0 after ``--print-config``. Light (no torch, no Lightning): a bad key costs no imports."""
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    return cfg
+
+
+def schema() -> DictConfig:
+    return OmegaConf.structured(FitConfig)
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, resolve_env: bool = True
+) -> DictConfig:
+    """Schema <- YAML file <- overrides, checked, interpolations resolved. ``ConfigError``
+    (one line naming the key) on anything the schema does not take."""
+    cfg = schema()
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, f"{path}: ") from None
+    try:
+        apply_overrides(cfg, list(overrides or []), strict=True)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, "override ") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, "") from None
+    check(cfg)
+    if resolve_env and not cfg.mlflow.tracking_uri:
+        # What MLflow itself and Lightning's MLFlowLogger would use; never a hard-coded store
+        # over the user's environment.
+        cfg.mlflow.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """What types alone cannot say: choices, ranges, the data node of the chosen source."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+    devices = cfg.trainer.devices
+    if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool))):
+        raise ConfigError(f"trainer.devices: an integer or auto; got {devices!r}")
+    for key in ("trainer.max_steps", "trainer.num_nodes", "trainer.accumulate_grad_batches"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1")
+    if cfg.trainer.log_every_n_steps < 1:
+        raise ConfigError("trainer.log_every_n_steps: must be >= 1")
+    if cfg.checkpoint.every_n_steps < 1:
+        raise ConfigError("checkpoint.every_n_steps: must be >= 1")
+    for key in ("name", "experiment", "run_name"):
+        value = cfg.get(key)
+        if value is not None and (not str(value) or "/" in str(value) or str(value) in (".", "..")):
+            raise ConfigError(f"{key}: {value!r} must be a plain name (no '/')")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: two numbers; got {list(cfg.optim.betas)}")
+    unknown = sorted(set(cfg.samples.tasks) - set(T.all_task_names()))
+    if unknown:
+        raise ConfigError(
+            f"samples.tasks: unknown task {unknown[0]!r}; tasks: {T.all_task_names()}"
+        )
+    synthetic = cfg.data.synthetic
+    unknown = sorted(set(synthetic.tasks) - set(T.all_task_names()))
+    if unknown:
+        raise ConfigError(f"data.synthetic.tasks: unknown task {unknown[0]!r}")
+    if cfg.data.kind == "onegen":
+        DataConfig.from_any(cfg.data)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def from_checkpoint(text: str) -> DictConfig:
+    """The config a checkpoint was trained with, on today's schema: keys the schema no longer
+    has are dropped (a checkpoint outlives config changes), types still checked."""
+    saved = OmegaConf.create(text)
+    kept = _known_only(OmegaConf.to_container(saved, resolve=True), FitConfig)
+    cfg = OmegaConf.merge(schema(), kept)
+    return cfg
+
+
+def _known_only(node: Any, cls: Any) -> Any:
+    if not isinstance(node, dict) or cls is None:
+        return node
+    by_name = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in node.items():
+        f = by_name.get(key)
+        if f is None:
+            continue
+        default = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
+        out[key] = _known_only(value, type(default)) if is_dataclass(default) else value
+    return out
+
+
+def model_config(cfg: DictConfig):
+    from model import get_config
+
+    node = cfg.model.get("overrides")
+    overrides = OmegaConf.to_container(node, resolve=True) if node else {}
+    return get_config(str(cfg.model.config), **overrides)  # type: ignore[arg-type]
+
+
+def trained_tasks(cfg: DictConfig) -> list[str]:
+    """The task names a fit with this config trains on (``onegen sample`` refuses others)."""
+    data = cfg.data
+    if data.kind == "synthetic":
+        return list(dict.fromkeys(str(t) for t in data.synthetic.tasks))
+    allowed = set(data.tasks) if data.tasks is not None else None
+    paths = OmegaConf.to_container(data.paths, resolve=True) if data.paths is not None else None
+    mix = OmegaConf.to_container(data.mix, resolve=True) if data.mix is not None else None
+    # Folders: their subsets were found at fit time; every subset's tasks are possible.
+    subsets = [str(s) for s in paths] if isinstance(paths, dict) else list(SUBSETS)
+    if mix:
+        subsets = [s for s in subsets if float(mix.get(s, 0.0)) > 0]
+    names: list[str] = []
+    for subset in subsets:
+        for name in T.subset_task_names(subset):
+            if allowed is None or name in allowed:
+                names.append(name)
+    return list(dict.fromkeys(names))

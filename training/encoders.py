@@ -1,0 +1,84 @@
+"""The frozen VAE and text encoder a fit encodes with online: built, never trained or saved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from datagen.schema import TASK_LABELS, image_marker
+from model.encoders import FrozenTextEncoder, FrozenVAE
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Whole tokens in the tiny tokenizer; eight image markers cover every view count the
+# readers build (multi-view samples are capped well below that).
+TINY_TOKENS: tuple[str, ...] = (*TASK_LABELS, *(image_marker(i) for i in range(8)))
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "auto"):
+        return None
+    try:
+        return _DTYPES[str(name)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class FrozenEncoders:
+    """The frozen codec and text encoder; deliberately not an ``nn.Module`` attribute, so
+    they are neither sharded, nor given to the optimizer, nor written to checkpoints."""
+
+    vae: FrozenVAE
+    text: FrozenTextEncoder
+
+    def to(self, device: torch.device | str) -> FrozenEncoders:
+        self.vae.to(device)
+        self.text.to(device)
+        return self
+
+
+def build_encoders(cfg: DictConfig, caption_dim: int, vocab_dir: str | Path) -> FrozenEncoders:
+    """``encoders.kind: tiny`` (random, seeded: the same weights in every process and at
+    sampling time) or ``pretrained`` (local folders, offline)."""
+    enc = cfg.encoders
+    kind = str(enc.kind)
+    if kind == "tiny":
+        seed = int(enc.seed)
+        vae = FrozenVAE.tiny(seed=seed, apply_shift=bool(enc.vae_apply_shift))
+        text = FrozenTextEncoder.tiny(
+            vocab_dir,
+            extra_tokens=TINY_TOKENS,
+            max_length=int(enc.text_max_length),
+            d_model=caption_dim,
+            seed=seed + 1,
+        )
+    elif kind == "pretrained":
+        if not enc.vae_path or not enc.text_path:
+            raise ValueError(
+                "encoders.kind=pretrained needs encoders.vae_path and encoders.text_path"
+            )
+        vae = FrozenVAE.from_pretrained(
+            str(enc.vae_path),
+            dtype=parse_dtype(enc.vae_dtype),
+            apply_shift=bool(enc.vae_apply_shift),
+        )
+        text = FrozenTextEncoder.from_pretrained(
+            str(enc.text_path),
+            max_length=int(enc.text_max_length),
+            dtype=parse_dtype(enc.text_dtype),
+        )
+    else:
+        raise ValueError(f"encoders.kind must be 'tiny' or 'pretrained', got {kind!r}")
+    if text.dim != caption_dim:
+        raise ValueError(f"text encoder width {text.dim} != model caption_dim {caption_dim}")
+    return FrozenEncoders(vae=vae, text=text)
