@@ -106,10 +106,13 @@ def _datagen_status(args: argparse.Namespace) -> int:
     if not info:
         print(f"{args.output}: no subsets")
         return 1
-    print(f"{'subset':<12}{'written':>10}{'quarantined':>13}{'shards':>8}{'bytes':>14}")
+    print(
+        f"{'subset':<12}{'written':>10}{'quarantined':>13}{'filtered':>10}{'shards':>8}{'bytes':>14}"
+    )
     for subset, s in info.items():
         print(
-            f"{subset:<12}{s['written']:>10}{s['quarantined']:>13}{s['shards']:>8}{s['bytes']:>14}"
+            f"{subset:<12}{s['written']:>10}{s['quarantined']:>13}{s.get('filtered', 0):>10}"
+            f"{s['shards']:>8}{s['bytes']:>14}"
         )
         for error, count in sorted(s["errors"].items()):
             print(f"{'':<14}{count:>6} x {error}")

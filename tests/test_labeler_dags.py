@@ -100,3 +100,9 @@ def test_pose_dag_counts_filtered_apart(ray_local, tmp_path, capsys):
         "bytes": 0,
         "errors": None,
     }
+    from orchestration.cli import main
+
+    assert main(["datagen", "status", str(strict)]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert header.split() == ["subset", "written", "quarantined", "filtered", "shards", "bytes"]
+    assert row.split() == ["pose", "0", "0", "6", "0", "0"]

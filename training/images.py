@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from training.config import ConfigError
+from training.data import to_unit
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -51,15 +53,12 @@ def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 1
     if size is None:
         w, h = img.size
         size = (max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple))
-    if wide:
-        gray = np.asarray(img, dtype=np.float32).clip(0, 65535)
-        unit = Image.fromarray((gray - 32767.5) / 32767.5)  # float32: mode F
-        unit = unit.resize((size[1], size[0]), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(unit, dtype=np.float32).copy())
-        return x.clamp(-1, 1).expand(3, -1, -1).contiguous()
-    img = img.resize((size[1], size[0]), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
+    # Native pixels (uint16 gray or uint8 RGB), resized in their own type, then the training
+    # reader's own mapping to [-1, 1] (``training.data.to_unit``): one mapping, not two.
+    arr = np.asarray(img).clip(0, 65535).astype(np.uint16) if wide else np.asarray(img)
+    if arr.shape[:2] != size:
+        arr = cv2.resize(arr, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+    return torch.from_numpy(to_unit(arr))
 
 
 def save_view(pixels: torch.Tensor, field: str, path: Path) -> Path:
