@@ -28,6 +28,12 @@ _TINY_TEXT = (
     " moon mouse man woman sky tree house depth map edge pose view"
 )
 TINY_WORDS: tuple[str, ...] = tuple(_TINY_TEXT.split())
+TINY_VAE_BLOCKS = (8, 16, 16, 16)  # block_out_channels of FrozenVAE.tiny: 8x downsampling
+
+
+def vae_downsample(block_out_channels: Sequence[int]) -> int:
+    """An AutoencoderKL's spatial downsampling: one halving between consecutive blocks."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def offline_mode() -> None:
@@ -100,7 +106,7 @@ class FrozenVAE(nn.Module):
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsample(self.vae.config.block_out_channels)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -161,7 +167,7 @@ class FrozenVAE(nn.Module):
                 out_channels=3,
                 down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(8, 16, 16, 16),
+                block_out_channels=TINY_VAE_BLOCKS,
                 layers_per_block=1,
                 latent_channels=16,
                 norm_num_groups=4,

@@ -253,10 +253,16 @@ def verify_checkpoint(path: str | Path) -> dict:
     return _load_meta_file(meta_file)
 
 
+def onegen_meta(checked: dict) -> dict:
+    """The ``onegen`` entry (config YAML, MLflow run id, world size) of what
+    ``verify_checkpoint`` returned."""
+    return dict(checked.get("onegen") or {})
+
+
 def checkpoint_meta(path: str | Path) -> dict:
-    """The ``onegen`` entry (config YAML, MLflow run id, world size) of a checkpoint file or
-    folder, after ``verify_checkpoint`` (whole, nothing but weights and plain data)."""
-    return dict(verify_checkpoint(path).get("onegen") or {})
+    """The ``onegen`` entry of a checkpoint file or folder, after ``verify_checkpoint``
+    (whole, nothing but weights and plain data)."""
+    return onegen_meta(verify_checkpoint(path))
 
 
 def _is_zip(f: IO[bytes]) -> bool:

@@ -192,10 +192,9 @@ def check_resume(cfg: DictConfig, plan: RunPlan) -> None:
     when not); another process count is fine (resharded), with a note."""
     if not plan.resume_from:
         return
-    from training.checkpoint_io import checkpoint_meta
     from training.config import from_checkpoint, model_config
 
-    meta = checkpoint_meta(plan.resume_from)
+    meta = plan.resume_meta
     if meta.get("config"):
         saved = model_config(from_checkpoint(meta["config"]))
         now = model_config(cfg)
@@ -233,9 +232,7 @@ def fit(cfg: DictConfig) -> FitResult:
     prepare(plan, cfg, to_yaml(cfg))
     run_id = cfg.mlflow.run_id
     if plan.resume_from and not run_id:
-        from training.checkpoint_io import checkpoint_meta
-
-        run_id = checkpoint_meta(plan.resume_from).get("mlflow_run_id") or None
+        run_id = plan.resume_meta.get("mlflow_run_id") or None
         if not run_id:
             info = read_run_file(plan.run_dir)
             run_id = info.get("run_id") if info else None

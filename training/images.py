@@ -19,20 +19,6 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).cpu().numpy()
 
 
-def save_grid(rows: list[list[torch.Tensor]], path: Path, pad: int = 2) -> Path:
-    """Rows of [3, H, W] images (equal sizes) -> one PNG, white padding between cells."""
-    h, w = rows[0][0].shape[-2:]
-    ncol = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y : y + h, x : x + w] = to_uint8(img)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path
-
-
 def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 16) -> torch.Tensor:
     """An image -> [3, H, W] in [-1, 1], resized to ``size`` (or its own size rounded down to
     a multiple of ``multiple``, the VAE x patch stride).

@@ -22,12 +22,12 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from training.checkpoint_io import verify_checkpoint
+from training.checkpoint_io import onegen_meta, verify_checkpoint
 from training.cluster import RUN_NAME_ENV, agree, global_rank, launch_shape
 from training.config import ConfigError
 from training.errors import CheckpointError, UnsafeCheckpointError
@@ -44,6 +44,9 @@ class RunPlan:
     run_name: str
     resume_from: str | None  # the checkpoint to restore, checked whole and safe
     continued: bool  # an existing run folder goes on (a resume)
+    # The checkpoint's ``onegen`` entry (config, MLflow run id, world size), read when it was
+    # checked: nothing reads the checkpoint again before Lightning restores it.
+    resume_meta: dict = field(default_factory=dict)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -68,13 +71,14 @@ def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 
 def newest_whole(
     ckpt_dir: str | Path, mode: str, warn: Callable[[str], None]
-) -> tuple[Path | None, list[str]]:
-    """The newest whole checkpoint in ``ckpt_dir`` and the names of newer broken ones (each
-    warned about); code in a checkpoint is never stepped over (``UnsafeCheckpointError``)."""
+) -> tuple[Path | None, dict, list[str]]:
+    """The newest whole checkpoint in ``ckpt_dir``, its ``onegen`` entry, and the names of
+    newer broken ones (each warned about); code in a checkpoint is never stepped over
+    (``UnsafeCheckpointError``)."""
     broken: list[str] = []
     for cand in reversed(find_checkpoints(ckpt_dir)):
         try:
-            verify_checkpoint(cand)
+            checked = verify_checkpoint(cand)
         except UnsafeCheckpointError:
             raise
         except CheckpointError as exc:
@@ -83,8 +87,8 @@ def newest_whole(
             continue
         if broken:
             warn(f"resume={mode}: resuming from {cand} instead")
-        return cand, broken
-    return None, broken
+        return cand, onegen_meta(checked), broken
+    return None, {}, broken
 
 
 def experiment_dir(cfg: DictConfig) -> Path:
@@ -145,10 +149,10 @@ def plan_run(cfg: DictConfig, warn: Callable[[str], None]) -> RunPlan:
         candidates = [Path(str(cfg.run_dir))] if cfg.run_dir else list_runs(cfg)
         broken_all: list[str] = []
         for run_dir in candidates:
-            ckpt, broken = newest_whole(run_dir / CHECKPOINTS, mode, warn)
+            ckpt, meta, broken = newest_whole(run_dir / CHECKPOINTS, mode, warn)
             broken_all += [f"{run_dir.name}/{b}" for b in broken]
             if ckpt is not None:
-                return RunPlan(run_dir, run_dir.name, str(ckpt), True)
+                return RunPlan(run_dir, run_dir.name, str(ckpt), True, meta)
         where = cfg.run_dir or experiment_dir(cfg)
         if broken_all:
             raise ConfigError(
@@ -175,16 +179,16 @@ def _plan_named(cfg: DictConfig, name: str, warn: Callable[[str], None]) -> RunP
             f"{cfg.experiment!r} (newest runs: {', '.join(runs) or 'none'})"
         )
     if path.name.endswith(".ckpt"):
-        verify_checkpoint(path)  # named explicitly: it must be whole
+        meta = onegen_meta(verify_checkpoint(path))  # named explicitly: it must be whole
         holder = path.resolve().parent
         if holder.name == CHECKPOINTS:
-            return RunPlan(holder.parent, holder.parent.name, str(path), True)
+            return RunPlan(holder.parent, holder.parent.name, str(path), True, meta)
         fresh = _plan_fresh(cfg)
-        return RunPlan(fresh.run_dir, fresh.run_name, str(path), False)
-    ckpt, _ = newest_whole(path / CHECKPOINTS, name, warn)
+        return RunPlan(fresh.run_dir, fresh.run_name, str(path), False, meta)
+    ckpt, meta, _ = newest_whole(path / CHECKPOINTS, name, warn)
     if ckpt is None:
         raise ConfigError(f"resume={name}: {path} holds no whole checkpoint")
-    return RunPlan(path, path.name, str(ckpt), True)
+    return RunPlan(path, path.name, str(ckpt), True, meta)
 
 
 def _plan_fresh(cfg: DictConfig) -> RunPlan:

@@ -21,13 +21,14 @@ from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model import NextDiT
-from model.encoders import FrozenVAE, local_folder
+from model.encoders import TINY_VAE_BLOCKS, local_folder, vae_downsample
 from model.flow import sample
 from training.checkpoint_io import checkpoint_meta, safe_dcp_load
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
 from training.encoders import FrozenEncoders, build_encoders
 from training.errors import CheckpointError
-from training.images import load_image, save_grid, save_view
+from training.images import load_image, save_view
+from training.sample_grid import Panel, Row, render_grid, save_grid_image
 from training.tasks import all_task_names, task_spec
 from training.tasks import task_token as token_of
 
@@ -186,20 +187,20 @@ def check_request(
     return task, token, fields
 
 
-def vae_downsample(cfg: DictConfig) -> int:
-    """The downsampling factor of the VAE a config encodes with, read without its weights:
-    the tiny VAE's own, or ``block_out_channels`` in a pretrained VAE's ``config.json``."""
+def vae_stride(cfg: DictConfig) -> int:
+    """The downsampling factor of the VAE a config encodes with, read without building it:
+    the tiny VAE's blocks, or ``block_out_channels`` in a pretrained VAE's ``config.json``."""
     enc = cfg.encoders
-    if str(enc.kind) == "pretrained" and enc.vae_path:
-        folder = local_folder(str(enc.vae_path), "vae", "config.json")
-        try:
-            blocks = json.loads((folder / "config.json").read_text())["block_out_channels"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"{folder / 'config.json'}: not a VAE config ({type(exc).__name__}: {exc})"
-            ) from None
-        return 2 ** (len(blocks) - 1)
-    return FrozenVAE.tiny(seed=int(enc.seed)).downsample
+    if str(enc.kind) != "pretrained" or not enc.vae_path:
+        return vae_downsample(TINY_VAE_BLOCKS)
+    folder = local_folder(str(enc.vae_path), "vae", "config.json")
+    try:
+        blocks = json.loads((folder / "config.json").read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{folder / 'config.json'}: not a VAE config ({type(exc).__name__}: {exc})"
+        ) from None
+    return vae_downsample(blocks)
 
 
 def check_trained(task: str, cfg: DictConfig, checkpoint: str | Path) -> None:
@@ -240,7 +241,7 @@ def sample_from_checkpoint(
     weights: str = "ema",
     device: str = "cpu",
 ) -> list[Path]:
-    """Generate with a checkpoint's EMA weights; writes one PNG per view plus a strip.
+    """Generate with a checkpoint's EMA weights; writes one PNG per view plus a labelled grid.
 
     ``text2image`` generates one image from the prompt. Every other task generates view 0
     from the condition ``image`` (view 1), in the trainer's layout: the forward direction of
@@ -267,7 +268,7 @@ def sample_from_checkpoint(
         mcfg = model_config(cfg)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{checkpoint}: its model config is not valid ({exc})") from None
-    down = vae_downsample(cfg)
+    down = vae_stride(cfg)
     stride = (down * mcfg.patch_size[1], down * mcfg.patch_size[2])
     side = int(size or cfg.samples.resolution)
     if image is None or size is not None:
@@ -309,9 +310,11 @@ def sample_from_checkpoint(
     )[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, panels = [], []
     for v in range(pixels.shape[0]):
         role = "condition" if cond_mask is not None and bool(cond_mask[0, v]) else "generated"
         paths.append(save_view(pixels[v], fields[v], out / f"{task}_view{v}_{role}.png"))
-    paths.append(save_grid([[pixels[v] for v in range(pixels.shape[0])]], out / f"{task}_grid.png"))
+        panels.append(Panel(pixels[v], role))
+    grid = render_grid([Row(task, prompt, panels)], int(cfg.samples.cell))
+    paths.append(save_grid_image(grid, out / f"{task}_grid.png"))
     return paths
