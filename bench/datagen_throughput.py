@@ -1,6 +1,6 @@
 """Datagen throughput: one process vs Ray Data, same inputs, same per-sample work.
 
-Both paths run the demo DAG (``pipelines/demo.yaml``: decode + degrade + shard
+Both paths run the no-model DAG (``pipelines/captioned.yaml``: decode + degrade + shard
 writing) over the same demo inputs with the same config:
 
   (a) single   ``pipelines.builder.run_in_process``: one process, block by block;
@@ -40,7 +40,7 @@ from datagen import shards, sources  # noqa: E402
 from orchestration.ray_runtime import init_ray, local_logical_cpus  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
 
-DAG = ROOT / "pipelines" / "demo.yaml"
+DAG = ROOT / "pipelines" / "captioned.yaml"
 
 
 class BenchError(RuntimeError):
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=16,
         help="shards.max_samples, also the rows per Ray block and task (default 16, as "
-        "pipelines/demo.yaml: 25 tasks for 400 inputs; 8 and 32 measured the same "
+        "pipelines/captioned.yaml: 25 tasks for 400 inputs; 8 and 32 measured the same "
         "within the noise)",
     )
     parser.add_argument(

@@ -1,6 +1,6 @@
 """Training loader throughput: OneGenDataModule vs bare tar read + decode, same shards.
 
-Shards: the demo DAG (``pipelines/demo.yaml``: t2i and i2i) written in-process
+Shards: the no-model DAG (``pipelines/captioned.yaml``: t2i and i2i) written in-process
 with ``pipelines.builder.run_in_process`` into a temp folder (no Ray).
 
 Paths, each with 1 and 2 DataLoader worker processes, measured side by side
@@ -53,7 +53,7 @@ from datagen import shards, sources  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
 from training.data import OneGenDataModule  # noqa: E402
 
-DAG = ROOT / "pipelines" / "demo.yaml"
+DAG = ROOT / "pipelines" / "captioned.yaml"
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 I2I_CONDITIONS = ("canny.png", "hed.png", "blur.jpg", "masked.jpg")
 PREFETCH = (

@@ -58,8 +58,10 @@ def image_marker(index: int) -> str:
     return f"[[img{index}]]"
 
 
-# The released model's named colour palette, in its order. Entities get colours
-# from it in order, so the first entity of every sample is red.
+# The released model's named colour palette (its PROMPT_GUIDE), in its order. Each
+# entity of a sample gets a distinct colour drawn at random from it, deterministic
+# from key and seed (datagen.labelers.segment_render.entity_colours), as the paper
+# assigns random colours: always starting at red would tie "red" to "first entity".
 PALETTE: tuple[tuple[str, str], ...] = (
     ("#FF0000", "red"),
     ("#00FF00", "lime"),
@@ -128,6 +130,9 @@ class Subset:
     tasks: tuple[str, ...]
     meta_keys: tuple[str, ...] = ()
     min_views: int = 1
+    # Kept in the json when a stage produced them, not required (nor a reason to run
+    # a stage): the source's own caption beside a VLM caption, which model made it.
+    optional_meta_keys: tuple[str, ...] = ()
     description: str = ""
 
     def field_names(self) -> list[str]:
@@ -138,6 +143,9 @@ class Subset:
 COMMON_META_KEYS: tuple[str, ...] = ("key", "subset", "schema_version", "source", "tasks")
 
 _IMAGE = Field("jpg", "the target RGB image (JPEG)")
+# With a caption stage, ``caption`` (and ``txt``) hold the VLM's caption and these say
+# where it came from; ``source_caption`` is the input's own caption, when it had one.
+CAPTION_META_KEYS: tuple[str, ...] = ("caption_model", "source_caption", "entity_names")
 _JSON = Field("json", "metadata: COMMON_META_KEYS plus the subset's meta_keys")
 
 SUBSETS: dict[str, Subset] = {
@@ -148,7 +156,8 @@ SUBSETS: dict[str, Subset] = {
             (_IMAGE, Field("txt", "the caption, plain UTF-8"), _JSON),
             ("[[text2image]]",),
             meta_keys=("caption", "width", "height"),
-            description="image + caption",
+            optional_meta_keys=CAPTION_META_KEYS,
+            description="image + caption (the source's, or a VLM's with a caption stage)",
         ),
         Subset(
             "i2i",
@@ -169,6 +178,7 @@ SUBSETS: dict[str, Subset] = {
                 "[[image_inpainting]]",
             ),
             meta_keys=("caption", "width", "height", "degradations"),
+            optional_meta_keys=CAPTION_META_KEYS,
             description="cheap image-to-image pairs computed without a model",
         ),
         Subset(
@@ -180,14 +190,27 @@ SUBSETS: dict[str, Subset] = {
                 _JSON,
             ),
             ("[[semanticmap2image]]", "[[boundingbox2image]]"),
-            meta_keys=("caption", "width", "height", "entities"),
-            description="SAM masks and boxes per entity; entities: [{label, color, box}]",
+            meta_keys=(
+                "caption",
+                "width",
+                "height",
+                "entities",
+                "entities_dropped",
+                "segment_model",
+            ),
+            optional_meta_keys=CAPTION_META_KEYS,
+            description=(
+                "grounded SAM masks and boxes per entity; entities: [{label, color, hex, "
+                "mask_tag, box_tag, boxes [[x0, y0, x1, y1]], scores, mask (COCO RLE)}], "
+                "entities_dropped: the VLM's entities the detector did not find"
+            ),
         ),
         Subset(
             "depth",
             (_IMAGE, Field("depth.png", "16-bit relative inverse depth, near = bright"), _JSON),
             ("[[depth2image]]",),
             meta_keys=("caption", "width", "height", "depth_model", "depth_min", "depth_max"),
+            optional_meta_keys=CAPTION_META_KEYS,
             description="depth_min/depth_max: the prediction's range before min-max scaling",
         ),
         Subset(
@@ -195,6 +218,7 @@ SUBSETS: dict[str, Subset] = {
             (_IMAGE, Field("pose.png", "rendered skeletons on black"), _JSON),
             ("[[pose2image]]",),
             meta_keys=("caption", "width", "height", "people", "pose_model"),
+            optional_meta_keys=CAPTION_META_KEYS,
             description="people: [{box, keypoints [[x, y, score] * 17]}] (COCO order)",
         ),
         Subset(
@@ -338,6 +362,7 @@ def describe() -> dict:
                 "fields": {f.name: f.description for f in s.fields},
                 "tasks": list(s.tasks),
                 "meta_keys": list(COMMON_META_KEYS + s.meta_keys),
+                "optional_meta_keys": list(s.optional_meta_keys),
                 "min_views": s.min_views,
             }
             for s in SUBSETS.values()

@@ -99,7 +99,10 @@ class Stage:
     never in ``__init__`` (which also runs on the driver to validate the DAG).
 
     ``__call__(batch)`` gets ``key`` plus the ``reads`` columns, one entry per row
-    (per view for groups), and returns, one entry per row:
+    (per view for groups). A ``reads`` name is a column (a source column, a field or
+    transient column of a stage it needs) or a metadata key one of its direct
+    ``needs`` produces (``entity_names`` from the caption stage), handed over as the
+    decoded value. It returns, one entry per row:
 
     - a column per produced field (``column_for("depth.png") == "depth_png"``): bytes;
     - ``meta``: a dict of produced metadata keys, merged into the sample's json;
@@ -120,6 +123,11 @@ class Stage:
     def __init__(self, params: Any = None, seed: int = 0):
         self.params = params if params is not None else self.Params()
         self.seed = seed
+
+    @classmethod
+    def check_needs(cls, params: Any, needs: dict[str, Any]) -> None:
+        """Refuse (``ParamError``) parameters of the stages it needs (by name) that cannot
+        give it what it reads; called once on the driver when the DAG is validated."""
 
     def setup(self) -> None:
         """Load models (offline, from a local path or a tiny config); once per worker."""
@@ -301,6 +309,22 @@ def _failure(value: Any, stage: Stage) -> Failure | None:
     return value
 
 
+def _with_read_meta(
+    stage: Stage, batch: Mapping[str, Sequence[Any]], needs: Sequence[str], rows: list[int]
+) -> Mapping[str, Sequence[Any]]:
+    """``batch`` plus a column per metadata key the stage reads (not a column already),
+    taken from its needs' metadata on the rows it will see (None elsewhere)."""
+    keys = [c for c in stage.reads if c not in batch]
+    if not keys or not rows:
+        return batch
+    extra: dict[str, list[Any]] = {c: [None] * batch_len(batch) for c in keys}
+    for i in rows:
+        meta = row_meta(batch, needs, i)
+        for c in keys:
+            extra[c][i] = meta.get(c)
+    return {**batch, **extra}
+
+
 def run_stage(
     stage: Stage,
     batch: Mapping[str, Sequence[Any]],
@@ -319,6 +343,7 @@ def run_stage(
         for i in range(n)
         if (wanted is None or wanted[i]) and all(succeeded(batch, s, i) for s in needs)
     ]
+    batch = _with_read_meta(stage, batch, needs, rows)
     status, error, message = [""] * n, [""] * n, [""] * n
     seconds, meta = [0.0] * n, [""] * n
     field_cols = [column_for(f) for f in stage.fields()]

@@ -332,12 +332,16 @@ def _in_run_order(specs: list[StageSpec]) -> list[StageSpec]:
 
 
 def _check_reads(ordered: list[StageSpec]) -> None:
+    """What a stage reads exists: source columns, fields and transient columns of the
+    stages it needs (transitively), metadata keys of its direct needs."""
     by_name = {s.name: s for s in ordered}
     for s in ordered:
         available = set(SOURCE_COLUMNS)
         for need in closure(by_name, s.needs):
             available |= {column_for(f) for f in by_name[need].cls.fields()}
             available |= set(by_name[need].cls.transient)
+        for need in s.needs:
+            available |= set(by_name[need].cls.meta_keys())
         missing = [c for c in s.cls.reads if c not in available]
         if missing:
             raise DagError(f"stages.{s.name}: reads {missing}, which none of its needs produce")
@@ -434,6 +438,14 @@ def validate(cfg: DictConfig, local_weights: bool = True) -> None:
     if top.shards.max_samples < 1 or top.shards.max_bytes < 1:
         raise DagError("shards.max_samples and shards.max_bytes: must be positive")
     needed = {n for name in top.subsets for n in _subset_needs(ordered, name)}
+    by_name = {s.name: s for s in ordered}
+    for s in ordered:
+        if s.name not in needed:
+            continue
+        try:
+            s.cls.check_needs(s.params, {n: by_name[n].params for n in s.needs})
+        except P.ParamError as exc:
+            raise DagError(f"stages.{s.name}: {exc}") from None
     if local_weights:
         _check_weights(cfg, [s for s in specs if s.name in needed])
 

@@ -67,7 +67,7 @@ def build_sample(
             if data:
                 files[f.name] = data
     meta = row_meta(batch, needs, i)
-    extra = {k: meta[k] for k in subset.meta_keys if k in meta}
+    extra = {k: meta[k] for k in (*subset.meta_keys, *subset.optional_meta_keys) if k in meta}
     key, uri = str(batch["key"][i]), str(batch["uri"][i])
     files["json"] = json.dumps(
         make_meta(key, subset_name, uri, list(subset.tasks), **extra), sort_keys=True

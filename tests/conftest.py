@@ -37,12 +37,15 @@ def ray_local():
     ray.shutdown()
 
 
-def tiny_demo_run_args(tmp_path: Path, output: Path | str, *extra: str) -> list[str]:
-    """``onegen`` arguments of a 4-input demo DAG run into ``output`` (CLI and subprocess tests)."""
+def small_run_args(
+    tmp_path: Path, output: Path | str, *extra: str, dag: str = "captioned"
+) -> list[str]:
+    """``onegen`` arguments of a 4-input run of ``pipelines/<dag>.yaml`` (default: the
+    no-model t2i + i2i DAG) into ``output`` (CLI and subprocess tests)."""
     return [
         "datagen",
         "run",
-        str(REPO / "pipelines" / "demo.yaml"),
+        str(REPO / "pipelines" / f"{dag}.yaml"),
         "--output",
         str(output),
         "source.n=4",
@@ -57,13 +60,14 @@ def tiny_demo_run_args(tmp_path: Path, output: Path | str, *extra: str) -> list[
 
 
 @pytest.fixture
-def demo_cfg(tmp_path):
-    """The demo DAG, small, writing into tmp_path, tracked in a tmp sqlite store."""
+def cheap_cfg(tmp_path):
+    """The no-model DAG (decode, degrade: t2i from source captions, i2i), small, writing
+    into tmp_path, tracked in a tmp sqlite store."""
     from pipelines import dag
 
     def make(*overrides: str, n: int = 12):
         return dag.load(
-            REPO / "pipelines" / "demo.yaml",
+            REPO / "pipelines" / "captioned.yaml",
             [
                 f"output={tmp_path / 'out'}",
                 f"source.n={n}",

@@ -1,4 +1,5 @@
-"""Tiny real t2i / i2i / depth / pose shards for the depth and pose tests.
+"""Tiny real t2i / i2i / depth / pose / semantic shards for the depth and pose tests and
+the README's training commands (the demo config's subsets).
 
 Every sample is built with the contract's own helpers (``make_meta``), checked with
 ``validate_sample`` and committed with ``datagen.shards.commit_shard``, the way the sink
@@ -123,10 +124,49 @@ def sample(subset: str, i: int) -> tuple[str, dict[str, bytes]]:
                 pose_model=RANDOM if i % 2 else REAL_POSE_MODEL,
             ),
         }
+    elif subset == "semantic":
+        files = semantic_files(key, rgb, caption)
     else:
         raise ValueError(subset)
     validate_sample(subset, {"__key__": key, **files})
     return key, files
+
+
+def semantic_files(key: str, rgb: np.ndarray, caption: str) -> dict[str, bytes]:
+    """Two hand-made entities (a cat on the left half, a ball lower right) drawn and
+    recorded by the segment stage's own renderers, in colours drawn from the key."""
+    from datagen.labelers.segment_render import (
+        Entity,
+        entity_colours,
+        entity_record,
+        render_boxes,
+        render_semantic,
+    )
+
+    cat, ball = np.zeros((H, W), bool), np.zeros((H, W), bool)
+    cat[:, : W // 2] = True
+    ball[H // 2 :, 3 * W // 4 :] = True
+    colours = entity_colours(key, 0, 2)
+    entities = [
+        Entity("cat", colours[0], np.array([[0, 0, W // 2, H]], np.float32), np.ones(1), cat),
+        Entity(
+            "ball", colours[1], np.array([[3 * W // 4, H // 2, W, H]], np.float32), np.ones(1), ball
+        ),
+    ]
+    return {
+        "jpg": jpg(rgb),
+        "semantic.png": png(render_semantic(entities, W, H)),
+        "boxes.png": png(render_boxes(entities, W, H)),
+        "json": _meta(
+            key,
+            "semantic",
+            ["[[semanticmap2image]]", "[[boundingbox2image]]"],
+            caption=caption,
+            entities=[entity_record(e) for e in entities],
+            entities_dropped=[],
+            segment_model="hand-made",
+        ),
+    }
 
 
 def write(out: str, subset: str, shard_sizes: list[int]) -> None:
@@ -143,4 +183,5 @@ def write_all(out: str) -> str:
     write(out, "i2i", [6])
     write(out, "depth", [5, 5])
     write(out, "pose", [6])
+    write(out, "semantic", [4])
     return out

@@ -11,6 +11,7 @@ from pipelines import dag
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pipelines" / "demo.yaml"
+CAPTIONED = REPO / "pipelines" / "captioned.yaml"
 TINY = ["weights=random-tiny"]
 
 
@@ -26,26 +27,42 @@ def test_demo_dag_resolves_with_overrides():
     )
     assert cfg.shards.max_samples == 3
     stages = {s.name: s for s in dag.stages(cfg)}
-    assert list(stages) == ["decode", "degrade", "depth", "pose"]
+    assert list(stages) == ["decode", "degrade", "caption", "segment", "depth", "pose"]
     assert stages["degrade"].params.canny_low == 50 and stages["degrade"].params.canny_high == 90
     assert stages["depth"].actors == (1, 1) and stages["decode"].actors is None
+    # Derived from what stages produce: the caption stage makes every subset's caption.
     assert {s.name: s.needs for s in dag.subsets(cfg)} == {
-        "t2i": ("decode",),
-        "i2i": ("decode", "degrade"),
-        "depth": ("decode", "depth"),
-        "pose": ("decode", "pose"),
+        "t2i": ("decode", "caption"),
+        "i2i": ("decode", "degrade", "caption"),
+        "semantic": ("decode", "caption", "segment"),
+        "depth": ("decode", "caption", "depth"),
+        "pose": ("decode", "caption", "pose"),
     }
     # The resolved DAG shows every parameter, defaults included, and the switch's effect.
     assert cfg.stages[1].params.jpeg_quality == 95
-    assert cfg.stages[2].params.weights == "random-tiny"
-    assert cfg.stages[3].params.detector_weights == "random-tiny"
+    assert stages["caption"].params.weights == "random-tiny"
+    assert stages["segment"].params.detector_weights == "random-tiny"
+    assert stages["segment"].params.weights == "random-tiny"
+    assert stages["pose"].params.detector_weights == "random-tiny"
     assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db" and cfg.max_error_rate == 0.05
 
 
 def test_choosing_subsets_runs_only_the_stages_they_need():
-    cfg = dag.load(DEMO, ["subsets=[i2i]"])  # no weights needed: no model stage runs
-    assert [s.name for s in dag.stages(cfg)] == ["decode", "degrade"]
+    cfg = dag.load(DEMO, [*TINY, "subsets=[i2i]"])
+    assert [s.name for s in dag.stages(cfg)] == ["decode", "degrade", "caption"]
     assert [s.name for s in dag.subsets(cfg)] == ["i2i"]
+    cfg = dag.load(CAPTIONED, ["subsets=[i2i]"])  # no weights needed: no model stage
+    assert [s.name for s in dag.stages(cfg)] == ["decode", "degrade"]
+
+
+def test_segment_refuses_a_caption_stage_that_lists_no_entities():
+    with pytest.raises(
+        dag.DagError, match="stages.segment: .*stages.caption.params.entity_prompt is null"
+    ):
+        dag.load(DEMO, [*TINY, "stages.caption.params.entity_prompt=null"])
+    # without the semantic subset the segment stage does not run: nothing to refuse
+    cfg = dag.load(DEMO, [*TINY, "stages.caption.params.entity_prompt=null", "subsets=[t2i]"])
+    assert [s.name for s in dag.stages(cfg)] == ["decode", "caption"]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -134,10 +151,12 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_missing_weights_are_named_and_the_switch_runs_tiny_models():
-    with pytest.raises(dag.DagError, match="stages.depth.params.weights: .* does not exist"):
+    with pytest.raises(dag.DagError, match="stages.caption.params.weights: .* does not exist"):
         dag.load(DEMO)
     cfg = dag.load(DEMO, ["ray.address=auto"])  # on a cluster the workers check their paths
-    assert dag.stages(cfg)[2].params.weights == "models/depth-anything-v2-small"
+    assert {s.name: s for s in dag.stages(cfg)}["depth"].params.weights == (
+        "models/depth-anything-v2-small"
+    )
 
 
 def test_recipe_digest_tracks_content_not_placement():
@@ -165,7 +184,7 @@ def test_recipe_digest_tracks_content_not_placement():
         s: base[s] for s in ("t2i", "depth", "pose")
     }
     # Choosing subsets does not change the recipe of those chosen.
-    assert dag.subset_digests(dag.load(DEMO, ["subsets=[i2i]"])) == {"i2i": base["i2i"]}
+    assert dag.subset_digests(dag.load(DEMO, [*TINY, "subsets=[i2i]"])) == {"i2i": base["i2i"]}
 
 
 def test_recipe_digest_tracks_code_versions(monkeypatch):
@@ -192,9 +211,9 @@ def test_resume_refuses_a_subset_made_by_older_code(tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     out.mkdir()
-    t2i_only = dag.load(DEMO, [f"output={out}", "subsets=[t2i]"])
+    t2i_only = dag.load(CAPTIONED, [f"output={out}", "subsets=[t2i]"])
     first = check_recipe(t2i_only, str(out))
-    both = dag.load(DEMO, [f"output={out}", "subsets=[t2i,i2i]"])
+    both = dag.load(CAPTIONED, [f"output={out}", "subsets=[t2i,i2i]"])
     digests = check_recipe(both, str(out))  # i2i is new: added
     assert digests["t2i"] == first["t2i"]
     assert f"# subset_digest i2i: {digests['i2i']}" in (out / RECIPE).read_text()

@@ -27,8 +27,8 @@ def _all_keys(out: Path, subset: str) -> list[str]:
     ]
 
 
-def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
-    cfg = demo_cfg(n=12)
+def test_demo_dag_end_to_end(ray_local, cheap_cfg, tmp_path, capsys):
+    cfg = cheap_cfg(n=12)
     result = run(cfg, log=lambda *_: None)
     out = Path(result.output)
 
@@ -96,7 +96,7 @@ def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
     assert sorted(p.name for p in out.rglob("*.tar")) == before
     # More inputs later: only the new keys are processed, old shards untouched.
     progress: list[str] = []
-    bigger = run(demo_cfg("allow_recipe_change=true", n=16), log=progress.append)
+    bigger = run(cheap_cfg("allow_recipe_change=true", n=16), log=progress.append)
     assert bigger.pending == 4
     assert sorted(_all_keys(out, "i2i")) == [f"demo_{i:06d}" for i in range(16)]
     assert shards.verify(str(out)).ok
@@ -118,7 +118,7 @@ def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
             [
                 "datagen",
                 "run",
-                str(REPO / "pipelines" / "demo.yaml"),
+                str(REPO / "pipelines" / "captioned.yaml"),
                 "--output",
                 str(out),
                 "source.n=16",
@@ -142,7 +142,7 @@ def test_demo_dag_end_to_end(ray_local, demo_cfg, tmp_path, capsys):
     )
 
 
-def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, demo_cfg, tmp_path):
+def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, cheap_cfg, tmp_path):
     from datagen.sources import key_from_path
     from tests.bad_inputs import write_bad_inputs
 
@@ -155,7 +155,7 @@ def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, demo_cfg, t
         else []
     )
     assert not good  # the folder holds only what write_bad_inputs made
-    cfg = demo_cfg("max_error_rate=1.0", f"source.path={folder}", "source.kind=folder")
+    cfg = cheap_cfg("max_error_rate=1.0", f"source.path={folder}", "source.kind=folder")
     result = run(cfg, log=lambda *_: None)
     out = Path(result.output)
 
@@ -184,13 +184,13 @@ def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, demo_cfg, t
     assert shards.verify(str(out)).ok
 
 
-def test_error_rate_above_the_limit_fails_after_committing(ray_local, demo_cfg, tmp_path):
+def test_error_rate_above_the_limit_fails_after_committing(ray_local, cheap_cfg, tmp_path):
     from tests.bad_inputs import write_bad_inputs
 
     folder = tmp_path / "images"
     folder.mkdir()
     write_bad_inputs(folder)
-    cfg = demo_cfg(f"source.path={folder}", "source.kind=folder", "max_error_rate=0.05")
+    cfg = cheap_cfg(f"source.path={folder}", "source.kind=folder", "max_error_rate=0.05")
     with pytest.raises(DatagenError, match="exceeds max_error_rate"):
         run(cfg, log=lambda *_: None)
     out = Path(str(cfg.output))
@@ -201,8 +201,8 @@ def test_error_rate_above_the_limit_fails_after_committing(ray_local, demo_cfg, 
     assert runs[0].info.status == "FAILED"
 
 
-def test_verify_catches_truncation_and_checksum_mismatch(ray_local, demo_cfg, tmp_path):
-    cfg = demo_cfg(n=8)
+def test_verify_catches_truncation_and_checksum_mismatch(ray_local, cheap_cfg, tmp_path):
+    cfg = cheap_cfg(n=8)
     out = Path(run(cfg, log=lambda *_: None).output)
     assert shards.verify(str(out)).ok
 
@@ -226,11 +226,11 @@ def test_verify_catches_truncation_and_checksum_mismatch(ray_local, demo_cfg, tm
     assert cli(["datagen", "verify", str(flipped)]) == 1
 
 
-def test_actor_pool_stage_gives_the_same_samples_as_tasks(ray_local, demo_cfg, tmp_path):
+def test_actor_pool_stage_gives_the_same_samples_as_tasks(ray_local, cheap_cfg, tmp_path):
     """A stage with ``actors`` runs as a Ray actor pool with fractional CPUs;
     it must produce byte-identical shards to the fused-task path."""
-    tasks = run(demo_cfg(n=6), log=lambda *_: None)
-    pooled_cfg = demo_cfg(
+    tasks = run(cheap_cfg(n=6), log=lambda *_: None)
+    pooled_cfg = cheap_cfg(
         "stages.degrade.resources.actors=[1,2]",
         "stages.degrade.resources.num_cpus=0.5",
         f"output={tmp_path / 'pooled'}",
@@ -247,7 +247,7 @@ def test_actor_pool_stage_gives_the_same_samples_as_tasks(ray_local, demo_cfg, t
             ).read_bytes()
 
 
-def test_url_output_stages_nothing_at_fixed_temp_paths(ray_local, demo_cfg, tmp_path, monkeypatch):
+def test_url_output_stages_nothing_at_fixed_temp_paths(ray_local, cheap_cfg, tmp_path, monkeypatch):
     """A URL output (``file://`` here) stages demo inputs and draws its preview in a
     private temporary folder, not at the fixed /tmp names an attacker could plant a
     symlink at; the preview lands in the output itself."""
@@ -282,7 +282,7 @@ def test_url_output_stages_nothing_at_fixed_temp_paths(ray_local, demo_cfg, tmp_
             link.symlink_to(target)
             made.append(link)
         out = f"file://{tmp_path / 'out'}"
-        result = run(demo_cfg(f"output={out}", "source.cache_dir=null", n=4), log=log)
+        result = run(cheap_cfg(f"output={out}", "source.cache_dir=null", n=4), log=log)
     finally:
         for link in made:
             link.unlink()

@@ -18,7 +18,7 @@ import pytest
 from orchestration import datagen_job
 from orchestration.cli import main as cli
 from orchestration.run_lock import LOCK
-from tests.conftest import tiny_demo_run_args
+from tests.conftest import small_run_args
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "pipelines" / "demo.yaml")
@@ -26,7 +26,7 @@ ONEGEN = str(Path(sys.executable).parent / "onegen")
 
 
 def _args(tmp_path: Path, output: Path | str, *extra: str) -> list[str]:
-    return tiny_demo_run_args(tmp_path, output, *extra)
+    return small_run_args(tmp_path, output, *extra)
 
 
 def _one_error_line(stderr: str, *expected: str) -> str:

@@ -23,7 +23,7 @@ from tests.conftest import MLFLOW_PROCESS_ENV
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "pipelines" / "demo.yaml"
+DEMO = REPO / "pipelines" / "captioned.yaml"
 RUN_FILE = "_mlflow_run.json"  # OUT/_mlflow_run.json: the run a rerun continues
 
 
@@ -32,7 +32,7 @@ def _json(path: Path) -> dict:
 
 
 def _overrides(tmp: Path, *extra: str) -> list[str]:
-    """The tiny demo (conftest's ``demo_cfg``) without an explicit tracking URI."""
+    """The tiny demo (conftest's ``cheap_cfg``) without an explicit tracking URI."""
     return [
         f"output={tmp / 'data' / 'demo'}",
         "source.n=4",
@@ -104,7 +104,7 @@ def test_the_environment_names_the_store_unless_the_dag_does(runs, tmp_path, mon
 def test_run_name_tells_dag_output_and_time(runs):
     info = mlflow.MlflowClient(runs["used"]).get_run(runs["first"].mlflow_run_id)
     name = info.info.run_name
-    assert name.startswith("datagen-demo -> ")
+    assert name.startswith("datagen-captioned -> ")
     assert "data/demo" in name  # relative to the working folder, as the user typed it
     stamp = name.rsplit(" @ ", 1)[1]
     assert abs(time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M")) - runs["started"]) < 180

@@ -1,4 +1,5 @@
-"""decode and degrade outputs are byte-identical to what the code before the Stage
+"""decode and degrade outputs (``pipelines/captioned.yaml``, the demo DAG's decode and
+degrade stages before it gained a caption stage) are byte-identical to what the code before the Stage
 protocol wrote (tests/data/golden_demo_shards.json: sha256 of every file of the demo DAG's
 t2i and i2i samples, made at commit 66240e2; the json with its machine-dependent source
 path reduced to the file name). The demo inputs come from installed packages and
@@ -35,7 +36,7 @@ def _digests(out: Path) -> dict[str, str]:
 
 def test_decode_and_degrade_outputs_are_byte_identical_to_before(tmp_path):
     cfg = dag.load(
-        REPO / "pipelines" / "demo.yaml",
+        REPO / "pipelines" / "captioned.yaml",
         [
             f"output={tmp_path / 'out'}",
             "source.n=12",

@@ -532,13 +532,13 @@ def _quarantine_and_written(out: Path, subset: str) -> tuple[set[str], dict[str,
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_hostile_folder_end_to_end(ray_local, demo_cfg, tmp_path):
+def test_hostile_folder_end_to_end(ray_local, cheap_cfg, tmp_path):
     from datagen.sources import key_from_path
     from orchestration.datagen_job import run
 
     folder = tmp_path / "hostile"
     expected = write_hostile_folder(folder)
-    cfg = demo_cfg("max_error_rate=1.0", f"source.path={folder}", "source.kind=folder")
+    cfg = cheap_cfg("max_error_rate=1.0", f"source.path={folder}", "source.kind=folder")
     result = run(cfg, log=lambda *_: None)
     out = Path(result.output)
     keys = {key_from_path(name): (name, err) for name, err in expected.items()}
@@ -560,12 +560,12 @@ def test_hostile_folder_end_to_end(ray_local, demo_cfg, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_broken_tars_end_to_end(ray_local, demo_cfg, tmp_path):
+def test_broken_tars_end_to_end(ray_local, cheap_cfg, tmp_path):
     from orchestration.datagen_job import run
 
     folder = tmp_path / "tars"
     expected = broken_tars(folder)
-    cfg = demo_cfg("max_error_rate=1.0", "source.kind=webdataset", f"source.urls={folder}/*.tar")
+    cfg = cheap_cfg("max_error_rate=1.0", "source.kind=webdataset", f"source.urls={folder}/*.tar")
     result = run(cfg, log=lambda *_: None)
     out = Path(result.output)
     want = {

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import tiny_demo_run_args
+from tests.conftest import small_run_args
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_a_fit_links_to_the_datagen_runs_that_wrote_its_shards(ray_local, tmp_pa
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "shards"
-    assert main(tiny_demo_run_args(tmp_path, out)) == 0
+    assert main(small_run_args(tmp_path, out)) == 0
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     manifests = {s: json.loads((out / s / "manifest.json").read_text()) for s in ("t2i", "i2i")}
     datagen_ids = {r["run_id"] for m in manifests.values() for r in m["datagen_runs"]}

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.ray_runtime import OFFLINE_ENV
-from tests.conftest import tiny_demo_run_args
+from tests.conftest import small_run_args
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_datagen_fit_and_sample_stay_on_this_machine(tmp_path):
     _run(
         [
             ONEGEN,
-            *tiny_demo_run_args(tmp_path, tmp_path / "out"),
+            *small_run_args(tmp_path, tmp_path / "out"),
         ],
         tmp_path,
         env,
@@ -236,21 +236,30 @@ def test_datagen_fit_and_sample_stay_on_this_machine(tmp_path):
     assert not outside, "network attempts beyond this machine:\n" + "\n".join(map(str, outside))
 
 
-def test_depth_and_pose_dags_stay_on_this_machine(tmp_path):
-    """The model stages (transformers, ultralytics) load and label offline: in the driver,
-    which validates the DAG, and in the actors, which build the tiny random models."""
+def test_model_dags_stay_on_this_machine(tmp_path):
+    """The model stages (transformers: the VLM, Grounding DINO, DepthAnything, ViTPose;
+    segment-anything; ultralytics) load and label offline: in the driver, which validates
+    the DAG, and in the actors, which build the tiny random models."""
     env, log = hooked_env(tmp_path)
     own = own_addresses()
     out = tmp_path / "out"
     _run(
         [
             ONEGEN,
-            *tiny_demo_run_args(tmp_path, out, "subsets=[depth,pose]", "weights=random-tiny"),
+            *small_run_args(
+                tmp_path,
+                out,
+                "subsets=[semantic,depth,pose]",
+                "weights=random-tiny",
+                "stages.caption.params.max_new_tokens=16",
+                "stages.caption.params.entity_max_new_tokens=12",
+                dag="demo",
+            ),
         ],
         tmp_path,
         env,
     )
-    for subset in ("depth", "pose"):
+    for subset in ("semantic", "depth", "pose"):
         manifest = json.loads((out / subset / "manifest.json").read_text())
         assert manifest["written"] + manifest["quarantined"] + manifest["filtered"] == 4, manifest
     assert json.loads((out / "depth" / "manifest.json").read_text())["written"] == 4

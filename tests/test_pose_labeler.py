@@ -204,7 +204,7 @@ def test_bad_jpg_fails_its_row_only(tiny_stage, photos):
     rows = {"bus": photos["bus"], "garbage": b"not a jpeg at all", "zidane": photos["zidane"]}
     out = _run(tiny_stage, rows)
     assert out[status_column("pose")] == ["ok", "error", "ok"]
-    assert out["pose.error"][1] == "UndecodableImage"
+    assert out["pose.error"][1] == "UndecodableJpg"
     good = _run(tiny_stage, {"bus": photos["bus"], "zidane": photos["zidane"]})
     assert out[column_for("pose.png")][0] == good[column_for("pose.png")][0]
     assert out[column_for("pose.png")][2] == good[column_for("pose.png")][1]

@@ -26,25 +26,31 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-# (subsets, extra overrides): cheap task stages only; and a model stage in an actor pool.
+# (DAG, subsets, extra overrides): cheap task stages only; and a model stage in an actor pool.
 PLANS = {
-    "tasks": (("t2i", "i2i"), []),
+    "tasks": ("captioned", ("t2i", "i2i"), []),
     "actor_pool": (
-        ("t2i", "depth"),
-        ["weights=random-tiny", "stages.depth.resources.batch_size=2"],
+        "depth",
+        ("depth",),
+        [
+            "weights=random-tiny",
+            "stages.depth.resources.batch_size=2",
+            "stages.depth.resources.num_gpus=0",
+            "stages.depth.resources.actors=[1,1]",
+        ],
     ),
 }
 
 
 def _job(out: Path, tmp: Path, plan: str) -> list[str]:
-    subsets, extra = PLANS[plan]
+    name, subsets, extra = PLANS[plan]
     return [
         sys.executable,
         "-m",
         "orchestration.cli",
         "datagen",
         "run",
-        str(REPO / "pipelines" / "demo.yaml"),
+        str(REPO / "pipelines" / f"{name}.yaml"),
         "--output",
         str(out),
         "source.n=40",
@@ -60,7 +66,7 @@ def _job(out: Path, tmp: Path, plan: str) -> list[str]:
 
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_sigkill_mid_run_then_resume_has_no_duplicates_and_no_gaps(tmp_path, plan):
-    subsets = PLANS[plan][0]
+    subsets = PLANS[plan][1]
     last = subsets[-1]
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}

@@ -192,7 +192,7 @@ def _check_output(out: str, subset: str, key: str) -> None:
 
 
 @pytest.mark.slow
-def test_long_keys_through_the_real_pipeline(ray_local, demo_cfg, tmp_path):
+def test_long_keys_through_the_real_pipeline(ray_local, cheap_cfg, tmp_path):
     """A folder source with a deep path (the longest key it derives) and a parquet manifest
     with a 200-char key, each through a real local Ray run, verify and the readers."""
     from datagen.sources import key_from_path
@@ -205,7 +205,7 @@ def test_long_keys_through_the_real_pipeline(ray_local, demo_cfg, tmp_path):
     folder_key = key_from_path(relative)
     assert len(folder_key) == 129  # 120 readable chars + "-" + 8 hex: the most it derives
     result = run(
-        demo_cfg(f"source.path={folder}", "source.kind=folder", f"output={tmp_path / 'a'}"),
+        cheap_cfg(f"source.path={folder}", "source.kind=folder", f"output={tmp_path / 'a'}"),
         log=lambda *_: None,
     )
     assert result.subsets["i2i"]["written"] == 1 and result.subsets["t2i"]["written"] == 1
@@ -218,7 +218,7 @@ def test_long_keys_through_the_real_pipeline(ray_local, demo_cfg, tmp_path):
         pa.table({"key": [LONGEST_KEY], "uri": [str(image)], "caption": ["a photo"]}), manifest
     )
     result = run(
-        demo_cfg(f"source.path={manifest}", "source.kind=parquet", f"output={tmp_path / 'b'}"),
+        cheap_cfg(f"source.path={manifest}", "source.kind=parquet", f"output={tmp_path / 'b'}"),
         log=lambda *_: None,
     )
     assert result.subsets["i2i"]["written"] == 1 and result.subsets["t2i"]["written"] == 1

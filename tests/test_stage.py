@@ -114,6 +114,54 @@ def test_groups_run_per_view_and_fail_as_a_whole():
     assert out[message_column("picky")][1] == "view 1: -4 < 0"
 
 
+class Source(Doubler):
+    """Doubler reading a source column (what a DAG's first stage can read)."""
+
+    name: ClassVar[str] = "doubler"
+    reads: ClassVar[tuple[str, ...]] = ("uri",)
+
+
+class NameReader(Stage):
+    """Reads ``doubled``, a metadata key of the stage it needs, not a column."""
+
+    name: ClassVar[str] = "reader"
+    needs: ClassVar[tuple[str, ...]] = ("doubler",)
+    reads: ClassVar[tuple[str, ...]] = ("doubled",)
+    produces: ClassVar[tuple[str, ...]] = ("halved",)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        return {"meta": [{"halved": d // 2} for d in batch["doubled"]]}
+
+
+def test_a_stage_reads_metadata_keys_of_its_needs():
+    batch: dict[str, Any] = _batch(["a", "b", "c"], n=[1, 13, 4])
+    batch.update(run_stage(Doubler(), batch, name="doubler", needs=()))
+    assert batch[status_column("doubler")] == [OK, ERROR, OK]
+    out = run_stage(NameReader(), batch, name="reader", needs=("doubler",))
+    assert out[status_column("reader")] == [OK, "", OK]  # the failed row never runs
+    assert [json.loads(m)["halved"] if m else None for m in out[meta_column("reader")]] == [
+        1,
+        None,
+        4,
+    ]
+
+
+def test_dag_checks_metadata_reads_come_from_direct_needs():
+    from pipelines import dag
+
+    def spec(cls: type[Stage]) -> dag.StageSpec:
+        return dag.StageSpec(cls.name, cls, cls.Params(), cls.needs, 1.0, 0.0, None, None)
+
+    dag._check_reads([spec(Source), spec(NameReader)])
+
+    class Unrelated(NameReader):
+        name: ClassVar[str] = "unrelated"
+        needs: ClassVar[tuple[str, ...]] = ()
+
+    with pytest.raises(dag.DagError, match=r"stages.unrelated: reads \['doubled'\]"):
+        dag._check_reads([spec(Source), spec(Unrelated)])
+
+
 @dataclass(frozen=True)
 class _Strict:
     limit: int = 3

@@ -169,7 +169,7 @@ def _submit(
             *ONEGEN,
             "datagen",
             "submit",
-            str(ROOT / "pipelines" / "demo.yaml"),
+            str(ROOT / "pipelines" / "captioned.yaml"),
             "--address",
             address,
             "--python",

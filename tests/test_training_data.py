@@ -102,6 +102,8 @@ def make_sample(subset: str, i: int) -> tuple[str, dict[str, bytes]]:
                 "semantic",
                 ["[[semanticmap2image]]", "[[boundingbox2image]]"],
                 entities=entities,
+                entities_dropped=[],
+                segment_model="hand-made",
                 **common,
             ),
         }
@@ -655,7 +657,7 @@ def demo_out(ray_local, tmp_path_factory) -> str:
 
     tmp = tmp_path_factory.mktemp("demo")
     config = dag.load(
-        REPO / "pipelines" / "demo.yaml",
+        REPO / "pipelines" / "captioned.yaml",
         [
             f"output={tmp / 'out'}",
             "source.n=12",

@@ -133,6 +133,8 @@ class DataConfig:
     bucket_mode: str = "aspect"  # "aspect": nearest to the batch's first sample; "random"
     bucket_weights: list[float] | None = None  # for bucket_mode=random
     caption_dropout: float = 0.1
+    # P(the input's own caption instead of the VLM's), for samples that have both
+    source_caption_prob: float = 0.0
     reads_per_batch: int = 4  # byte-range reads (windows) per batch
     overread: float = 0.25  # read this fraction more samples than needed
     reverse_prob: float = 0.5  # map tasks: P(image -> map)
@@ -185,7 +187,7 @@ class DataConfig:
                 raise bad(key, "must be >= 1")
         if self.num_workers < 0:
             raise bad("num_workers", "must be >= 0")
-        for key in ("caption_dropout", "reverse_prob", "max_skip_rate"):
+        for key in ("caption_dropout", "source_caption_prob", "reverse_prob", "max_skip_rate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise bad(key, "must be in [0, 1]")
         if self.seed < 0:

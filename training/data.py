@@ -384,7 +384,8 @@ class OneGenStream(IterableDataset):
                         seen.add(cand.index)
                         cands.append(cand)
             order = rng.permutation(len(cands))
-            draws = rng.random((len(cands), 3))  # task, direction, caption dropout
+            # task, direction, caption dropout, source caption
+            draws = rng.random((len(cands), 4))
             for j in order:
                 if len(samples) == bsz:
                     break
@@ -519,6 +520,9 @@ class OneGenStream(IterableDataset):
             caption = str(meta.get("caption") or "")
             if subset == "t2i" and "txt" in files:
                 caption = files["txt"].decode("utf-8")
+            source = meta.get("source_caption")
+            if isinstance(source, str) and source.strip() and draws[3] < cfg.source_caption_prob:
+                caption = source
         # All views of a sample share the source frame, except faceid's separate photos.
         frame: tuple[int, int] | None = None
         if subset != "faceid":

@@ -13,6 +13,8 @@ from datagen.stage import Stage
 
 LABELERS: dict[str, str] = {
     "decode": "datagen.labelers.decode:DecodeStage",
+    "caption": "datagen.labelers.caption:CaptionStage",
+    "segment": "datagen.labelers.segment:SegmentStage",
     "degrade": "datagen.labelers.degrade:DegradeStage",
     "depth": "datagen.labelers.depth:DepthStage",
     "pose": "datagen.labelers.pose:PoseStage",

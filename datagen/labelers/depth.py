@@ -14,11 +14,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from datagen.codecs import decode_rgb, encode_png
+from datagen.codecs import encode_png
 from datagen.decode import BadInput
 from datagen.labelers.model_stage import (
     ModelStage,
     check_weights_path,
+    decode_stored,
     weights_id,
 )
 from datagen.params import ParamError
@@ -106,19 +107,11 @@ class DepthStage(ModelStage):
             "meta": [None] * n,
             "failure": [None] * n,
         }
-        images: list[np.ndarray] = []
-        rows: list[int] = []
-        for i, jpg in enumerate(batch["jpg"]):
-            try:
-                if jpg is None or len(jpg) == 0:
-                    raise BadInput("NoImage", "depth needs the jpg the decode stage wrote")
-                try:
-                    images.append(decode_rgb(bytes(jpg)))
-                except Exception as exc:  # noqa: BLE001 - cv2 raises several kinds
-                    raise BadInput("UndecodableJpg", f"{type(exc).__name__}: {exc}") from exc
-                rows.append(i)
-            except BadInput as exc:
-                out["failure"][i] = failure_from(exc)
+        decoded, failures = decode_stored(batch["jpg"], self.name)
+        for i, failure in failures.items():
+            out["failure"][i] = failure
+        rows = sorted(decoded)
+        images = [decoded[i] for i in rows]
         maps = self.model.predict(images, micro_batch=p.micro_batch, input_size=p.input_size)
         model_id = weights_id(p.weights)
         for i, disparity in zip(rows, maps, strict=True):

@@ -29,19 +29,19 @@ and the multiple-of-14 rounding merges nearby ones, so groups stay large.
 
 from __future__ import annotations
 
-import os
+# Sets the offline variables before transformers, ultralytics or segment-anything is
+# imported below (they read them at import).
+from datagen.labelers import offline  # noqa: F401
+
+# isort: split
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Offline before transformers is imported (it reads these at import): nothing may
-# reach the hub, whatever the caller forgot to set.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import numpy as np
+import torch
+from transformers import (
     AutoImageProcessor,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
@@ -49,7 +49,7 @@ from transformers import (  # noqa: E402
     DPTImageProcessor,
 )
 
-from datagen.labelers.model_stage import (  # noqa: E402
+from datagen.labelers.model_stage import (
     RANDOM_TINY,
     chunks,
     pick_device,

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from datagen.stage import Stage
+from datagen.codecs import decode_rgb
+from datagen.stage import ERROR, Failure, Stage
 
 RANDOM_TINY = "random-tiny"
 T = TypeVar("T")
@@ -80,6 +81,27 @@ def set_cpu_threads() -> None:
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + max(1, size)]
+
+
+class CheckpointError(ValueError):
+    """A weights file or folder that cannot be loaded safely or does not fit the model."""
+
+
+def decode_stored(jpgs: Sequence[Any], stage: str) -> tuple[dict[int, Any], dict[int, Failure]]:
+    """The RGB image of each row's stored ``jpg`` (labels are made from the exact pixels
+    training reads, not from the decode stage's in-memory image), and a typed failure
+    for each row that has none or whose bytes do not decode."""
+    images: dict[int, Any] = {}
+    failures: dict[int, Failure] = {}
+    for i, jpg in enumerate(jpgs):
+        if jpg is None or len(jpg) == 0:
+            failures[i] = Failure(ERROR, "NoImage", f"{stage} needs the jpg the decode stage wrote")
+            continue
+        try:
+            images[i] = decode_rgb(bytes(jpg))
+        except Exception as exc:  # noqa: BLE001 - cv2 raises several kinds
+            failures[i] = Failure(ERROR, "UndecodableJpg", f"{type(exc).__name__}: {exc}")
+    return images, failures
 
 
 class ModelStage(Stage):

@@ -17,16 +17,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from datagen.codecs import decode_rgb, encode_png
+from datagen.codecs import encode_png
 from datagen.labelers.model_stage import (
     ModelStage,
     check_weights_path,
+    decode_stored,
     pick_device,
     pick_dtype,
     weights_id,
 )
 from datagen.labelers.pose_render import render_openpose
-from datagen.stage import ERROR, FILTERED, Batch, Failure, batch_len
+from datagen.stage import FILTERED, Batch, Failure, batch_len
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,9 @@ class PoseStage(ModelStage):
             "meta": [None] * n,
             "failure": [None] * n,
         }
-        images: dict[int, np.ndarray] = {}
-        for i, jpg in enumerate(batch["jpg"]):
-            if jpg is None or len(jpg) == 0:
-                out["failure"][i] = Failure(ERROR, "NoImage", "pose needs the decode stage's jpg")
-                continue
-            try:
-                images[i] = decode_rgb(bytes(jpg))
-            except Exception as exc:  # noqa: BLE001 - this row's failure only
-                out["failure"][i] = Failure(ERROR, "UndecodableImage", f"stored jpg: {exc}")
+        images, failures = decode_stored(batch["jpg"], self.name)
+        for i, failure in failures.items():
+            out["failure"][i] = failure
         rows = sorted(images)
         detections = self.detector([images[i] for i in rows], p.person_conf, p.detector_batch)
         posed: list[int] = []

@@ -13,37 +13,29 @@ returns is handed to ultralytics, which never opens the file.
 
 from __future__ import annotations
 
-import os
+# Sets the offline variables before transformers, ultralytics or segment-anything is
+# imported below (they read them at import).
+from datagen.labelers import offline  # noqa: F401
 
-# Offline before ultralytics / transformers are imported: no DNS probes, hub calls or
-# pip installs. Ultralytics keeps its settings file in ~/.config/Ultralytics, or where
-# that is not writable in its own private per-user folder (mode 0700); YOLO_CONFIG_DIR
-# overrides both.
-for _key, _value in {
-    "YOLO_OFFLINE": "1",
-    "YOLO_AUTOINSTALL": "False",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+# isort: split
 
-import importlib  # noqa: E402
-import pathlib  # noqa: E402
-import pickle  # noqa: E402
-import pickletools  # noqa: E402
-import threading  # noqa: E402
-import zipfile  # noqa: E402
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import importlib
+import pathlib
+import pickle
+import pickletools
+import threading
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from datagen.labelers.model_stage import chunks  # noqa: E402
+from datagen.labelers.model_stage import chunks
 
 PERSON = 0  # COCO class id of "person" (also in YAML-built models with numeric names)
 RANDOM_TINY_YOLO_YAML = "yolo11n.yaml"
