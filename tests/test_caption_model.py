@@ -20,7 +20,7 @@ from datagen.labelers.caption_model import (
     save_tiny,
     tiny_parts,
 )
-from datagen.labelers.model_stage import RANDOM_TINY
+from datagen.labelers.model_stage import RANDOM_TINY, CheckpointError
 
 PROMPT = "Describe this image in detail in about 120 words."
 TASK = {"florence2": "<MORE_DETAILED_CAPTION>"}  # no chat template: a task token
@@ -131,7 +131,7 @@ def test_pickle_only_and_missing_folders_refused(tmp_path):
     binonly.mkdir()
     (binonly / "config.json").write_text('{"model_type": "llava_next"}')
     (binonly / "pytorch_model.bin").write_bytes(b"not even loaded")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(CheckpointError) as err:
         CaptionModel.load(str(binonly), device="cpu")
     msg = str(err.value)
     assert "\n" not in msg and "pytorch_model.bin" in msg and "pickle" in msg

@@ -68,7 +68,9 @@ from transformers import (
 )
 
 from datagen.labelers.model_stage import (
+    PROCESSOR_FILES,
     RANDOM_TINY,
+    check_pretrained_folder,
     chunks,
     pick_device,
     pick_dtype,
@@ -77,8 +79,6 @@ from datagen.labelers.model_stage import (
 
 TINY_SEED = 0  # one random-tiny model everywhere, whatever the DAG's seed
 TINY_FAMILIES = ("llava_next", "qwen2_5_vl", "idefics3", "florence2")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # The tiny tokenizers' words: common nouns, adjectives, verbs and glue words, so a random
@@ -547,27 +547,6 @@ def cap_image_tokens(family: str, model: Any, processor: Any, cap: int | None) -
 # ---------------------------------------------------------------------------- loading
 
 
-def _check_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"caption weights {str(path)!r}: not a folder (save_pretrained format)"
-        )
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"caption weights {str(path)!r} lack config.json")
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        pickled = sorted(p.name for p in path.glob("*.bin"))
-        have = f" (found {pickled}: pickle, refused)" if pickled else ""
-        raise FileNotFoundError(
-            f"caption weights {str(path)!r} have no {WEIGHT_FILES[0]}{have}: safetensors "
-            "weights are needed (no .bin: no pickle from a weights folder)"
-        )
-    if not any((path / f).is_file() for f in PROCESSOR_FILES + TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"caption weights {str(path)!r} lack the processor and tokenizer files "
-            f"({PROCESSOR_FILES[1]}, {TOKENIZER_FILES[0]}): save the processor with the model"
-        )
-
-
 def _user_turn(prompt: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
 
@@ -613,7 +592,7 @@ class CaptionModel:
             model = random_model(config, seed, processor.tokenizer)
         else:
             path = Path(weights)
-            _check_folder(path)
+            check_pretrained_folder(path, "caption", (*PROCESSOR_FILES, *TOKENIZER_FILES))
             # processor first: it fails fast (a missing optional dependency) and cheaply
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(

@@ -50,7 +50,9 @@ from transformers import (
 )
 
 from datagen.labelers.model_stage import (
+    PROCESSOR_FILES,
     RANDOM_TINY,
+    check_pretrained_folder,
     chunks,
     pick_device,
     pick_dtype,
@@ -61,8 +63,6 @@ TINY_INPUT_SIZE = 126  # 9 patches: fast on CPU; the real models use 518
 DA_V2_INPUT_SIZE = 518
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-REQUIRED_FILES = ("config.json", "preprocessor_config.json")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
 
 
 def _config(
@@ -181,21 +181,6 @@ def save_tiny(folder: str | Path) -> Path:
     return save_random(folder)
 
 
-def _check_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"depth weights {str(path)!r}: not a folder (save_pretrained format)"
-        )
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        missing.append(WEIGHT_FILES[0])
-    if missing:
-        raise FileNotFoundError(
-            f"depth weights {str(path)!r} lack {missing}: a save_pretrained folder with "
-            "safetensors weights and the image processor is needed (no .bin: no pickle)"
-        )
-
-
 class DepthModel:
     """A DepthAnything model and its processor on one device: RGB images in, relative
     inverse depth (larger = nearer, unknown scale and shift) out, at each image's size."""
@@ -223,7 +208,7 @@ class DepthModel:
         if weights == RANDOM_TINY:
             return cls(random_model(tiny_config(), seed), da_v2_processor(TINY_INPUT_SIZE), dev, dt)
         path = Path(weights)
-        _check_folder(path)
+        check_pretrained_folder(path, "depth", PROCESSOR_FILES)
         model = DepthAnythingForDepthEstimation.from_pretrained(
             path, local_files_only=True, use_safetensors=True, dtype=dt
         )

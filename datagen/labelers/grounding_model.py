@@ -38,8 +38,10 @@ import numpy as np
 import torch
 
 from datagen.labelers.model_stage import (
+    PROCESSOR_FILES,
     RANDOM_TINY,
     CheckpointError,
+    check_pretrained_folder,
     chunks,
     pick_device,
     pick_dtype,
@@ -52,9 +54,6 @@ RANDOM_TEXT_LOGIT = 1.0  # random builds: every box-token logit is about this (s
 RANDOM_LOGIT_SPREAD = 0.4  # ... with about this spread, so 0.95 is never reached
 RANDOM_BOX_WH_LOGIT = 2.0  # random builds: added to the box width/height logits
 TINY_GROUNDER_SIZE = (128, 213)  # shortest / longest edge (the released 800 / 1333, scaled)
-GROUNDER_REQUIRED = ("config.json",)
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # hub / transformers 5
-GROUNDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
@@ -405,30 +404,6 @@ def save_tiny_grounder(folder: str | Path) -> Path:
     return save_random_grounder(folder)
 
 
-def _check_grounder_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"grounding weights {str(path)!r}: not a folder (save_pretrained format)"
-        )
-    if not any((path / f).is_file() for f in GROUNDER_WEIGHTS):
-        pickled = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (found {pickled}: .bin is pickle, not loaded)" if pickled else ""
-        raise CheckpointError(
-            f"grounding weights {str(path)!r} lack {GROUNDER_WEIGHTS[0]}{hint}: convert the "
-            "weights to safetensors"
-        )
-    missing = [f for f in GROUNDER_REQUIRED if not (path / f).is_file()]
-    if not any((path / f).is_file() for f in PROCESSOR_FILES):
-        missing.append(PROCESSOR_FILES[0])
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        missing.append(TOKENIZER_FILES[0])
-    if missing:
-        raise FileNotFoundError(
-            f"grounding weights {str(path)!r} lack {missing}: a save_pretrained folder with "
-            "the model, image processor and tokenizer is needed"
-        )
-
-
 class Grounder:
     """Grounding DINO and its processor on one device: RGB images and per-image noun
     phrases in, boxes assigned to phrases out (see :func:`select_detections`)."""
@@ -474,7 +449,7 @@ class Grounder:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         path = Path(weights)
-        _check_grounder_folder(path)
+        check_pretrained_folder(path, "grounding", PROCESSOR_FILES, TOKENIZER_FILES)
         model = GroundingDinoForObjectDetection.from_pretrained(
             path, local_files_only=True, use_safetensors=True, dtype=dt
         )

@@ -87,6 +87,36 @@ class CheckpointError(ValueError):
     """A weights file or folder that cannot be loaded safely or does not fit the model."""
 
 
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # hub / transformers 5
+
+
+def check_pretrained_folder(path: Path, what: str, *any_of: Sequence[str]) -> None:
+    """A ``save_pretrained`` folder this project loads: ``config.json``, safetensors weights
+    and, for each of ``any_of``, one of its files (processor, tokenizer). One line naming
+    the path and what is missing; ``.bin`` weights are refused by name (pickle runs code)."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} weights {str(path)!r}: not a folder (save_pretrained format)"
+        )
+    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        if pickled:
+            raise CheckpointError(
+                f"{what} weights {str(path)!r} have only {pickled}: .bin is pickle, not loaded; "
+                "convert the weights to safetensors"
+            )
+    missing = [f for f in ("config.json",) if not (path / f).is_file()]
+    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
+        missing.append(SAFETENSORS_FILES[0])
+    missing += [group[0] for group in any_of if not any((path / f).is_file() for f in group)]
+    if missing:
+        raise FileNotFoundError(
+            f"{what} weights {str(path)!r} lack {missing}: a save_pretrained folder with "
+            "safetensors weights and its processor files is needed"
+        )
+
+
 def decode_stored(jpgs: Sequence[Any], stage: str) -> tuple[dict[int, Any], dict[int, Failure]]:
     """The RGB image of each row's stored ``jpg`` (labels are made from the exact pixels
     training reads, not from the decode stage's in-memory image), and a typed failure
