@@ -123,46 +123,6 @@ def caption_weights(work: Path) -> dict[str, Any]:
     }
 
 
-def mid_grounder_config() -> Any:
-    """A ~12M-parameter Grounding DINO: Swin of 64..512 channels (1, 1, 3, 1 blocks), a
-    2-layer BERT of width 256, d_model 128, 300 queries, 3 encoder and 3 decoder layers
-    (Grounding DINO-T: Swin-T, BERT-base, d_model 256, 900 queries, 6 + 6; ~172M)."""
-    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
-
-    from datagen.labelers.grounding_model import tiny_vocab
-
-    swin = SwinConfig(
-        image_size=224,
-        embed_dim=64,
-        depths=[1, 1, 3, 1],
-        num_heads=[2, 4, 8, 16],
-        window_size=7,
-        out_indices=[2, 3, 4],
-    )
-    bert = BertConfig(
-        vocab_size=len(tiny_vocab()),
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        max_position_embeddings=256,
-    )
-    return GroundingDinoConfig(
-        backbone_config=swin,
-        text_config=bert,
-        num_queries=300,
-        d_model=128,
-        encoder_layers=3,
-        decoder_layers=3,
-        encoder_ffn_dim=512,
-        decoder_ffn_dim=512,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_n_points=4,
-        decoder_n_points=4,
-    )
-
-
 def segment_weights(work: Path) -> dict[str, Any]:
     """The mid Grounding DINO above, its processor at 320 / 533 px (the released 800 /
     1333, scaled), saved as ``save_pretrained`` does, and an ~8M-parameter SAM (ViT 256
@@ -174,7 +134,7 @@ def segment_weights(work: Path) -> dict[str, Any]:
 
     folder = grounding_model.save_random_grounder(
         work / "grounding-dino-mid-random",
-        config=mid_grounder_config(),
+        config=grounding_model.mid_grounder_config(),
         processor=grounding_model.grounder_processor(320, 533),
     )
     arch = sam_model.SamArch(

@@ -298,51 +298,71 @@ def grounder_processor(shortest_edge: int = 800, longest_edge: int = 1333) -> An
     return GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def tiny_grounder_config() -> Any:
-    """A ~0.5M-parameter Grounding DINO: Swin backbone of four 1-block stages (16..128
-    channels), a 1-layer BERT, d_model 32, 30 queries, 1 encoder and 2 decoder layers (the
-    decoder needs >= 2). Mechanics only."""
+def _config(
+    swin_width: int,
+    swin_depths: list[int],
+    swin_heads: list[int],
+    window: int,
+    image_size: int,
+    text_width: int,
+    text_layers: int,
+    text_heads: int,
+    d_model: int,
+    queries: int,
+    layers: tuple[int, int],
+    heads: int,
+    points: int,
+) -> Any:
+    """A Grounding DINO layout: a Swin backbone read at its last three stages, a BERT
+    text encoder over :func:`tiny_vocab`, ``layers`` (encoder, decoder; the decoder needs
+    >= 2) of width ``d_model`` with FFNs of ``4 * d_model``."""
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
     swin = SwinConfig(
-        image_size=128,
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 2, 2, 4],
-        window_size=4,
+        image_size=image_size,
+        embed_dim=swin_width,
+        depths=swin_depths,
+        num_heads=swin_heads,
+        window_size=window,
         out_indices=[2, 3, 4],
     )
     bert = BertConfig(
         vocab_size=len(tiny_vocab()),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+        hidden_size=text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        intermediate_size=4 * text_width,
+        max_position_embeddings=256,
     )
     return GroundingDinoConfig(
         backbone_config=swin,
         text_config=bert,
-        num_queries=30,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_n_points=2,
-        decoder_n_points=2,
+        num_queries=queries,
+        d_model=d_model,
+        encoder_layers=layers[0],
+        decoder_layers=layers[1],
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_n_points=points,
+        decoder_n_points=points,
     )
 
 
-def gdino_tiny_config() -> Any:
-    """The ``IDEA-Research/grounding-dino-tiny`` architecture (Swin-T, BERT-base, d_model
-    256, 900 queries, 6 + 6 layers; ~172M parameters): transformers' defaults. For benches
-    with random weights; never downloaded."""
-    from transformers import GroundingDinoConfig
+def tiny_grounder_config() -> Any:
+    """A ~0.5M-parameter Grounding DINO: Swin backbone of four 1-block stages (16..128
+    channels), a 1-layer BERT, d_model 32, 30 queries, 1 encoder and 2 decoder layers.
+    Mechanics only."""
+    return _config(16, [1, 1, 1, 1], [1, 2, 2, 4], 4, 128, 32, 1, 2, 32, 30, (1, 2), 2, 2)
 
-    return GroundingDinoConfig()
+
+def mid_grounder_config() -> Any:
+    """A ~12M-parameter Grounding DINO for CPU benchmarks with random weights: Swin of
+    64..512 channels (1, 1, 3, 1 blocks), a 2-layer BERT of width 256, d_model 128, 300
+    queries, 3 + 3 layers (Grounding DINO-T: Swin-T, BERT-base, d_model 256, 900 queries,
+    6 + 6; ~172M)."""
+    return _config(64, [1, 1, 3, 1], [2, 4, 8, 16], 7, 224, 256, 2, 4, 128, 300, (3, 3), 4, 4)
 
 
 def _usable_random_outputs(model: Any) -> None:
