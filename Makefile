@@ -17,6 +17,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/onegen datagen run pipelines/demo.yaml --output data/demo weights=random-tiny
+	$(VENV)/bin/onegen datagen run pipelines/multiview.yaml --output data/demo stages.caption.enabled=false
+	$(VENV)/bin/onegen datagen run pipelines/faceid.yaml --output data/demo stages.face.enabled=false stages.caption.enabled=false
 	$(VENV)/bin/onegen datagen verify data/demo
 	$(VENV)/bin/onegen train fit --config training/configs/demo.yaml
 	@echo

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _tiles(files: dict[str, bytes], thumb: int) -> list[tuple[str, Image.Image]]
     made carry the banner (:func:`mark_random`)."""
     names = sorted(
         (n for n in files if n.rsplit(".", 1)[-1] in IMAGE_CODECS),
-        key=lambda n: (n != "jpg", n),
+        key=lambda n: (n != "jpg", [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]),
     )
     marked = random_weight_fields(_meta(files), names)
     tiles = []

@@ -232,9 +232,25 @@ SUBSETS: dict[str, Subset] = {
                 _JSON,
             ),
             ("[[multiview]]",),
-            meta_keys=("scene", "captions", "num_views", "width", "height"),
+            meta_keys=(
+                "scene",
+                "caption",
+                "captions",
+                "num_views",
+                "width",
+                "height",
+                "frames",
+                "camera_scale",
+            ),
             min_views=2,
-            description="views of one scene; Plücker rays are recomputed from the cameras",
+            optional_meta_keys=("caption_model", "source_caption"),
+            description=(
+                "views of one scene, centre-cropped square; caption: the scene's (a VLM's of "
+                "view 0, the source's, or empty), captions: per-view source captions; frames: "
+                "the scene's frame index of each view; camera_scale: the factor applied to "
+                "translations by the normalisation; Plücker rays are recomputed from the "
+                "cameras at any resolution"
+            ),
         ),
         Subset(
             "faceid",
@@ -242,7 +258,12 @@ SUBSETS: dict[str, Subset] = {
             ("[[faceid]]",),
             meta_keys=("identity", "captions", "num_views"),
             min_views=2,
-            description="several images of one person",
+            optional_meta_keys=("caption_model", "face_boxes"),
+            description=(
+                "several photos of one person, img0 the target; captions: one per image (a "
+                "VLM's or the manifest's); face_boxes: the face found in each, when a face "
+                "check ran"
+            ),
         ),
     )
 }

@@ -505,7 +505,7 @@ _AUGMENTATIONS = (
 )
 
 
-def _base_demo_images() -> list[tuple[str, Image.Image, str]]:
+def base_demo_images() -> list[tuple[str, Image.Image, str]]:
     import skimage.data
 
     out = []
@@ -555,7 +555,7 @@ def demo(cache_dir: str, n: int = 48, max_side: int = 512) -> pa.Table:
         if table.num_rows == n and all(Path(u).exists() for u in table.column("uri").to_pylist()):
             return check_manifest(conform(table))
     root.mkdir(parents=True, exist_ok=True)
-    bases = _base_demo_images()
+    bases = base_demo_images()
     rows = []
     for i in range(n):
         name, img, caption = bases[i % len(bases)]
@@ -571,11 +571,28 @@ def demo(cache_dir: str, n: int = 48, max_side: int = 512) -> pa.Table:
     return table
 
 
-def resolve(spec: dict[str, Any] | str, work_dir: str = ".") -> pa.Table:
-    """A source spec from a DAG (``{kind, ...}``) or the CLI's ``--input`` string."""
+GROUP_SOURCE_KINDS: dict[str, str] = {
+    "scenes": "multiview",
+    "procedural_scenes": "multiview",
+    "identities": "faceid",
+    "demo_identities": "faceid",
+}
+
+
+def resolve(spec: dict[str, Any] | str, work_dir: str = ".", seed: int = 0) -> pa.Table:
+    """A source spec from a DAG (``{kind, ...}``) or the CLI's ``--input`` string. Group
+    sources (scenes, identities) give one row per sample, its views chosen from ``seed``."""
     if isinstance(spec, str):
         spec = guess_spec(spec)
     kind = spec.get("kind")
+    if kind in ("scenes", "procedural_scenes"):
+        from datagen.scenes import scene_manifest
+
+        return scene_manifest(spec, work_dir, seed)
+    if kind in ("identities", "demo_identities"):
+        from datagen.identities import identity_manifest
+
+        return identity_manifest(spec, work_dir, seed)
     if kind == "folder":
         return image_folder(spec["path"])
     if kind == "parquet":
@@ -585,7 +602,10 @@ def resolve(spec: dict[str, Any] | str, work_dir: str = ".") -> pa.Table:
     if kind == "demo":
         cache = spec.get("cache_dir") or str(Path(work_dir) / "demo_inputs")
         return demo(cache, n=int(spec.get("n", 48)), max_side=int(spec.get("max_side", 512)))
-    raise SourceError(f"unknown source kind {kind!r}: use folder, parquet, webdataset or demo")
+    raise SourceError(
+        f"unknown source kind {kind!r}: use folder, parquet, webdataset, demo, "
+        + ", ".join(GROUP_SOURCE_KINDS)
+    )
 
 
 def guess_spec(text: str) -> dict[str, Any]:

@@ -14,9 +14,11 @@ JSON text it will become in the sample's ``json``), so it crosses Arrow blocks
 between Ray operators as strings and floats, never as pickled objects.
 
 Rows are items or groups. A group (a scene's views, an identity's images) has a
-``views`` count > 0 and holds a list of per-view values in every column a stage
-``reads``; a per-view stage runs on each view as if it were an item, and the
-group fails when any of its views does.
+``views`` count > 0 and holds a list of per-view values in every per-view column
+(:mod:`datagen.groups`); a per-view stage runs on each view as if it were an item
+(or on view 0 only, ``views_of_group = "first"``: one caption per scene), and the
+group fails when any of its views does. A group the source already knows cannot be a
+sample (``group_error`` / ``group_filter``) fails at the first stage, named.
 """
 
 from __future__ import annotations
@@ -113,11 +115,16 @@ class Stage:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"  # bump when outputs change: recorded in manifests and digests
     needs: ClassVar[tuple[str, ...]] = ()
+    # Stages this one runs after, and whose outputs it uses, when the DAG has them (a face
+    # check before identities are packed, a VLM caption before a scene is packed).
+    optional_needs: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[tuple[str, ...]] = ()
     transient: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = False  # model stages run in an actor pool
     per_view: ClassVar[bool] = True  # labels single images: runs on each view of a group
+    # On a group: "all" views, or the "first" only (its outputs then belong to the group).
+    views_of_group: str = "all"
     Params: ClassVar[type] = NoParams
 
     def __init__(self, params: Any = None, seed: int = 0):
@@ -256,18 +263,22 @@ def _units(
     """The stage's input: one unit per item row, one per view of a group row (when the
     stage is per-view), and for each unit its (row, view)."""
     columns = ("key", *[c for c in stage.reads if c != "key"])
+    # A source column a group manifest does not have (``caption``: see datagen.groups).
+    data = {c: batch[c] if c in batch else [None] * batch_len(batch) for c in columns}
     units: dict[str, list[Any]] = {c: [] for c in columns}
     where: list[tuple[int, int | None]] = []
     for i in rows:
         if stage.per_view and _is_group(batch, i):
-            for v in range(int(batch["views"][i])):
+            first = stage.views_of_group == "first"
+            for v in range(1 if first else int(batch["views"][i])):
                 units["key"].append(f"{batch['key'][i]}-v{v}")
                 for c in columns[1:]:
-                    units[c].append(batch[c][i][v])
-                where.append((i, v))
+                    value = data[c][i]
+                    units[c].append(None if value is None else value[v])
+                where.append((i, None if first else v))
         else:
             for c in columns:
-                units[c].append(batch[c][i])
+                units[c].append(data[c][i])
             where.append((i, None))
     return units, where
 
@@ -325,6 +336,19 @@ def _with_read_meta(
     return {**batch, **extra}
 
 
+def group_failure(batch: Mapping[str, Sequence[Any]], i: int) -> Failure | None:
+    """The failure the source recorded for group row ``i`` (``"Class: message"`` in
+    ``group_error`` or ``group_filter``), or None."""
+    for column, kind in (("group_error", ERROR), ("group_filter", FILTERED)):
+        text = batch[column][i] if column in batch else None
+        if isinstance(text, str) and text:
+            error, sep, message = text.partition(": ")
+            if not sep or not error.isidentifier():
+                error, message = "SourceError", text
+            return Failure(kind, error, message[:MESSAGE_LIMIT])
+    return None
+
+
 def run_stage(
     stage: Stage,
     batch: Mapping[str, Sequence[Any]],
@@ -343,9 +367,14 @@ def run_stage(
         for i in range(n)
         if (wanted is None or wanted[i]) and all(succeeded(batch, s, i) for s in needs)
     ]
-    batch = _with_read_meta(stage, batch, needs, rows)
     status, error, message = [""] * n, [""] * n, [""] * n
     seconds, meta = [0.0] * n, [""] * n
+    if not needs:  # a first stage reports what the source knew about a group
+        known = {i: f for i in rows if (f := group_failure(batch, i)) is not None}
+        for i, f in known.items():
+            status[i], error[i], message[i] = f.kind, f.error, f.message
+        rows = [i for i in rows if i not in known]
+    batch = _with_read_meta(stage, batch, needs, rows)
     field_cols = [column_for(f) for f in stage.fields()]
     produced: dict[str, list[Any]] = {c: [None] * n for c in (*field_cols, *stage.transient)}
     if rows:

@@ -166,21 +166,59 @@ def _sample(args: argparse.Namespace) -> int:
     from training.config import ConfigError
     from training.errors import FitError
     from training.sample import SampleUsageError, sample_from_checkpoint
+    from training.tasks import MULTIVIEW_TASKS
 
+    images = list(args.image or [])
+    common = {
+        "prompt": args.prompt,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "size": args.size,
+        "seed": args.seed,
+        "weights": args.weights,
+        "device": args.device,
+    }
+    lines: list[str] = []
     try:
-        paths = sample_from_checkpoint(
-            args.checkpoint,
-            args.task,
-            args.out,
-            image=args.image,
-            prompt=args.prompt,
-            steps=args.steps,
-            guidance=args.guidance,
-            size=args.size,
-            seed=args.seed,
-            weights=args.weights,
-            device=args.device,
-        )
+        if args.task in MULTIVIEW_TASKS:
+            from training.sample_multiview import sample_multiview_from_checkpoint
+
+            result = sample_multiview_from_checkpoint(
+                args.checkpoint,
+                args.task,
+                args.out,
+                images=images,
+                azimuths=args.azimuths,
+                elevations=args.elevations,
+                distance=args.distance,
+                cameras=args.cameras,
+                **common,
+            )
+            paths, lines = result.paths, result.lines
+        else:
+            camera_flags = [
+                flag
+                for flag, value in (
+                    ("--azimuths", args.azimuths),
+                    ("--elevations", args.elevations),
+                    ("--distance", args.distance),
+                    ("--cameras", args.cameras),
+                )
+                if value is not None
+            ]
+            if camera_flags:
+                raise SampleUsageError(
+                    f"{camera_flags[0]} is for --task multiview or camera_pose, not {args.task}"
+                )
+            if len(images) > 1:
+                raise SampleUsageError(f"--task {args.task} takes one --image, got {len(images)}")
+            paths = sample_from_checkpoint(
+                args.checkpoint,
+                args.task,
+                args.out,
+                image=images[0] if images else None,
+                **common,
+            )
     except SampleUsageError as exc:
         print(f"onegen sample: error: {exc}", file=sys.stderr)
         return 2
@@ -189,6 +227,8 @@ def _sample(args: argparse.Namespace) -> int:
         return 1
     for path in paths:
         print(f"wrote {path}")
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -272,10 +312,13 @@ def parser() -> argparse.ArgumentParser:
     )
     sm.add_argument(
         "--image",
+        action="append",
         help="the condition (view 1; view 0 is generated), needed by every task but "
         "text2image: the map for depth2image / pose2image (a 16-bit depth PNG keeps its "
         "precision), the photo for image2depth / image2pose (a depth map comes out as a "
-        "16-bit gray PNG)",
+        "16-bit gray PNG). Repeat it for multiview (the given views, which take the first "
+        "cameras) and camera_pose (2 or more; image 0 gets the identity camera); they are "
+        "centre-cropped to squares",
     )
     sm.add_argument("--prompt", default="a photo", help="caption after the task token")
     sm.add_argument(
@@ -291,6 +334,29 @@ def parser() -> argparse.ArgumentParser:
         help="square output side in pixels, a multiple of the model's patch grid in pixels "
         "(16 for the tiny and released models; default: the config's samples.resolution, "
         "or the --image's size rounded down to the grid)",
+    )
+    cams = sm.add_argument_group(
+        "cameras (multiview, camera_pose)",
+        "multiview: one camera per view, the given images first; camera 0 becomes the "
+        "identity. camera_pose: --cameras is the ground truth the estimate is scored against "
+        "(metrics.json)",
+    )
+    cams.add_argument(
+        "--azimuths", metavar="DEG,DEG,...", help="an orbit's azimuths, e.g. 0,30,60,90"
+    )
+    cams.add_argument(
+        "--elevations", metavar="DEG,DEG,...", help="one per azimuth (default: all 0)"
+    )
+    cams.add_argument(
+        "--distance",
+        type=float,
+        help="the orbit's radius, and the distance a --cameras rig is scaled to "
+        "(default 1.7, the released pipeline's)",
+    )
+    cams.add_argument(
+        "--cameras",
+        metavar="TRANSFORMS_JSON",
+        help="a nerfstudio transforms.json (OpenGL c2w, fl_x/fl_y/cx/cy/w/h), frames in order",
     )
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--weights", choices=["ema", "model"], default="ema")

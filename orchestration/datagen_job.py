@@ -231,7 +231,7 @@ def load_inputs(cfg: DictConfig, work: Path) -> pa.Table:
     """The source's inputs; an empty list is an error unless ``allow_empty`` (an empty
     folder or a wrong glob would otherwise "succeed" with nothing made)."""
     spec = OmegaConf.to_container(cfg.source, resolve=True)
-    manifest = sources.resolve(spec, work_dir=str(work / "_inputs"))
+    manifest = sources.resolve(spec, work_dir=str(work / "_inputs"), seed=int(cfg.seed))
     if manifest.num_rows == 0 and not cfg.get("allow_empty", False):
         where = spec.get("path") or spec.get("urls") or ""
         raise DatagenError(

@@ -23,9 +23,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from datagen import params as P
+from datagen.groups import GROUP_COLUMNS
+from datagen.identities import DemoIdentitiesSource, IdentitiesSource
 from datagen.labelers import LABELERS, labeler
 from datagen.labelers.model_stage import RANDOM_TINY, weight_params
+from datagen.scenes import ProceduralScenesSource, ScenesSource
 from datagen.schema import COMMON_META_KEYS, SCHEMA_VERSION, SUBSETS
+from datagen.sources import GROUP_SOURCE_KINDS
 from datagen.stage import SOURCE_COLUMNS, Stage, column_for
 
 
@@ -84,6 +88,9 @@ class StageSection:
     name: str
     params: dict = field(default_factory=dict)
     resources: ResourcesSection = ResourcesSection()
+    # false: validated, but not part of the DAG (``stages.face.enabled=false`` drops an
+    # optional check; a stage that needs it then fails validation, naming it)
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,10 @@ SOURCES: dict[str, type] = {
     "parquet": ParquetSource,
     "webdataset": WebDatasetSource,
     "demo": DemoSource,
+    "scenes": ScenesSource,
+    "procedural_scenes": ProceduralScenesSource,
+    "identities": IdentitiesSource,
+    "demo_identities": DemoIdentitiesSource,
 }
 
 
@@ -261,6 +272,7 @@ def _stage_specs(cfg: DictConfig, plain: dict[str, Any]) -> list[StageSpec]:
     if not plain["stages"]:
         raise DagError("stages: the DAG has no stages")
     specs: list[StageSpec] = []
+    disabled: set[str] = set()
     for i, raw in enumerate(plain["stages"]):
         where = f"stages[{i}]"
         if not isinstance(raw, dict):
@@ -280,18 +292,21 @@ def _stage_specs(cfg: DictConfig, plain: dict[str, Any]) -> list[StageSpec]:
         if res.batch_size is not None and res.batch_size < 1:
             raise DagError(f"{where}.resources.batch_size: must be >= 1")
         actors = _actors(res, cls, where)
-        specs.append(
-            StageSpec(
-                name=section.name,
-                cls=cls,
-                params=params,
-                needs=tuple(cls.needs),
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus,
-                batch_size=res.batch_size,
-                actors=actors,
+        if not section.enabled:
+            disabled.add(section.name)
+        else:
+            specs.append(
+                StageSpec(
+                    name=section.name,
+                    cls=cls,
+                    params=params,
+                    needs=tuple(cls.needs),
+                    num_cpus=res.num_cpus,
+                    num_gpus=res.num_gpus,
+                    batch_size=res.batch_size,
+                    actors=actors,
+                )
             )
-        )
         # Written back complete: what runs is what the resolved DAG shows.
         cfg.stages[i] = OmegaConf.create(
             {
@@ -303,9 +318,22 @@ def _stage_specs(cfg: DictConfig, plain: dict[str, Any]) -> list[StageSpec]:
                     "batch_size": res.batch_size,
                     "actors": list(actors) if actors else None,
                 },
+                "enabled": section.enabled,
             }
         )
-    return specs
+    if not specs:
+        raise DagError("stages: every stage of the DAG is disabled")
+    present = {s.name for s in specs}
+    for s in specs:
+        off = [n for n in s.needs if n in disabled]
+        if off:
+            raise DagError(f"stages.{s.name}: needs stage {off[0]!r}, which is disabled")
+    return [
+        dataclasses.replace(
+            s, needs=s.needs + tuple(n for n in s.cls.optional_needs if n in present)
+        )
+        for s in specs
+    ]
 
 
 def _in_run_order(specs: list[StageSpec]) -> list[StageSpec]:
@@ -336,12 +364,15 @@ def _check_reads(ordered: list[StageSpec]) -> None:
     stages it needs (transitively), metadata keys of its direct needs."""
     by_name = {s.name: s for s in ordered}
     for s in ordered:
-        available = set(SOURCE_COLUMNS)
+        available = set(SOURCE_COLUMNS) | set(GROUP_COLUMNS)
         for need in closure(by_name, s.needs):
             available |= {column_for(f) for f in by_name[need].cls.fields()}
             available |= set(by_name[need].cls.transient)
         for need in s.needs:
             available |= set(by_name[need].cls.meta_keys())
+        for need in s.cls.optional_needs:  # absent from this DAG: its keys read as None
+            if need not in by_name and need in LABELERS:
+                available |= set(labeler(need).meta_keys())
         missing = [c for c in s.cls.reads if c not in available]
         if missing:
             raise DagError(f"stages.{s.name}: reads {missing}, which none of its needs produce")
@@ -371,7 +402,11 @@ def _subset_needs(ordered: list[StageSpec], subset: str) -> tuple[str, ...]:
         producers = [s.name for s in ordered if item in s.cls.produces]
         if not producers:
             makers = [n for n in LABELERS if item in labeler(n).produces]
-            hint = f" (add stage {makers[0]!r})" if makers else " (no labeler makes it yet)"
+            hint = (
+                f" (add stage {' or '.join(repr(m) for m in makers)})"
+                if makers
+                else " (no labeler makes it yet)"
+            )
             raise DagError(
                 f"subsets: {subset!r} needs {item!r}, which no stage of this DAG produces{hint}"
             )
@@ -394,6 +429,23 @@ def _check_weights(cfg: DictConfig, specs: list[StageSpec]) -> None:
                     f"stages.{s.name}.params.{key}: {value!r} does not exist (weights load "
                     f"offline from a local path); weights={RANDOM_TINY} runs tiny random models"
                 )
+
+
+def _check_source_fits(kind: str, subset: str) -> None:
+    """Group subsets come from group sources (a scene's views, an identity's photos), item
+    subsets from item sources: anything else could only fail every row."""
+    group_subset = GROUP_SOURCE_KINDS.get(kind)
+    if group_subset is not None and subset != group_subset:
+        raise DagError(
+            f"subsets: source.kind {kind} gives {group_subset} samples (groups of views), "
+            f"not {subset!r}"
+        )
+    if group_subset is None and SUBSETS[subset].min_views > 1:
+        kinds = sorted(k for k, s in GROUP_SOURCE_KINDS.items() if s == subset)
+        raise DagError(
+            f"subsets: {subset!r} samples are groups of views: source.kind must be one of "
+            f"{kinds}, not {kind}"
+        )
 
 
 def validate(cfg: DictConfig, local_weights: bool = True) -> None:
@@ -430,6 +482,7 @@ def validate(cfg: DictConfig, local_weights: bool = True) -> None:
                 f"subsets: unknown subset {name!r}{P.closest(name, SUBSETS)}"
                 f" (the schema defines {', '.join(SUBSETS)})"
             )
+        _check_source_fits(kind, name)
         _subset_needs(ordered, name)
     if len(set(top.subsets)) != len(top.subsets):
         raise DagError(f"subsets: listed twice in {top.subsets}")

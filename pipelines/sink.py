@@ -47,6 +47,14 @@ def _as_bytes(value: Any) -> bytes | None:
     return data or None
 
 
+def row_source(batch: Columns, i: int) -> str:
+    """Where row ``i`` came from: its ``uri``, or a group's ``source`` (its views' uris are a
+    list)."""
+    if "source" in batch and batch["source"][i]:
+        return str(batch["source"][i])
+    return str(batch["uri"][i])
+
+
 def build_sample(
     subset_name: str, needs: Sequence[str], batch: Columns, i: int
 ) -> dict[str, bytes]:
@@ -68,7 +76,7 @@ def build_sample(
                 files[f.name] = data
     meta = row_meta(batch, needs, i)
     extra = {k: meta[k] for k in (*subset.meta_keys, *subset.optional_meta_keys) if k in meta}
-    key, uri = str(batch["key"][i]), str(batch["uri"][i])
+    key, uri = str(batch["key"][i]), row_source(batch, i)
     files["json"] = json.dumps(
         make_meta(key, subset_name, uri, list(subset.tasks), **extra), sort_keys=True
     ).encode("utf-8")
@@ -111,7 +119,7 @@ def write_batch(
         for i in order:
             if not batch[todo_column(spec.name)][i]:
                 continue
-            key, uri = str(batch["key"][i]), str(batch["uri"][i])
+            key, uri = str(batch["key"][i]), row_source(batch, i)
             base = {"key": key, "uri": uri, "subset": spec.name}
             record = _record(spec, batch, i)
             if record is not None:

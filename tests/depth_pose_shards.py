@@ -1,5 +1,5 @@
-"""Tiny real t2i / i2i / depth / pose / semantic shards for the depth and pose tests and
-the README's training commands (the demo config's subsets).
+"""Tiny real t2i / i2i / depth / pose / semantic / multiview / faceid shards for the training
+tests and the README's training commands (the demo config's subsets).
 
 Every sample is built with the contract's own helpers (``make_meta``), checked with
 ``validate_sample`` and committed with ``datagen.shards.commit_shard``, the way the sink
@@ -11,10 +11,13 @@ any resize: pixel values can then be checked exactly.
   hold them); ``depth_model`` is ``random-tiny`` for odd ``i``.
 * pose: an RGB skeleton on black (``POSE_LIMB_RGB`` limb from ``POSE_LIMB`` endpoints,
   a ``POSE_JOINT_RGB`` joint dot); ``pose_model`` is ``random-tiny`` for odd ``i``.
+* multiview: ``MV_VIEWS`` square ``MV_SIDE`` views on an orbit (:func:`multiview_cameras`),
+  normalised as the scene stage stores them; faceid: ``FACE_VIEWS`` photos with captions.
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 import cv2
@@ -126,6 +129,8 @@ def sample(subset: str, i: int) -> tuple[str, dict[str, bytes]]:
         }
     elif subset == "semantic":
         files = semantic_files(key, rgb, caption)
+    elif subset in ("multiview", "faceid"):
+        files = group_files(subset, key, i)
     else:
         raise ValueError(subset)
     validate_sample(subset, {"__key__": key, **files})
@@ -169,6 +174,55 @@ def semantic_files(key: str, rgb: np.ndarray, caption: str) -> dict[str, bytes]:
     }
 
 
+MV_SIDE, MV_VIEWS, MV_FOCAL = 32, 3, 40.0
+FACE_VIEWS = 3
+
+
+def multiview_cameras(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(c2w [V, 4, 4], K [V, 3, 3]) of multiview sample ``i``: an orbit 25 degrees apart,
+    normalised (camera 0 the identity, 1.7 from the axes' intersection)."""
+    from datagen.cameras import intrinsics_from_focal, normalize_cameras, orbit_cameras
+
+    az = [10.0 * i + 25.0 * v for v in range(MV_VIEWS)]
+    c2w = orbit_cameras(az, [15.0] * MV_VIEWS, [2.0] * MV_VIEWS)
+    c2w, _ = normalize_cameras(c2w)
+    K = np.stack([intrinsics_from_focal(MV_FOCAL, (MV_SIDE, MV_SIDE))] * MV_VIEWS)
+    return c2w, K
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr.astype(np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def group_files(subset: str, key: str, i: int) -> dict[str, bytes]:
+    if subset == "multiview":
+        c2w, K = multiview_cameras(i)
+        files = {
+            f"img{v}.jpg": jpg(cv2.resize(image(10 * i + v), (MV_SIDE, MV_SIDE)))
+            for v in range(MV_VIEWS)
+        }
+        meta = make_meta(
+            key, subset, f"/in/scene{i}/transforms.json", ["[[multiview]]"],
+            scene=f"scene{i}", caption=f"a small scene number {i}", captions=[""] * MV_VIEWS,
+            num_views=MV_VIEWS, width=MV_SIDE, height=MV_SIDE, frames=list(range(MV_VIEWS)),
+            camera_scale=1.0,
+        )  # fmt: skip
+        return {**files, "cameras.npy": _npy(c2w), "intrinsics.npy": _npy(K), "json": _j(meta)}
+    files = {f"img{v}.jpg": jpg(image(20 * i + v)) for v in range(FACE_VIEWS)}
+    captions = [f"person {i} photo {v}" for v in range(FACE_VIEWS)]
+    meta = make_meta(
+        key, subset, f"/in/people.parquet#person{i}", ["[[faceid]]"],
+        identity=f"person{i}", captions=captions, num_views=FACE_VIEWS,
+    )  # fmt: skip
+    return {**files, "json": _j(meta)}
+
+
+def _j(meta: dict) -> bytes:
+    return json.dumps(meta).encode()
+
+
 def write(out: str, subset: str, shard_sizes: list[int]) -> None:
     """Shards of ``subset`` under ``out`` (a datagen output folder) plus its manifest."""
     i = 0
@@ -184,4 +238,6 @@ def write_all(out: str) -> str:
     write(out, "depth", [5, 5])
     write(out, "pose", [6])
     write(out, "semantic", [4])
+    write(out, "multiview", [4])
+    write(out, "faceid", [4])
     return out

@@ -238,3 +238,36 @@ def test_cli_takes_overrides_anywhere(tmp_path, monkeypatch):
     assert seen["overrides"] == ["seed=3", "a.b=1"] and seen["output"] == "x"
     with pytest.raises(SystemExit):
         cli.main(["datagen", "run", str(DEMO), "--bogus"])
+
+
+MULTIVIEW = REPO / "pipelines" / "multiview.yaml"
+FACEID = REPO / "pipelines" / "faceid.yaml"
+
+
+def test_optional_needs_follow_the_stages_the_dag_has():
+    """identity runs after face and caption when the DAG has them; switched off
+    (``stages.<name>.enabled=false``) they leave the DAG, the run order and the recipe."""
+    full = dag.load(FACEID, TINY)
+    assert {s.name: s.needs for s in dag.subsets(full)} == {
+        "faceid": ("decode", "face", "caption", "identity")
+    }
+    assert dict((s.name, s.needs) for s in dag.stages(full))["identity"] == (
+        "decode",
+        "face",
+        "caption",
+    )
+    bare = dag.load(FACEID, [*TINY, "stages.face.enabled=false", "stages.caption.enabled=false"])
+    assert [s.name for s in dag.stages(bare)] == ["decode", "identity"]
+    assert dag.subset_digests(bare) != dag.subset_digests(full)
+    assert bare.stages[1].enabled is False  # the resolved DAG still shows it, switched off
+    with pytest.raises(dag.DagError, match="stages.face: needs stage 'decode', which is disabled"):
+        dag.load(FACEID, [*TINY, "stages.decode.enabled=false"])
+
+
+def test_group_sources_and_group_subsets_go_together():
+    with pytest.raises(dag.DagError, match="gives multiview samples .* not 't2i'"):
+        dag.load(MULTIVIEW, [*TINY, "subsets=[t2i]"])
+    with pytest.raises(dag.DagError, match="'faceid' samples are groups of views"):
+        dag.load(CAPTIONED, ["subsets=[faceid]"])
+    mv = dag.load(MULTIVIEW, TINY)
+    assert [s.name for s in dag.subsets(mv)] == ["multiview"]

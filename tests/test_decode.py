@@ -304,7 +304,13 @@ def test_decode_op_keeps_original_upright_rgb_jpeg(folder):
     assert out["jpg"] == data
     assert out["image"].shape == (H, W, 3)
     assert out["txt"] == b"a caption"
-    assert out["meta"] == {"caption": "a caption", "width": W, "height": H}
+    assert out["meta"] == {
+        "caption": "a caption",
+        "width": W,
+        "height": H,
+        "source_width": W,  # the file's size before max_side (what scene intrinsics refer to)
+        "source_height": H,
+    }
 
 
 @pytest.mark.parametrize("name", [EXIF6, CMYK, PALETTE, RGBA, GRAY16])

@@ -41,6 +41,8 @@ META_VALUES = {
     "captions": ["view zero", "view one"],
     "num_views": 2,
     "identity": "person_17",
+    "frames": [0, 4],
+    "camera_scale": 0.25,
 }
 
 

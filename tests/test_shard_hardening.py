@@ -59,10 +59,13 @@ def _multiview(key: str) -> tuple[str, dict[str, bytes]]:
         f"/in/{key}",
         ["[[multiview]]"],
         scene="s",
+        caption="",
         captions=["a", "b"],
         num_views=2,
         width=8,
         height=8,
+        frames=[0, 1],
+        camera_scale=1.0,
     )
     return key, {
         "img0.jpg": b"\xff\xd8a" * 100,

@@ -356,7 +356,7 @@ def test_demo_second_call_reuses_the_cache(demo_dir, monkeypatch):
     def no_images():
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(sources, "_base_demo_images", no_images)
+    monkeypatch.setattr(sources, "base_demo_images", no_images)
     again = demo(str(root), n=20)
     assert again.equals(table)
     assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == mtimes
@@ -378,7 +378,7 @@ def test_demo_augmentations_and_regeneration(tmp_path, monkeypatch):
         calls.append(1)
         return _fake_bases()
 
-    monkeypatch.setattr(sources, "_base_demo_images", fake)
+    monkeypatch.setattr(sources, "base_demo_images", fake)
     table = demo(str(tmp_path), n=8, max_side=64)
     assert calls == [1]
     assert table.column("caption").to_pylist() == [

@@ -114,6 +114,56 @@ def test_groups_run_per_view_and_fail_as_a_whole():
     assert out[message_column("picky")][1] == "view 1: -4 < 0"
 
 
+def test_a_group_the_source_refused_fails_at_the_first_stage_only():
+    """``group_filter`` / ``group_error`` ("Class: message") are reported by a first stage
+    without running it on the group; stages with needs never see the row."""
+    batch = _batch(
+        ["g1", "g2", "g3"],
+        n=[[1, 2], [3, 4], [5, 6]],
+        views=[2, 2, 2],
+        group_filter=[None, "TooFewImages: identity x has 2 images", None],
+        group_error=[None, None, "bad text without a class"],
+    )
+    stage = Doubler()
+    out = run_stage(stage, batch, name="doubler", needs=())
+    assert out[status_column("doubler")] == [OK, FILTERED, ERROR]
+    assert out[error_column("doubler")][1:] == ["TooFewImages", "SourceError"]
+    assert out[message_column("doubler")][1] == "identity x has 2 images"
+    assert stage.batches == [["g1-v0", "g1-v1"]]
+    batch.update(out)
+    later = Doubler()
+    again = run_stage(later, batch, name="later", needs=("doubler",))
+    assert later.batches == [["g1-v0", "g1-v1"]]
+    assert again[status_column("later")] == [OK, "", ""]
+
+
+class FirstView(Doubler):
+    """Runs on view 0 of a group only: its output belongs to the group."""
+
+    views_of_group = "first"
+
+
+def test_first_view_stages_label_the_group_once():
+    batch = _batch(["g1", "item"], n=[[3, 4, 5], 7], views=[3, 0])
+    stage = FirstView()
+    out = run_stage(stage, batch, name="doubler", needs=())
+    assert stage.batches == [["g1-v0", "item"]]
+    assert out["jpg"] == [b"\x03\x00", b"\x07\x00"]  # one value, not a list per view
+    assert json.loads(out[meta_column("doubler")][0]) == {"doubled": 6}
+
+
+def test_a_source_column_a_group_manifest_lacks_reads_as_none():
+    class Reads(Picky):
+        reads: ClassVar[tuple[str, ...]] = ("n", "caption")
+
+        def label(self, row: dict[str, Any]) -> dict[str, Any]:
+            assert row["caption"] is None
+            return super().label(row)
+
+    out = run_stage(Reads(), _batch(["g"], n=[[1, 2]], views=[2]), name="picky", needs=())
+    assert out["txt"] == [[b"1", b"2"]]
+
+
 class Source(Doubler):
     """Doubler reading a source column (what a DAG's first stage can read)."""
 

@@ -434,12 +434,7 @@ def test_reduced_jpeg_and_full_png_views_share_one_geometry():
     assert load_view(_jpg(img), "jpg", size, (1000, 1000)).shape == (32, 48, 3)
 
 
-def test_multiview_is_refused_clearly(tmp_path, synth):
-    out = str(tmp_path)
-    shards.write_manifest(out, "multiview", {})
-    dm = OneGenDataModule(cfg(synth, paths={"t2i": synth, "multiview": out}))
-    with pytest.raises(NotImplementedError, match="ray views"):
-        dm.setup()
+def test_buckets_off_the_patch_grid_are_refused(synth):
     with pytest.raises(ValueError, match="multiples of 16"):
         DataConfig.from_any(cfg(synth, buckets=[[30, 30]]))
 

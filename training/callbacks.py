@@ -22,6 +22,7 @@ from model import flops_per_token
 from model.flops import peak_bf16_flops
 from training.sample_grid import (
     Row,
+    camera_pose_row,
     conditional_row,
     render_grid,
     save_grid_image,
@@ -135,8 +136,10 @@ class SampleGrid(Callback):
     grid per task (``training.sample_grid``).
 
     ``text2image``: one row per configured prompt (the generated image). Any other task: the
-    first training sample of that task this rank saw is kept (pixels, views, prompt); its row
-    shows the condition views, the generated targets, then the ground-truth targets. Each row
+    first training sample of that task this rank saw is kept (pixels, views, prompt, and a
+    multiview sample's ray views); its row shows the condition views, the generated targets,
+    then the ground-truth targets (``multiview``: the image views; ``camera_pose``: the
+    images, then the estimated and the true ray directions as RGB). Each row
     has a header band with the task and the prompt, each panel a caption, panels are shown
     ``samples.cell`` pixels wide. Under FSDP every rank samples (each forward all-gathers),
     the tasks being those every rank has captured; rank 0 writes
@@ -170,6 +173,8 @@ class SampleGrid(Callback):
                     "cond_mask": batch["cond_mask"][i : i + 1].detach().cpu().clone(),
                     "prompt": batch["prompts"][i],
                 }
+                if batch.get("rays") is not None:  # multiview: the ray views too
+                    self.captured[task]["rays"] = batch["rays"][i : i + 1].detach().cpu().clone()
 
     def on_train_batch_end(
         self,
@@ -193,6 +198,22 @@ class SampleGrid(Callback):
             return [t for t in self.tasks if t in common]
         return [t for t in self.tasks if t in self.captured]
 
+    @staticmethod
+    def _row(pl_module: pl.LightningModule, task: str, item: dict[str, Any], seed: int) -> Row:
+        """One captured sample, generated again: condition | generated | target images; a
+        camera_pose sample shows its images and the estimated vs. true ray directions."""
+        pixels, cond, prompt = item["pixels"], item["cond_mask"], item["prompt"]
+        rays = item.get("rays")
+        if rays is None:
+            out = pl_module.generate([prompt], cond_pixels=pixels, cond_mask=cond, seed=seed)
+            return conditional_row(task, prompt, pixels[0], cond[0], out[0].cpu())
+        mv = pl_module.generate(
+            [prompt], cond_pixels=pixels, cond_mask=cond, cond_rays=rays, seed=seed
+        )
+        if task == "camera_pose":
+            return camera_pose_row(task, prompt, pixels[0], mv.rays[0].cpu(), rays[0])
+        return conditional_row(task, prompt, pixels[0], cond[0, 0::2], mv.pixels[0].cpu())
+
     @torch.no_grad()
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> list[Path]:
         grids: dict[str, list[Row]] = {}
@@ -205,12 +226,7 @@ class SampleGrid(Callback):
             )
             grids["text2image"] = text2image_rows(prompts, [img[0] for img in out])
         for task in self._common_tasks(trainer):
-            item = self.captured[task]
-            pixels, cond = item["pixels"], item["cond_mask"]
-            out = pl_module.generate(
-                [item["prompt"]], cond_pixels=pixels, cond_mask=cond, seed=seed
-            )[0]
-            grids[task] = [conditional_row(task, item["prompt"], pixels[0], cond[0], out.cpu())]
+            grids[task] = [self._row(pl_module, task, self.captured[task], seed)]
         written: list[Path] = []
         if trainer.is_global_zero:
             folder = self.out_dir / f"step_{step:08d}"

@@ -140,6 +140,12 @@ class DataConfig:
     reverse_prob: float = 0.5  # map tasks: P(image -> map)
     tasks: list[str] | None = None  # restrict to these task names
     faceid_max_views: int = 4
+    multiview_max_views: int = 4  # image views per multiview sample (twice as many views)
+    camera_pose_prob: float = 0.25  # P(a multiview sample trains camera_pose, not multiview)
+    # The ray views' grid and channels: the VAE's stride and latent channels, which the fit
+    # fills in from the encoders (training.fit.build_datamodule).
+    latent_stride: int = 8
+    latent_channels: int = 16
     prefetch_factor: int = 2
     pin_memory: bool = False
     persistent_workers: bool = True
@@ -187,7 +193,13 @@ class DataConfig:
                 raise bad(key, "must be >= 1")
         if self.num_workers < 0:
             raise bad("num_workers", "must be >= 0")
-        for key in ("caption_dropout", "source_caption_prob", "reverse_prob", "max_skip_rate"):
+        for key in (
+            "caption_dropout",
+            "source_caption_prob",
+            "reverse_prob",
+            "max_skip_rate",
+            "camera_pose_prob",
+        ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise bad(key, "must be in [0, 1]")
         if self.seed < 0:
@@ -211,6 +223,10 @@ class DataConfig:
                 raise bad("tasks", f"unknown task {unknown[0]!r}; tasks: {T.all_task_names()}")
         if self.faceid_max_views < 2:
             raise bad("faceid_max_views", "must be >= 2")
+        if self.multiview_max_views < 2:
+            raise bad("multiview_max_views", "must be >= 2")
+        if self.latent_stride < 1 or self.latent_channels < 6:
+            raise bad("latent_stride", "the VAE stride must be >= 1 and its channels >= 6")
 
 
 @dataclass

@@ -3,7 +3,11 @@
 Batch contract (what the LightningModule gets, every batch one shape)::
 
     {"pixels":    FloatTensor [B, V, 3, H, W] in [-1, 1]
-     "cond_mask": BoolTensor  [B, V]   True = condition view (held clean, no loss)
+     "rays":      FloatTensor [B, V, C, h, w]  multiview batches only: each image view's
+                                       Plücker rays at the latent grid (datagen.cameras); the
+                                       model's views alternate image and ray (2V views)
+     "cond_mask": BoolTensor  [B, V]   True = condition view (held clean, no loss); [B, 2V]
+                                       over the alternating views of a multiview batch
      "prompts":   list[str] (B)        task token [+ colour tags / [[imgX]] markers] + caption
      "tasks":     list[str] (B)        e.g. "text2image", "canny2image", "image2canny"
      "subsets":   list[str] (B)
@@ -53,6 +57,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from datagen.cameras import cameras_to_plucker, crop_intrinsics, resize_intrinsics
 from datagen.schema import SUBSETS, SchemaError, validate_sample
 from datagen.shards import MANIFEST, ShardReader, filesystem, read_range, sample_files
 from training import tasks as T
@@ -67,7 +72,7 @@ from training.data_index import (
     worker_batches,
 )
 
-IMPLEMENTED_SUBSETS = ("t2i", "i2i", "semantic", "depth", "pose", "faceid")
+IMPLEMENTED_SUBSETS = ("t2i", "i2i", "semantic", "depth", "pose", "faceid", "multiview")
 # Why a sample was skipped: stable names, used in metric keys (data/skipped.<subset>.<reason>).
 SKIP_REASONS = ("unreadable", "truncated", "schema", "decode")
 
@@ -302,6 +307,52 @@ def assemble_pixels(
 
 
 @dataclass
+class _Built:
+    """One training sample: its image views at the bucket size, the task, the prompt, which
+    views are conditions, and for multiview its ray views."""
+
+    key: str
+    task: str
+    views: list[np.ndarray]
+    prompt: str
+    cond_mask: list[bool]
+    bucket: tuple[int, int]
+    rays: np.ndarray | None = None  # [V, C, h, w] float32
+
+
+def load_npy(data: bytes, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float array stored in a sample (no pickle), checked: shape (-1 = any), finite."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SchemaError(f"{name}: not a readable .npy ({exc})") from None
+    ok = arr.ndim == len(shape) and all(w in (-1, n) for w, n in zip(shape, arr.shape, strict=True))
+    if not ok or arr.dtype.kind != "f":
+        raise SchemaError(f"{name}: expected a float array of shape {shape}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise SchemaError(f"{name}: holds NaN or infinite values")
+    return arr.astype(np.float64)
+
+
+def bucket_rays(
+    c2w: np.ndarray,
+    K: np.ndarray,
+    frame: tuple[int, int],
+    bucket: tuple[int, int],
+    stride: int,
+    channels: int,
+) -> np.ndarray:
+    """Plücker ray views for cameras whose intrinsics describe ``frame`` (W, H) pixels, once
+    the frame is cropped and resized into ``bucket`` (H, W) as :func:`load_view` does it: one
+    ray per latent cell, in the channel layout the released model reads."""
+    plan = plan_crop(frame, bucket)
+    x0, y0, cw, ch = plan.box
+    bh, bw = bucket
+    k = resize_intrinsics(crop_intrinsics(K, x0, y0), bw / cw, bh / ch)
+    return cameras_to_plucker(c2w, k, bucket, (bh // stride, bw // stride), channels)
+
+
+@dataclass
 class _Candidate:
     index: int  # global sample index in its subset
     files: dict[str, bytes] | None
@@ -316,6 +367,18 @@ def skip_reason(exc: BaseException) -> str:
     if isinstance(exc, DecodeError | cv2.error | OSError):  # PIL's errors are OSErrors
         return "decode"
     return "schema"  # a missing field, a mistyped metadata value, bad JSON
+
+
+def _view_fields(files: Mapping[str, bytes]) -> list[str]:
+    """The ``img{i}.jpg`` fields of a multi-view sample."""
+    return [n for n in files if n.startswith("img") and n.endswith(".jpg")]
+
+
+def _meta_frame(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(W, H) the metadata gives, when it is two positive integers."""
+    width, height = meta.get("width"), meta.get("height")
+    ok = all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (width, height))
+    return (width, height) if ok else None
 
 
 class OneGenStream(IterableDataset):
@@ -364,10 +427,11 @@ class OneGenStream(IterableDataset):
             )
             bucket = (int(cfg.buckets[i][0]), int(cfg.buckets[i][1]))
 
-        samples: list[tuple[str, T.TaskSpec, list[np.ndarray], str]] = []
+        samples: list[_Built] = []
         skipped, ineligible, last_error = 0, 0, None
         reasons: dict[str, int] = {}
-        num_views: int | None = {"t2i": 1, "faceid": None}.get(subset, 2)
+        # image views per sample: set by the batch's first sample for faceid and multiview
+        num_views: int | None = {"t2i": 1, "faceid": None, "multiview": None}.get(subset, 2)
         rounds = 0
         seen: set[int] = set()
         while len(samples) < bsz:
@@ -416,10 +480,8 @@ class OneGenStream(IterableDataset):
                 if built is None:
                     ineligible += 1
                     continue
-                key, task, views, prompt, bucket_used = built
-                bucket = bucket_used
-                num_views = task.num_views
-                samples.append((key, task, views, prompt))
+                bucket, num_views = built.bucket, len(built.views)
+                samples.append(built)
             if skipped > cfg.max_skipped_per_batch or rounds > 16 + 4 * bsz:
                 raise RuntimeError(
                     f"batch {k} of subset {subset!r}: {skipped} unreadable and {ineligible} unusable samples "
@@ -427,16 +489,19 @@ class OneGenStream(IterableDataset):
                 )
 
         assert bucket is not None and num_views is not None
-        pixels = assemble_pixels(
-            [s[2] for s in samples], bucket, shared=get_worker_info() is not None
-        )
+        shared = get_worker_info() is not None
+        batch: dict[str, Any] = {
+            "pixels": assemble_pixels([s.views for s in samples], bucket, shared=shared)
+        }
+        if samples[0].rays is not None:
+            batch["rays"] = torch.from_numpy(np.stack([s.rays for s in samples]))
         return {
-            "pixels": pixels,
-            "cond_mask": torch.tensor([s[1].cond_mask for s in samples], dtype=torch.bool),
-            "prompts": [s[3] for s in samples],
-            "tasks": [s[1].name for s in samples],
+            **batch,
+            "cond_mask": torch.tensor([s.cond_mask for s in samples], dtype=torch.bool),
+            "prompts": [s.prompt for s in samples],
+            "tasks": [s.task for s in samples],
             "subsets": [subset] * bsz,
-            "keys": [s[0] for s in samples],
+            "keys": [s.key for s in samples],
             "skipped": int(skipped),
             "skip_reasons": dict(sorted(reasons.items())),
             "skip_last": " ".join(str(last_error or "").split())[:300],
@@ -491,18 +556,19 @@ class OneGenStream(IterableDataset):
         draws: np.ndarray,
         bucket: tuple[int, int] | None,
         num_views: int | None,
-    ):
+    ) -> _Built | None:
+        """Sample ``key`` as the batch's task layout, or None when it cannot join this batch
+        (too few views, no allowed task)."""
         cfg = self.cfg
         if cfg.validate:
             meta = validate_sample(subset, {"__key__": key, **files})
         else:
             meta = json.loads(files["json"].decode("utf-8"))
         drop = bool(draws[2] < cfg.caption_dropout)
+        if subset == "multiview":
+            return self._build_multiview(key, files, meta, draws, bucket, num_views, drop)
         if subset == "faceid":
-            views_have = sorted(
-                int(n[3:-4]) for n in files if n.startswith("img") and n.endswith(".jpg")
-            )
-            have = len(views_have)
+            have = len(_view_fields(files))
             if num_views is None:
                 num_views = min(have, cfg.faceid_max_views)
             if have < num_views or (self.allowed is not None and "faceid" not in self.allowed):
@@ -526,17 +592,47 @@ class OneGenStream(IterableDataset):
         # All views of a sample share the source frame, except faceid's separate photos.
         frame: tuple[int, int] | None = None
         if subset != "faceid":
-            width, height = meta.get("width"), meta.get("height")
-            ok = all(
-                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (width, height)
-            )
-            frame = (width, height) if ok else image_size(files["jpg"])
+            frame = _meta_frame(meta) or image_size(files["jpg"])
         if bucket is None:
             bucket_frame = frame or image_size(files[task.views[0]])
             bucket = nearest_bucket(cfg.buckets, *bucket_frame)
         views = [load_view(files[f], f, bucket, frame) for f in task.views]
         prompt = T.build_prompt(task, caption, meta, drop_caption=drop)
-        return key, task, views, prompt, bucket
+        return _Built(key, task.name, views, prompt, task.cond_mask, bucket)
+
+    def _build_multiview(
+        self,
+        key: str,
+        files: dict[str, bytes],
+        meta: dict,
+        draws: np.ndarray,
+        bucket: tuple[int, int] | None,
+        num_views: int | None,
+        drop: bool,
+    ) -> _Built | None:
+        """The first ``num_views`` views of a scene (view 0 keeps the identity camera), each
+        followed by its ray view at the latent grid of the bucket; ``camera_pose`` with
+        probability ``camera_pose_prob``, else novel views."""
+        cfg = self.cfg
+        have = len(_view_fields(files))
+        if num_views is None:
+            num_views = min(have, cfg.multiview_max_views)
+        names = [n for n in T.MULTIVIEW_TASKS if self.allowed is None or n in self.allowed]
+        if have < num_views or not names:
+            return None
+        pose = "camera_pose" in names and (draws[0] < cfg.camera_pose_prob or len(names) == 1)
+        layout = T.multiview_layout("camera_pose" if pose else "multiview", num_views, draws[1])
+        c2w = load_npy(files["cameras.npy"], "cameras.npy", (have, 4, 4))[:num_views]
+        K = load_npy(files["intrinsics.npy"], "intrinsics.npy", (have, 3, 3))[:num_views]
+        frame = _meta_frame(meta) or image_size(files["img0.jpg"])
+        if bucket is None:
+            bucket = nearest_bucket(cfg.buckets, *frame)
+        fields = [f"img{i}.jpg" for i in range(num_views)]
+        views = [load_view(files[f], f, bucket, frame) for f in fields]
+        rays = bucket_rays(c2w, K, frame, bucket, cfg.latent_stride, cfg.latent_channels)
+        caption = "" if drop else str(meta.get("caption") or "").strip()
+        prompt = f"[[multiview]] {caption}".strip()
+        return _Built(key, layout.name, views, prompt, layout.cond_mask, bucket, rays)
 
     def __iter__(self):
         info = get_worker_info()
@@ -576,11 +672,7 @@ class OneGenDataModule(LightningDataModule):
         wanted = [s for s, p in probs.items() if p > 0]
         missing = [s for s in wanted if s not in IMPLEMENTED_SUBSETS]
         if missing:
-            raise NotImplementedError(
-                f"training on subset(s) {missing} is not implemented yet: multiview samples need "
-                "Plücker ray views at the latent grid, which the next issue adds. Drop them from "
-                "data.paths or give them weight 0 in data.mix."
-            )
+            raise NotImplementedError(f"training on subset(s) {missing} is not implemented")
         if self.cfg.tasks is not None:
             idle = [s for s in wanted if not set(T.subset_task_names(s)) & set(self.cfg.tasks)]
             if idle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,14 @@ import torch
 from omegaconf import DictConfig
 
 from datagen.schema import TASK_LABELS, image_marker
-from model.encoders import FrozenTextEncoder, FrozenVAE
+from model.encoders import (
+    TINY_VAE_BLOCKS,
+    FrozenTextEncoder,
+    FrozenVAE,
+    local_folder,
+    vae_downsample,
+)
+from training.config import ConfigError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -82,3 +90,30 @@ def build_encoders(cfg: DictConfig, caption_dim: int, vocab_dir: str | Path) -> 
     if text.dim != caption_dim:
         raise ValueError(f"text encoder width {text.dim} != model caption_dim {caption_dim}")
     return FrozenEncoders(vae=vae, text=text)
+
+
+def vae_stride(cfg: DictConfig) -> int:
+    """The downsampling factor of the VAE a config encodes with, read without building it:
+    the tiny VAE's blocks, or ``block_out_channels`` in a pretrained VAE's ``config.json``."""
+    enc = cfg.encoders
+    if str(enc.kind) != "pretrained" or not enc.vae_path:
+        return vae_downsample(TINY_VAE_BLOCKS)
+    folder = local_folder(str(enc.vae_path), "vae", "config.json")
+    try:
+        blocks = json.loads((folder / "config.json").read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{folder / 'config.json'}: not a VAE config ({type(exc).__name__}: {exc})"
+        ) from None
+    return vae_downsample(blocks)
+
+
+def interleave_rays(latents: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
+    """[B, V, C, h, w] image latents and ray views -> [B, 2V, C, h, w], alternating as the
+    released multiview pipeline lays them out."""
+    rays = rays.to(device=latents.device, dtype=latents.dtype)
+    if rays.shape != latents.shape:
+        raise ValueError(
+            f"ray views {list(rays.shape)} do not match the image latents {list(latents.shape)}"
+        )
+    return torch.stack([latents, rays], dim=2).flatten(1, 2)

@@ -45,9 +45,16 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         from training.synthetic import SyntheticDataModule
 
         return SyntheticDataModule(cfg)
+    from training.config import model_config
     from training.data import OneGenDataModule  # lazily: heavy imports (cv2, fsspec)
+    from training.encoders import vae_stride
 
-    return OneGenDataModule(cfg.data)
+    # Ray views are built by the loader on the latent grid: it needs the VAE's geometry.
+    return OneGenDataModule(
+        cfg.data,
+        latent_stride=vae_stride(cfg),
+        latent_channels=model_config(cfg).in_channels,
+    )
 
 
 # --------------------------------------------------------------------------- trainer

@@ -40,7 +40,7 @@ from model.flops import image_tokens
 from model.flow import flow_matching_loss
 from training import skips
 from training.config import model_config, schema
-from training.encoders import FrozenEncoders, build_encoders, parse_dtype
+from training.encoders import FrozenEncoders, build_encoders, interleave_rays, parse_dtype
 from training.optim import build_optimizer, clip_grad_norm, ema_decay, ema_update
 from training.parallelize import init_sharded, local_tensor, parallelize
 from training.runs import log_line
@@ -150,10 +150,14 @@ class OneGenModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def encode(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """pixels -> latents [B, V, C, h, w] float32; prompts -> text features and mask."""
+        """pixels -> latents [B, V, C, h, w] float32; prompts -> text features and mask. A
+        multiview batch's ray views (already on the latent grid) follow their images:
+        img0, ray0, img1, ray1, ... (2V views)."""
         assert self.frozen is not None
         with torch.no_grad():
             latents = self.frozen.vae.encode(batch["pixels"])
+            if batch.get("rays") is not None:
+                latents = interleave_rays(latents, batch["rays"])
             text, text_mask = self.frozen.text(list(batch["prompts"]))
         return latents, text, text_mask
 
@@ -397,16 +401,41 @@ class OneGenModule(pl.LightningModule):
         size: tuple[int, int] = (64, 64),
         cond_pixels: Tensor | None = None,
         cond_mask: Tensor | None = None,
+        cond_rays: Tensor | None = None,
         use_ema: bool = True,
         seed: int = 0,
-    ) -> Tensor:
+    ) -> Any:
         """Sample pixels [B, V, 3, H, W] in [-1, 1] with the EMA (or live) weights.
 
-        Under FSDP every rank must call this with the same number of prompts-free forward
-        calls (the sampler does ``steps`` forwards), because each forward all-gathers.
+        With ``cond_rays`` [B, V, C, h, w] (a multiview batch: ``cond_pixels`` its V images,
+        ``cond_mask`` [B, 2V] over img0, ray0, img1, ...) the result is a
+        ``training.sample_multiview.MultiviewSample``: the decoded images and the final ray
+        views. Under FSDP every rank must call this with the same number of prompts-free
+        forward calls (the sampler does ``steps`` forwards), because each forward all-gathers.
         """
         scfg = self.cfg.samples
         net = self.ema if use_ema else self.model
+        settings = {
+            "steps": int(scfg.steps),
+            "guidance": float(scfg.guidance),
+            "shift": float(scfg.shift if scfg.shift is not None else self.cfg.loss.shift),
+            "seed": seed,
+            "device": self.device,
+        }
+        if cond_rays is not None:
+            from training.sample_multiview import generate_views  # lazily: it loads the reader
+
+            if cond_pixels is None or cond_mask is None:
+                raise ValueError("cond_rays needs cond_pixels and cond_mask")
+            return generate_views(
+                self.denoiser(net),
+                self.frozen,
+                prompts,
+                cond_pixels=cond_pixels,
+                cond_rays=cond_rays,
+                cond_mask=cond_mask,
+                **settings,
+            )
         return generate(
             self.denoiser(net),
             self.frozen,
@@ -415,11 +444,7 @@ class OneGenModule(pl.LightningModule):
             size=size,
             cond_pixels=cond_pixels,
             cond_mask=cond_mask,
-            steps=int(scfg.steps),
-            guidance=float(scfg.guidance),
-            shift=float(scfg.shift if scfg.shift is not None else self.cfg.loss.shift),
-            seed=seed,
-            device=self.device,
+            **settings,
         )
 
 

@@ -3,11 +3,13 @@ them out (view 0 the target, view 1 the condition), each view written in its fie
 
     onegen sample --checkpoint runs/onegen-demo/<run>/checkpoints/step00000040.ckpt --task image2depth \\
         --image photo.jpg --out samples/
+
+The multiview tasks (image and ray views interleaved) are in ``training.sample_multiview``,
+built on this module's checks, checkpoint reading and :func:`denoise`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import warnings
@@ -21,15 +23,14 @@ from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model import NextDiT
-from model.encoders import TINY_VAE_BLOCKS, local_folder, vae_downsample
 from model.flow import sample
 from training.checkpoint_io import checkpoint_meta, safe_dcp_load
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
-from training.encoders import FrozenEncoders, build_encoders
+from training.encoders import FrozenEncoders, build_encoders, vae_stride
 from training.errors import CheckpointError
 from training.images import load_image, save_view
 from training.sample_grid import Panel, Row, render_grid, save_grid_image
-from training.tasks import all_task_names, task_spec
+from training.tasks import MULTIVIEW_TASKS, all_task_names, task_spec
 from training.tasks import task_token as token_of
 
 
@@ -50,21 +51,60 @@ def generate(
     device: torch.device,
 ) -> Tensor:
     """Encode prompts and condition views, Euler-sample the targets, decode every view."""
-    b = len(prompts)
     if cond_pixels is not None:
         views, size = cond_pixels.shape[1], tuple(cond_pixels.shape[-2:])
+    cond_latents = None
+    if cond_pixels is not None and cond_mask is not None and bool(cond_mask.any()):
+        cond_latents = frozen.vae.encode(cond_pixels.to(device))
+    latents = denoise(
+        denoiser,
+        frozen,
+        prompts,
+        views=views,
+        size=size,
+        cond_latents=cond_latents,
+        cond_mask=cond_mask,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seed=seed,
+        device=device,
+    )
+    return frozen.vae.decode(latents).clamp(-1, 1)
+
+
+@torch.no_grad()
+def denoise(
+    denoiser: Any,
+    frozen: FrozenEncoders,
+    prompts: Sequence[str],
+    *,
+    views: int,
+    size: tuple[int, int],
+    cond_latents: Tensor | None,
+    cond_mask: Tensor | None,
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+    device: torch.device,
+) -> Tensor:
+    """The sampler on latents [B, views, C, h, w] of (H, W) ``size`` pixels: noise drawn on
+    the CPU from ``seed`` (the same sample on any device), the ``cond_mask`` views [B, views]
+    held at ``cond_latents``; shared by image-only and multiview (image + ray) sampling."""
+    b = len(prompts)
     down = frozen.vae.downsample
     h, w = size[0] // down, size[1] // down
     text, text_mask = frozen.text(list(prompts))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(b, views, frozen.vae.latent_channels, h, w, generator=gen).to(device)
     kwargs: dict[str, Any] = {}
-    if cond_pixels is not None and cond_mask is not None and bool(cond_mask.any()):
-        kwargs["cond_latents"] = frozen.vae.encode(cond_pixels.to(device))
+    if cond_latents is not None and cond_mask is not None and bool(cond_mask.any()):
+        kwargs["cond_latents"] = cond_latents.to(device)
         kwargs["cond_mask"] = cond_mask.to(device).bool()
     if guidance != 1.0:
         kwargs["uncond_text"], kwargs["uncond_text_mask"] = frozen.text([""] * b)
-    latents = sample(
+    return sample(
         denoiser,
         noise,
         text,
@@ -74,7 +114,6 @@ def generate(
         guidance_scale=guidance,
         **kwargs,
     )
-    return frozen.vae.decode(latents).clamp(-1, 1)
 
 
 def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> None:
@@ -149,26 +188,14 @@ def describe_field(field: str) -> str:
     return f"a {field.split('.')[0]} map"
 
 
-def check_request(
-    task: str,
+def check_options(
     *,
-    image: str | Path | None,
     size: int | None,
-    steps: int | None = None,
-    device: str = "cpu",
-    out_dir: str | Path | None = None,
-) -> tuple[str, str, tuple[str, ...]]:
-    """The checks of a sampling request that need no checkpoint; ``(task, token, fields)``
-    with the task name normalised, or a one-line :class:`SampleUsageError`."""
-    task = normalise_task(task)
-    token, fields = sample_layout(task)
-    if len(fields) == 1 and image is not None:
-        raise SampleUsageError(f"--task {task} generates from the prompt alone: drop --image")
-    if len(fields) > 1 and image is None:
-        raise SampleUsageError(
-            f"--task {task} needs --image: the {fields[1]} condition ({describe_field(fields[1])}"
-            f", view 1) to generate {describe_field(fields[0])} ({fields[0]}, view 0) from"
-        )
+    steps: int | None,
+    device: str,
+    out_dir: str | Path | None,
+) -> None:
+    """The checks every task's request shares (size, steps, device, output folder)."""
     if size is not None and size <= 0:
         raise SampleUsageError(f"--size must be a positive number of pixels, got {size}")
     if steps is not None and steps <= 0:
@@ -184,23 +211,35 @@ def check_request(
             raise SampleUsageError(f"--device {device}: no CUDA device on this machine")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise SampleUsageError(f"--out {out_dir} exists and is not a folder")
+
+
+def check_request(
+    task: str,
+    *,
+    image: str | Path | None,
+    size: int | None,
+    steps: int | None = None,
+    device: str = "cpu",
+    out_dir: str | Path | None = None,
+) -> tuple[str, str, tuple[str, ...]]:
+    """The checks of a sampling request that need no checkpoint; ``(task, token, fields)``
+    with the task name normalised, or a one-line :class:`SampleUsageError`."""
+    task = normalise_task(task)
+    if task in MULTIVIEW_TASKS:
+        raise SampleUsageError(
+            f"--task {task} interleaves image and ray views: sample it with "
+            "training.sample_multiview.sample_multiview_from_checkpoint"
+        )
+    token, fields = sample_layout(task)
+    if len(fields) == 1 and image is not None:
+        raise SampleUsageError(f"--task {task} generates from the prompt alone: drop --image")
+    if len(fields) > 1 and image is None:
+        raise SampleUsageError(
+            f"--task {task} needs --image: the {fields[1]} condition ({describe_field(fields[1])}"
+            f", view 1) to generate {describe_field(fields[0])} ({fields[0]}, view 0) from"
+        )
+    check_options(size=size, steps=steps, device=device, out_dir=out_dir)
     return task, token, fields
-
-
-def vae_stride(cfg: DictConfig) -> int:
-    """The downsampling factor of the VAE a config encodes with, read without building it:
-    the tiny VAE's blocks, or ``block_out_channels`` in a pretrained VAE's ``config.json``."""
-    enc = cfg.encoders
-    if str(enc.kind) != "pretrained" or not enc.vae_path:
-        return vae_downsample(TINY_VAE_BLOCKS)
-    folder = local_folder(str(enc.vae_path), "vae", "config.json")
-    try:
-        blocks = json.loads((folder / "config.json").read_text())["block_out_channels"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"{folder / 'config.json'}: not a VAE config ({type(exc).__name__}: {exc})"
-        ) from None
-    return vae_downsample(blocks)
 
 
 def check_trained(task: str, cfg: DictConfig, checkpoint: str | Path) -> None:
@@ -225,6 +264,63 @@ def check_size(side: int, stride: tuple[int, int], *, given: bool) -> None:
         f"{what} is not a multiple of {step}, the model's patch grid in pixels "
         f"(VAE downsampling x patch size): {hint}"
     )
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when there is one, else cpu; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def read_config(checkpoint: str | Path, task: str) -> tuple[DictConfig, Any, tuple[int, int]]:
+    """``(cfg, model config, patch grid in pixels)`` of a checkpoint, read from its metadata
+    only (no weights): a ConfigError when it has none, a SampleUsageError when its fit never
+    trained ``task``."""
+    meta = checkpoint_meta(checkpoint)
+    if not meta.get("config"):
+        raise ConfigError(f"{checkpoint} has no One-Gen config (not a OneGenModule checkpoint?)")
+    cfg = from_checkpoint(meta["config"])
+    check_trained(task, cfg, checkpoint)
+    try:
+        mcfg = model_config(cfg)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{checkpoint}: its model config is not valid ({exc})") from None
+    down = vae_stride(cfg)
+    return cfg, mcfg, (down * mcfg.patch_size[1], down * mcfg.patch_size[2])
+
+
+def load_model(
+    checkpoint: str | Path, cfg: DictConfig, mcfg: Any, weights: str, device: str
+) -> tuple[NextDiT, FrozenEncoders]:
+    """The checkpoint's ``weights`` (ema or model) in a NextDiT in eval mode, and the frozen
+    encoders its config names (the tiny text encoder's vocabulary in a temporary folder)."""
+    net = NextDiT(mcfg)
+    try:
+        load_weights(checkpoint, net, weights)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, CheckpointException) as exc:
+        lines = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"{checkpoint}: its {weights} weights do not load into the model its config "
+            f"describes ({lines[-1] if lines else type(exc).__name__})"
+        ) from None
+    net.eval().to(device)
+    with tempfile.TemporaryDirectory(prefix="onegen-sample-vocab-") as vocab_dir:
+        frozen = build_encoders(cfg, net.config.caption_dim, vocab_dir).to(device)
+    return net, frozen
+
+
+def sampler_settings(cfg: DictConfig, steps: int | None, guidance: float | None) -> dict[str, Any]:
+    """``steps``, ``guidance``, ``shift`` for :func:`generate`: the request's, else the
+    config's ``samples`` section (shift: ``loss.shift`` when unset)."""
+    scfg = cfg.samples
+    return {
+        "steps": int(steps or scfg.steps),
+        "guidance": float(guidance if guidance is not None else scfg.guidance),
+        "shift": float(scfg.shift if scfg.shift is not None else cfg.loss.shift),
+    }
 
 
 def sample_from_checkpoint(
@@ -257,19 +353,8 @@ def sample_from_checkpoint(
     task, token, fields = check_request(
         task, image=image, size=size, steps=steps, device=device, out_dir=out_dir
     )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = checkpoint_meta(checkpoint)
-    if not meta.get("config"):
-        raise ConfigError(f"{checkpoint} has no One-Gen config (not a OneGenModule checkpoint?)")
-    cfg = from_checkpoint(meta["config"])
-    check_trained(task, cfg, checkpoint)
-    try:
-        mcfg = model_config(cfg)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{checkpoint}: its model config is not valid ({exc})") from None
-    down = vae_stride(cfg)
-    stride = (down * mcfg.patch_size[1], down * mcfg.patch_size[2])
+    device = resolve_device(device)
+    cfg, mcfg, stride = read_config(checkpoint, task)
     side = int(size or cfg.samples.resolution)
     if image is None or size is not None:
         check_size(side, stride, given=size is not None)
@@ -280,20 +365,7 @@ def sample_from_checkpoint(
         cond_pixels = torch.stack([torch.zeros_like(cond), cond])[None]  # view 0 = target
         cond_mask = torch.tensor([[False, True]])
         views = 2
-    net = NextDiT(mcfg)
-    try:
-        load_weights(checkpoint, net, weights)
-    except CheckpointError:
-        raise
-    except (RuntimeError, KeyError, ValueError, CheckpointException) as exc:
-        lines = str(exc).strip().splitlines()
-        raise CheckpointError(
-            f"{checkpoint}: its {weights} weights do not load into the model its config "
-            f"describes ({lines[-1] if lines else type(exc).__name__})"
-        ) from None
-    net.eval().to(device)
-    with tempfile.TemporaryDirectory(prefix="onegen-sample-vocab-") as vocab_dir:
-        frozen = build_encoders(cfg, net.config.caption_dim, vocab_dir).to(device)
+    net, frozen = load_model(checkpoint, cfg, mcfg, weights, device)
     pixels = generate(
         lambda x, t, txt, m: net(x, t, txt, m),
         frozen,
@@ -302,9 +374,7 @@ def sample_from_checkpoint(
         size=(side, side),
         cond_pixels=cond_pixels,
         cond_mask=cond_mask,
-        steps=int(steps or cfg.samples.steps),
-        guidance=float(guidance if guidance is not None else cfg.samples.guidance),
-        shift=float(cfg.samples.shift if cfg.samples.shift is not None else cfg.loss.shift),
+        **sampler_settings(cfg, steps, guidance),
         seed=seed,
         device=torch.device(device),
     )[0]

@@ -10,7 +10,9 @@ A grid is rendered per task (``SampleGrid`` logs one image per task and step). E
     |   [cell x cell]|   [cell x cell]|   [cell x cell]|            panels
     +--------------------------------------------------------------+
 
-``text2image`` rows hold the generated image only, one row per configured prompt. Panels are
+``text2image`` rows hold the generated image only, one row per configured prompt;
+``camera_pose`` rows the given images, then each estimated camera as its ray directions in RGB
+(``ray_pixels``), then the true ones. Panels are
 scaled to fit a ``cell`` x ``cell`` box keeping their aspect, nearest-neighbour when enlarged
 (the pixels of a 32 px sample stay visible), Lanczos when reduced. Text uses PIL's built-in
 font (``ImageFont.load_default``, scalable with FreeType, the fixed bitmap font without it).
@@ -153,19 +155,51 @@ def conditional_row(
     pixels: torch.Tensor,
     cond_mask: torch.Tensor,
     generated: torch.Tensor,
+    *,
+    targets: bool = True,
 ) -> Row:
     """condition view(s) | generated view(s) | target view(s) of one sample: ``pixels`` and
-    ``generated`` [V, 3, H, W], ``cond_mask`` [V] (True = condition)."""
+    ``generated`` [V, 3, H, W], ``cond_mask`` [V] (True = condition). ``targets`` False:
+    no ground truth to show (``onegen sample``)."""
     cond = [v for v in range(pixels.shape[0]) if bool(cond_mask[v])]
-    targets = [v for v in range(pixels.shape[0]) if not bool(cond_mask[v])]
+    gen = [v for v in range(pixels.shape[0]) if not bool(cond_mask[v])]
     panels: list[Panel] = []
     for name, source, views in (
         ("condition", pixels, cond),
-        ("generated", generated, targets),
-        ("target", pixels, targets),
+        ("generated", generated, gen),
+        ("target", pixels, gen if targets else []),
     ):
         for v, caption in zip(views, _numbered(name, len(views)), strict=True):
             panels.append(Panel(source[v], caption))
+    return Row(task, display_prompt(prompt), panels)
+
+
+def ray_pixels(rays: torch.Tensor) -> torch.Tensor:
+    """A ray view [C >= 3, h, w] (Plücker ``[d, o x d]`` tiled every 6 channels, the latent
+    form) -> [3, h, w] in [-1, 1]: the unit ray direction as RGB, so a reviewer sees at a
+    glance where each camera looks (a uniform hue) and how wide (the spread across it)."""
+    r = rays.detach().float().cpu()
+    d = torch.stack([r[k::6].mean(0) for k in range(3)])
+    return d / d.norm(dim=0, keepdim=True).clamp_min(1e-8)
+
+
+def camera_pose_row(
+    task: str,
+    prompt: str,
+    images: torch.Tensor,
+    rays: torch.Tensor,
+    target_rays: torch.Tensor | None = None,
+) -> Row:
+    """The given images [V, 3, H, W], then each estimated camera v >= 1 as its ray
+    directions (``rays`` [V, C, h, w]; ray 0 is the given identity camera), then the true
+    ones when ``target_rays`` are known."""
+    panels = [Panel(images[v], f"image {v}") for v in range(images.shape[0])]
+    panels += [Panel(ray_pixels(rays[v]), f"rays {v}") for v in range(1, rays.shape[0])]
+    if target_rays is not None:
+        panels += [
+            Panel(ray_pixels(target_rays[v]), f"true rays {v}")
+            for v in range(1, target_rays.shape[0])
+        ]
     return Row(task, display_prompt(prompt), panels)
 
 

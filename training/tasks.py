@@ -106,9 +106,49 @@ def faceid_task(num_views: int) -> TaskSpec:
     return TaskSpec("faceid", "[[faceid]]", tuple(f"img{i}.jpg" for i in range(num_views)))
 
 
+# Multiview samples train two tasks under the one released token: novel views (the first
+# k images and every camera clean, the other images generated) and camera-pose estimation
+# (every image clean, the cameras of views 1.. generated as Plücker ray views).
+MULTIVIEW_TASKS: tuple[str, ...] = ("multiview", "camera_pose")
+
+
+@dataclass(frozen=True)
+class MultiviewLayout:
+    """A multiview sample as the model sees it: image and ray views alternate
+    (img0, ray0, img1, ray1, ...), as the released pipeline lays them out; ``cond_mask``
+    covers those 2 x ``num_images`` views."""
+
+    name: str  # "multiview" or "camera_pose"
+    num_images: int
+    clean_images: int  # images 0..clean_images-1 are conditions
+
+    @property
+    def cond_mask(self) -> list[bool]:
+        mask = []
+        for i in range(self.num_images):
+            mask.append(i < self.clean_images)  # image view i
+            # ray view i: every camera is given for novel views; camera 0 (the identity)
+            # anchors pose estimation
+            mask.append(self.name == "multiview" or i == 0)
+        return mask
+
+
+def multiview_layout(name: str, num_images: int, u: float = 0.0) -> MultiviewLayout:
+    """``multiview``: 1..num_images-1 clean images (``u`` in [0, 1) picks how many);
+    ``camera_pose``: all images clean."""
+    if name not in MULTIVIEW_TASKS:
+        raise ValueError(f"{name!r} is not a multiview task ({', '.join(MULTIVIEW_TASKS)})")
+    if num_images < 2:
+        raise ValueError(f"a multiview sample needs at least 2 images, got {num_images}")
+    if name == "camera_pose":
+        return MultiviewLayout(name, num_images, num_images)
+    clean = 1 + min(int(u * (num_images - 1)), num_images - 2)
+    return MultiviewLayout(name, num_images, clean)
+
+
 def all_task_names() -> list[str]:
     """Every task name this module can produce (for config validation)."""
-    names = ["text2image", "faceid"]
+    names = ["text2image", "faceid", *MULTIVIEW_TASKS]
     names += [_stem(t) for t in DEGRADATION_FIELDS]
     for token, (_, short) in MAP_FIELDS.items():
         names += [_stem(token), f"image2{short}"]
@@ -119,6 +159,8 @@ def task_token(name: str) -> str:
     """The prompt token of a task name: ``image2canny`` -> ``[[canny2image]]``."""
     if name == "faceid":
         return "[[faceid]]"
+    if name in MULTIVIEW_TASKS:
+        return "[[multiview]]"
     if name == "text2image":
         return "[[text2image]]"
     for token in DEGRADATION_FIELDS:
@@ -136,6 +178,10 @@ def task_spec(name: str, num_views: int = 2) -> TaskSpec:
     target, view 0). ``num_views`` is used by faceid only (target + references)."""
     if name == "faceid":
         return faceid_task(num_views)
+    if name in MULTIVIEW_TASKS:
+        raise NotImplementedError(
+            f"{name} samples interleave image and ray views: see multiview_layout"
+        )
     token = task_token(name)
     if name.startswith("image2"):
         return reverse_task(token)
@@ -149,7 +195,7 @@ def subset_task_names(subset: str) -> list[str]:
         if token == "[[faceid]]":
             names.append("faceid")
         elif token == "[[multiview]]":
-            names.append("multiview")
+            names.extend(MULTIVIEW_TASKS)
         else:
             names.append(forward_task(token).name)
             if token in MAP_FIELDS:

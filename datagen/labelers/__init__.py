@@ -18,6 +18,9 @@ LABELERS: dict[str, str] = {
     "degrade": "datagen.labelers.degrade:DegradeStage",
     "depth": "datagen.labelers.depth:DepthStage",
     "pose": "datagen.labelers.pose:PoseStage",
+    "scene": "datagen.labelers.scene:SceneStage",
+    "face": "datagen.labelers.face:FaceStage",
+    "identity": "datagen.labelers.identity:IdentityStage",
 }
 
 

@@ -42,7 +42,9 @@ class CaptionParams:
     ``random-tiny`` (word salad: mechanics only). ``max_new_tokens`` caps the caption
     (150 words ~ 200 tokens), ``entity_max_new_tokens`` the entity answer;
     ``max_image_tokens`` caps the image tokens per image (null: the model's own);
-    ``micro_batch``: images per ``generate`` call (left-padded). Prompts go through the
+    ``micro_batch``: images per ``generate`` call (left-padded); ``group_views``: on a
+    group, caption every view (an identity's photos) or the ``first`` only (one caption
+    per scene). Prompts go through the
     model's chat template; Florence-2 has none and takes task tokens instead:
     ``prompt: "<MORE_DETAILED_CAPTION>"``, ``entity_prompt: null`` (its detection
     tokens answer with boxes, not a list)."""
@@ -59,6 +61,7 @@ class CaptionParams:
     micro_batch: int = 8
     min_words: int = 5
     repetition_penalty: float = 1.05
+    group_views: Literal["all", "first"] = "all"
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -82,6 +85,8 @@ class CaptionStage(ModelStage):
     name: ClassVar[str] = "caption"
     version: ClassVar[str] = "1"
     needs: ClassVar[tuple[str, ...]] = ("decode",)
+    # After a face check when the DAG has one: photos it rejected are not captioned.
+    optional_needs: ClassVar[tuple[str, ...]] = ("face",)
     reads: ClassVar[tuple[str, ...]] = ("jpg", "caption")
     produces: ClassVar[tuple[str, ...]] = (
         "txt",
@@ -94,6 +99,7 @@ class CaptionStage(ModelStage):
 
     def __init__(self, params: CaptionParams | None = None, seed: int = 0):
         super().__init__(params, seed)
+        self.views_of_group = self.params.group_views
         self.model: Any = None  # loaded in setup(), on the worker
 
     def setup(self) -> None:

@@ -79,7 +79,17 @@ class DecodeStage(RowStage):
         "byte_size",
         "source_error",
     )
-    produces: ClassVar[tuple[str, ...]] = ("jpg", "txt", "caption", "width", "height")
+    # source_width / source_height: the file's size before ``max_side`` (what a scene's
+    # intrinsics refer to); in no item subset's json.
+    produces: ClassVar[tuple[str, ...]] = (
+        "jpg",
+        "txt",
+        "caption",
+        "width",
+        "height",
+        "source_width",
+        "source_height",
+    )
     transient: ClassVar[tuple[str, ...]] = ("image",)
     Params: ClassVar[type] = DecodeStageParams
 
@@ -111,7 +121,8 @@ class DecodeStage(RowStage):
 
     def label(self, row: dict[str, Any]) -> dict[str, Any]:
         data = self._read(row)
-        image, resized = _fit_max_side(decode_image(data, self.decode_params), self.params.max_side)
+        full = decode_image(data, self.decode_params)
+        image, resized = _fit_max_side(full, self.params.max_side)
         if resized:
             check_min_side(
                 image.shape[1], image.shape[0], self.decode_params, " after resizing to max_side"
@@ -130,11 +141,25 @@ class DecodeStage(RowStage):
                 "caption": caption,
                 "width": int(image.shape[1]),
                 "height": int(image.shape[0]),
+                "source_width": int(full.shape[1]),
+                "source_height": int(full.shape[0]),
             },
         }
 
 
-def images_from_jpg(jpgs: list[Any]) -> list[np.ndarray | None]:
+def _image_from_jpg(jpg: Any) -> np.ndarray | None:
+    return decode_rgb(bytes(jpg)) if jpg is not None and len(jpg) else None
+
+
+def images_from_jpg(jpgs: list[Any]) -> list[Any]:
     """The ``image`` column again, where it did not travel (a stage reading it that is
-    not fused behind decode): each written ``jpg`` decoded; None where there is none."""
-    return [decode_rgb(bytes(j)) if j is not None and len(j) else None for j in jpgs]
+    not fused behind decode): each written ``jpg`` decoded; None where there is none; a
+    group's list of per-view ``jpg`` becomes its list of images."""
+    return [
+        [_image_from_jpg(v) for v in j] if is_view_list(j) else _image_from_jpg(j) for j in jpgs
+    ]
+
+
+def is_view_list(value: Any) -> bool:
+    """A group's per-view values (a list, or Arrow's object array), not one item's bytes."""
+    return isinstance(value, list) or (isinstance(value, np.ndarray) and value.dtype == object)
