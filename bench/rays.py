@@ -7,8 +7,9 @@ three things are timed, interleaved round by round so drift in the machine's spe
 2. the same rays from a straightforward per-pixel Python loop written here (for the record;
    it must agree with (1) to 1e-5),
 3. one training step of the tiny model on CPU for the same batch (``OneGenModule``:
-   online encoding, flow-matching loss, backward, AdamW), with ``"rays"`` [B, N, 16, h, w]
-   in the batch when the module reads them, else on the N image views alone (a note says so).
+   online encoding, flow-matching loss, backward, AdamW) as the reader hands it over:
+   ``pixels`` of the N image views, ``"rays"`` [B, N, 16, h, w], a novel-view ``cond_mask``
+   over the 2N interleaved views.
 
 The report is the median of each and the ratio ray building / training step (target < 2%).
 
@@ -46,6 +47,7 @@ from datagen.cameras import (  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.module import OneGenModule  # noqa: E402
 from training.synthetic import synthetic_batch  # noqa: E402
+from training.tasks import multiview_layout  # noqa: E402
 
 TARGET = 0.02
 
@@ -90,24 +92,6 @@ class Step:
         return float(loss.detach())
 
 
-def reads_rays(step: Step, batch: dict, rays: torch.Tensor) -> tuple[bool, str]:
-    """Whether the module uses ``batch["rays"]``: a step with valid rays must work, and a
-    forward pass (no update: the weights stay clean) with NaN rays must not give a finite
-    loss, as it would if the module ignored the key."""
-    try:
-        step({**batch, "rays": rays})
-    except Exception as exc:  # any failure: time the image views alone
-        return False, f"a step with rays failed ({type(exc).__name__}: {exc})"
-    try:
-        with torch.no_grad():
-            loss = step.module.training_step({**batch, "rays": torch.full_like(rays, math.nan)}, 0)
-    except Exception:  # refusing NaN rays means it read them
-        return True, "rays interleaved with the image latents"
-    if math.isfinite(float(loss)):
-        return False, "the module ignores batch['rays'] (not wired yet); image views only"
-    return True, "rays interleaved with the image latents"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="rounds, each timing all three")
@@ -131,16 +115,21 @@ def measure(args: argparse.Namespace, run_dir: Path) -> int:
     K = np.stack([intrinsics_from_focal(1.2 * res, size)] * views)
 
     cfg = load_config(None, [f"run_dir={run_dir}", "mlflow.enabled=false", "optim.warmup_steps=0"])
-    batch = synthetic_batch(
+    images = synthetic_batch(
         0, 0, 0, batch_size=1, resolution=res, max_views=views, tasks=["canny2image"]
     )
+    layout = multiview_layout("multiview", views, 0.5)  # img0 (and img1) clean, every ray
+    step_batch = {
+        **images,
+        "rays": torch.from_numpy(cameras_to_plucker(c2w, K, size, grid))[None],
+        "cond_mask": torch.tensor([layout.cond_mask]),
+        "prompts": ["[[multiview]] a small scene"],
+        "tasks": [layout.name],
+    }
     torch.manual_seed(0)
     module = OneGenModule(cfg)
     module.configure_model()
     step = Step(module)
-    rays = torch.from_numpy(cameras_to_plucker(c2w, K, size, grid))[None]
-    with_rays, note = reads_rays(step, batch, rays)
-    step_batch = {**batch, "rays": rays} if with_rays else batch
 
     vec: list[float] = []
     loop: list[float] = []
@@ -168,7 +157,7 @@ def measure(args: argparse.Namespace, run_dir: Path) -> int:
         f"{grid[0]}x{grid[1]}x16, {args.repeats} rounds (interleaved); other processes used "
         f"{meter.other_cores:.2f} cores meanwhile"
     )
-    print(f"training step: {'with' if with_rays else 'WITHOUT'} rays: {note}")
+    print(f"training step: {views} image + {views} ray views, task {step_batch['tasks'][0]}")
     print(f"{'what':<34}{'median':>12}{'n':>5}")
     print(f"{'cameras_to_plucker (vectorised)':<34}{mv * 1e3:>9.3f} ms{len(vec):>5}")
     print(f"{'per-pixel Python loop':<34}{ml * 1e3:>9.3f} ms{len(loop):>5}")
@@ -189,7 +178,7 @@ def measure(args: argparse.Namespace, run_dir: Path) -> int:
                 "target": TARGET,
                 "ok": ok,
                 "loop_max_diff": worst,
-                "step_with_rays": with_rays,
+                "step_views": 2 * views,
                 "threads": torch.get_num_threads(),
                 "batch": [1, views, res],
                 "other_cores": round(meter.other_cores, 3),

@@ -19,11 +19,17 @@ set of conventions:
 
 Arrays that reach these functions from files (transforms.json, CO3D annotations) are checked:
 a wrong shape or a NaN / inf is a ``ValueError`` naming the argument.
+
+nerfstudio ``transforms.json`` is read and written here once, for every reader and writer
+(:func:`nerfstudio_camera`, :func:`nerfstudio_transforms`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +39,13 @@ DEFAULT_DISTANCE = 1.7
 
 _FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
 _FLIP_XY = np.diag([-1.0, -1.0, 1.0])
+MAX_IMAGE_SIDE = 1 << 16  # pixels: a w or h beyond this is not a camera
+
+
+class CameraValueError(ValueError):
+    """A well-formed value that describes no camera (NaN / inf, a focal length <= 0, a
+    non-rigid pose), as opposed to a plain ValueError: a missing key or a wrong type/shape."""
+
 
 # --------------------------------------------------------------------------- validation
 
@@ -451,6 +464,152 @@ def resize_intrinsics(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
     out[..., 0, :] *= sx
     out[..., 1, :] *= sy
     return out
+
+
+# --------------------------------------------------------------------------- nerfstudio
+
+_NS_INTRINSICS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+_NS_RESERVED = frozenset({"camera_model", "frames", *_NS_INTRINSICS})
+
+
+def _ns_value(frame: Mapping, top: Mapping, key: str) -> Any:
+    """``frame[key]``, else ``top[key]``, else None (a json null counts as absent)."""
+    value = frame.get(key)
+    return top.get(key) if value is None else value
+
+
+def _ns_number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}: {key} must be a finite number, got {str(value)[:60]!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # a json integer of 400 digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise CameraValueError(f"{where}: {key} must be a finite number, got {str(value)[:60]}")
+    return number
+
+
+def _ns_side(value: Any, key: str, where: str) -> int:
+    v = _ns_number(value, key, where)
+    if v != int(v) or not 0 < v <= MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"{where}: {key} must be an integer within [1, {MAX_IMAGE_SIDE}], got {str(value)[:60]}"
+        )
+    return int(v)
+
+
+def _ns_focal(
+    frame: Mapping, top: Mapping, key: str, angle_key: str, side: int, where: str
+) -> float | None:
+    """``key`` (pixels), else ``angle_key`` (radians across ``side`` pixels), else None."""
+    if (value := _ns_value(frame, top, key)) is not None:
+        focal = _ns_number(value, key, where)
+        if focal <= 0:
+            raise CameraValueError(f"{where}: {key} must be positive, got {focal}")
+        return focal
+    if (value := _ns_value(frame, top, angle_key)) is not None:
+        angle = _ns_number(value, angle_key, where)
+        if not 0 < angle < math.pi:
+            raise CameraValueError(f"{where}: {angle_key} {angle} is not within (0, pi)")
+        return 0.5 * side / math.tan(0.5 * angle)
+    return None
+
+
+def _ns_pose(value: Any, name: str) -> np.ndarray:
+    """A rigid OpenGL c2w [4, 4] from a json 4x4 (or 3x4) list of lists."""
+    if value is None:
+        raise ValueError(f"{name}: missing")
+    try:
+        m = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name}: not a matrix of numbers") from None
+    if m.shape == (3, 4):
+        m = np.vstack([m, [0.0, 0.0, 0.0, 1.0]])
+    if m.shape != (4, 4):
+        raise ValueError(f"{name}: expected shape (4, 4) or (3, 4), got {m.shape}")
+    try:
+        return _poses(m, name)[0]
+    except ValueError as exc:  # the shape is right: NaN / inf or not rigid
+        raise CameraValueError(str(exc)) from None
+
+
+def nerfstudio_camera(
+    frame: Mapping, top: Mapping, where: str, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """One nerfstudio ``transforms.json`` frame -> (OpenCV c2w [4, 4], pixel K [3, 3], the
+    (W, H) that K refers to).
+
+    ``transform_matrix`` is the frame's OpenGL camera-to-world (4x4, or 3x4 without the last
+    row), rigid with a proper rotation. Each of ``fl_x, fl_y, cx, cy, w, h, camera_angle_x,
+    camera_angle_y`` is read from ``frame`` first, else from ``top`` (a null is absent);
+    ``size`` (W, H) stands in when w or h is absent. fl_x beats camera_angle_x; fl_y defaults
+    to camera_angle_y, else fl_x; cx, cy to the image centre. Any problem is one ValueError
+    whose message starts with ``where`` and names the key: a :class:`CameraValueError` for a
+    value that is no camera (NaN / inf, focal <= 0, an angle outside (0, pi), a non-rigid
+    pose), a plain ValueError for a missing key or a wrong type or shape.
+    """
+    if not isinstance(frame, Mapping):
+        raise ValueError(f"{where}: not an object")
+    w, h = _ns_value(frame, top, "w"), _ns_value(frame, top, "h")
+    if w is None or h is None:
+        if size is None:
+            missing = "w" if w is None else "h"
+            raise ValueError(f"{where}: {missing} is missing (image width and height, pixels)")
+        w, h = size
+    W, H = _ns_side(w, "w", where), _ns_side(h, "h", where)
+    fx = _ns_focal(frame, top, "fl_x", "camera_angle_x", W, where)
+    if fx is None:
+        raise ValueError(
+            f"{where}: fl_x must be a finite number, got nothing (give fl_x or camera_angle_x)"
+        )
+    fy = _ns_focal(frame, top, "fl_y", "camera_angle_y", H, where) or fx
+    centre = {"cx": W / 2.0, "cy": H / 2.0}
+    for key in centre:
+        if (value := _ns_value(frame, top, key)) is not None:
+            centre[key] = _ns_number(value, key, where)
+    c2w = _ns_pose(frame.get("transform_matrix"), f"{where}: transform_matrix") @ _FLIP_YZ
+    K = np.array([[fx, 0.0, centre["cx"]], [0.0, fy, centre["cy"]], [0.0, 0.0, 1.0]])
+    return c2w, K, (W, H)
+
+
+def nerfstudio_transforms(
+    c2w: np.ndarray,
+    K: np.ndarray,
+    sizes: Sequence[tuple[int, int]],
+    file_paths: Sequence[str],
+    **top: Any,
+) -> dict:
+    """A nerfstudio ``transforms.json`` document of OpenCV cameras ``c2w`` [V, 4, 4] with
+    intrinsics ``K`` [V, 3, 3] (or one shared [3, 3]) of (W, H) ``sizes``: ``camera_model``
+    OPENCV, per frame ``file_path`` and the OpenGL ``transform_matrix``; the intrinsics
+    ``fl_x, fl_y, cx, cy, w, h`` once at the top level when every frame shares them, else per
+    frame. ``top`` adds top-level keys (``caption``, ``generator``...), not the ones above.
+    :func:`nerfstudio_camera` reads each frame back exactly."""
+    poses = _poses(c2w)
+    V = poses.shape[0]
+    Ks = _intrinsics(K, V)
+    if len(sizes) != V or len(file_paths) != V:
+        raise ValueError(f"sizes, file_paths: {len(sizes)} and {len(file_paths)} for {V} cameras")
+    clash = sorted(_NS_RESERVED & set(top))
+    if clash:
+        raise ValueError(f"top: {', '.join(clash)} are written from the cameras")
+    gl = poses @ _FLIP_YZ
+    intrinsics = []
+    for v, (k, size) in enumerate(zip(Ks, sizes, strict=True)):
+        try:
+            w, h = size
+        except (TypeError, ValueError):
+            raise ValueError(f"sizes[{v}]: expected (W, H), got {size!r}") from None
+        W, H = _ns_side(w, "w", f"sizes[{v}]"), _ns_side(h, "h", f"sizes[{v}]")
+        values = (float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2]), W, H)
+        intrinsics.append(dict(zip(_NS_INTRINSICS, values, strict=True)))
+    shared = all(d == intrinsics[0] for d in intrinsics)
+    frames = [
+        {"file_path": str(name), "transform_matrix": m.tolist(), **({} if shared else d)}
+        for name, m, d in zip(file_paths, gl, intrinsics, strict=True)
+    ]
+    return {"camera_model": "OPENCV", **(intrinsics[0] if shared else {}), **top, "frames": frames}
 
 
 # --------------------------------------------------------------------------- metrics

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from datagen.cameras import intrinsics_from_focal, look_at, opencv_to_opengl
+from datagen.cameras import intrinsics_from_focal, look_at, nerfstudio_transforms
 from datagen.decode import BadInput, read_bytes
 
 # Bumped whenever the pictures or cameras for a seed change: cached scenes are redrawn.
@@ -429,33 +429,24 @@ def write_nerfstudio_scene(
     for sub in ("images", "images_2"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     H, W = render.size
-    frames = []
     for f in range(render.frames):
         name = frame_name(f)
         img = Image.fromarray(render.images[f])
         img.save(root / "images" / name, compress_level=1)
         half = img.resize((max(1, W // 2), max(1, H // 2)), Image.Resampling.BOX)
         half.save(root / "images_2" / name, compress_level=1)
-        gl = opencv_to_opengl(render.c2w[f])
-        frames.append({"file_path": f"images/{name}", "transform_matrix": gl.tolist()})
-    k = render.K[0]
-    doc: dict[str, Any] = {
-        "camera_model": "OPENCV",
-        "fl_x": float(k[0, 0]),
-        "fl_y": float(k[1, 1]),
-        "cx": float(k[0, 2]),
-        "cy": float(k[1, 2]),
-        "w": W,
-        "h": H,
-        "k1": 0.0,
-        "k2": 0.0,
-        "p1": 0.0,
-        "p2": 0.0,
-        "frames": frames,
-        "generator": _generator_record(render),
-    }
-    if caption is not None:
-        doc["caption"] = caption
+    doc = nerfstudio_transforms(
+        render.c2w,
+        render.K,
+        [(W, H)] * render.frames,
+        [f"images/{frame_name(f)}" for f in range(render.frames)],
+        k1=0.0,
+        k2=0.0,
+        p1=0.0,
+        p2=0.0,
+        generator=_generator_record(render),
+        **({} if caption is None else {"caption": caption}),
+    )
     (root / "transforms.json").write_text(json.dumps(doc, indent=1))
     return root
 

@@ -257,6 +257,12 @@ def _is_group(batch: Mapping[str, Sequence[Any]], i: int) -> bool:
     return views is not None and int(views[i] or 0) > 0
 
 
+def _one_per_view(value: Any, views: int) -> bool:
+    """A group's per-view values (a list, or Arrow's array, of one entry per view), not one
+    value for the whole group (a scene's caption, made once from view 0)."""
+    return isinstance(value, list | tuple | np.ndarray) and len(value) == views
+
+
 def _units(
     stage: Stage, batch: Mapping[str, Sequence[Any]], rows: list[int]
 ) -> tuple[dict[str, list[Any]], list[tuple[int, int | None]]]:
@@ -270,11 +276,12 @@ def _units(
     for i in rows:
         if stage.per_view and _is_group(batch, i):
             first = stage.views_of_group == "first"
-            for v in range(1 if first else int(batch["views"][i])):
+            views = int(batch["views"][i])
+            for v in range(1 if first else views):
                 units["key"].append(f"{batch['key'][i]}-v{v}")
                 for c in columns[1:]:
                     value = data[c][i]
-                    units[c].append(None if value is None else value[v])
+                    units[c].append(value[v] if _one_per_view(value, views) else value)
                 where.append((i, None if first else v))
         else:
             for c in columns:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -319,6 +321,125 @@ def test_metrics_of_known_perturbations():
     got = C.pose_metrics(off, ring)
     assert got == {"rotation_acc@15": 1.0, "center_acc@0.1": 7 / 8, "center_acc@0.3": 1.0}
     assert set(C.pose_metrics(ring, ring, 5, (0.05,))) == {"rotation_acc@5", "center_acc@0.05"}
+
+
+# --------------------------------------------------------------------------- nerfstudio
+
+# OpenGL camera at (5, 0, 0) looking at the origin, up +z: x_cam = +y, y_cam = +z, back = +x.
+_GL = [[0, 0, 1, 5], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]
+_TOP = {"fl_x": 100.0, "cx": 64.5, "cy": 48.5, "w": 128, "h": 96}
+
+
+def test_nerfstudio_camera_of_a_hand_built_frame():
+    c2w, K, size = C.nerfstudio_camera({"transform_matrix": _GL}, _TOP, "f0")
+    assert size == (128, 96)
+    np.testing.assert_array_equal(K, [[100.0, 0, 64.5], [0, 100.0, 48.5], [0, 0, 1]])
+    np.testing.assert_array_equal(c2w[:3, 2], [-1, 0, 0])  # OpenCV z looks at the origin
+    # (0, 1, 0.5) is OpenCV (1, -0.5, 5) in the camera: u = 64.5 + 20, v = 48.5 - 10
+    np.testing.assert_allclose(project(c2w, K, np.array([0.0, 1.0, 0.5])), [84.5, 38.5])
+    three_by_four, _, _ = C.nerfstudio_camera({"transform_matrix": _GL[:3]}, _TOP, "f0")
+    np.testing.assert_array_equal(three_by_four, c2w)
+
+
+def test_nerfstudio_frame_keys_beat_the_top_level_and_defaults_fill_in():
+    frame = {"transform_matrix": _GL, "fl_x": 80.0, "fl_y": 81.0, "w": 64, "h": 32, "cx": None}
+    _, K, size = C.nerfstudio_camera(frame, _TOP, "f")
+    assert size == (64, 32)
+    np.testing.assert_array_equal(K[:2], [[80.0, 0, 64.5], [0, 81.0, 48.5]])  # null: the top's
+    top = {"fl_x": 50.0}
+    _, K, size = C.nerfstudio_camera({"transform_matrix": _GL}, top, "f", size=(40, 30))
+    assert size == (40, 30)  # no w / h in the file: the given size
+    np.testing.assert_array_equal(K[:2], [[50.0, 0, 20.0], [0, 50.0, 15.0]])  # fy = fx, centre
+    _, _, size = C.nerfstudio_camera({"transform_matrix": _GL}, _TOP, "f", size=(40, 30))
+    assert size == (128, 96)  # w / h in the file win over the given size
+    with pytest.raises(ValueError, match=r"^f: w is missing"):
+        C.nerfstudio_camera({"transform_matrix": _GL}, top, "f")
+
+
+def test_nerfstudio_camera_angles_give_focal_lengths():
+    top = {"camera_angle_x": 0.8, "w": 80, "h": 60}
+    _, K, _ = C.nerfstudio_camera({"transform_matrix": _GL}, top, "f")
+    np.testing.assert_allclose([K[0, 0], K[1, 1]], [40 / np.tan(0.4)] * 2)  # fy = fx
+    _, K, _ = C.nerfstudio_camera({"transform_matrix": _GL, "camera_angle_y": 0.6}, top, "f")
+    np.testing.assert_allclose([K[0, 0], K[1, 1]], [40 / np.tan(0.4), 30 / np.tan(0.3)])
+    _, K, _ = C.nerfstudio_camera({"transform_matrix": _GL, "fl_x": 7.0}, top, "f")
+    assert K[0, 0] == 7.0  # fl_x beats camera_angle_x
+
+
+_SCALED = np.diag([2.0, 1, 1, 1]).tolist()
+_MIRRORED = np.diag([-1.0, 1, 1, 1]).tolist()
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "camera"),
+    [
+        ({"fl_x": "wide"}, "fl_x", False),
+        ({"fl_x": True}, "fl_x", False),
+        ({"fl_x": None}, "fl_x", False),  # missing
+        ({"fl_x": 0.0}, "fl_x", True),
+        ({"fl_x": float("nan")}, "fl_x", True),
+        ({"fl_y": -1.0}, "fl_y", True),
+        ({"cx": float("inf")}, "cx", True),
+        ({"cy": 10**400}, "cy", True),  # a json integer too big for a float
+        ({"w": 12.5}, "w", False),
+        ({"h": 0}, "h", False),
+        ({"w": 1 << 17}, "w", False),
+        ({"w": "128"}, "w", False),
+        ({"fl_x": None, "camera_angle_x": 4.0}, "camera_angle_x", True),
+        ({"transform_matrix": None}, "transform_matrix", False),
+        ({"transform_matrix": [[1, 0], [0, 1]]}, "transform_matrix", False),
+        ({"transform_matrix": [["a"] * 4] * 4}, "transform_matrix", False),
+        ({"transform_matrix": [[float("nan")] * 4] * 4}, "transform_matrix", True),
+        ({"transform_matrix": _SCALED}, "transform_matrix", True),
+        ({"transform_matrix": _MIRRORED}, "transform_matrix", True),
+        ({"transform_matrix": [*_GL[:3], [0, 0, 1, 1]]}, "transform_matrix", True),
+    ],
+)
+def test_nerfstudio_camera_bad_values_are_one_value_error_naming_the_key(change, key, camera):
+    frame = {"transform_matrix": _GL, **change}
+    top = {**_TOP, **{k: None for k in change if k in _TOP}}  # the frame's value or nothing
+    with pytest.raises(ValueError, match=rf"^frame 3: {key}\b") as info:
+        C.nerfstudio_camera(frame, top, "frame 3")
+    assert isinstance(info.value, C.CameraValueError) == camera, info.value
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^frame 3: not an object"):
+        C.nerfstudio_camera([1, 2], _TOP, "frame 3")  # type: ignore[arg-type]
+
+
+def _read_back(doc: dict) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    doc = json.loads(json.dumps(doc))  # through the file format
+    cams = [C.nerfstudio_camera(f, doc, f"frame {i}") for i, f in enumerate(doc["frames"])]
+    return np.stack([c[0] for c in cams]), np.stack([c[1] for c in cams]), [c[2] for c in cams]
+
+
+def test_nerfstudio_transforms_round_trip_and_shared_intrinsics_at_the_top():
+    rng = np.random.default_rng(5)
+    c2w, K = random_rig(rng, 3, (48, 64))
+    sizes = [(64, 48), (64, 48), (50, 40)]
+    doc = C.nerfstudio_transforms(c2w, K, sizes, ["a.png", "b.png", "c.png"], caption="x")
+    assert doc["camera_model"] == "OPENCV" and doc["caption"] == "x" and "fl_x" not in doc
+    assert [f["file_path"] for f in doc["frames"]] == ["a.png", "b.png", "c.png"]
+    assert doc["frames"][2]["w"] == 50 and doc["frames"][2]["fl_y"] == K[2, 1, 1]
+    got_c2w, got_K, got_sizes = _read_back(doc)
+    np.testing.assert_allclose(got_c2w, c2w, atol=1e-9)
+    np.testing.assert_allclose(got_K, K, atol=1e-9)
+    assert got_sizes == sizes
+    np.testing.assert_array_equal(C.opengl_to_opencv(doc["frames"][0]["transform_matrix"]), c2w[0])
+    # One K and size for every frame: written once, at the top level only.
+    shared = C.nerfstudio_transforms(c2w, K[0], [(64, 48)] * 3, ["a", "b", "c"], generator={})
+    assert shared["fl_x"] == K[0, 0, 0] and (shared["w"], shared["h"]) == (64, 48)
+    assert all(set(f) == {"file_path", "transform_matrix"} for f in shared["frames"])
+    assert shared["generator"] == {}
+    got_c2w, got_K, got_sizes = _read_back(shared)
+    np.testing.assert_allclose(got_c2w, c2w, atol=1e-9)
+    np.testing.assert_allclose(got_K, np.stack([K[0]] * 3), atol=1e-9)
+    assert got_sizes == [(64, 48)] * 3
+    with pytest.raises(ValueError, match="fl_x"):
+        C.nerfstudio_transforms(c2w, K, sizes, ["a", "b", "c"], fl_x=1.0)
+    with pytest.raises(ValueError, match="file_paths"):
+        C.nerfstudio_transforms(c2w, K, sizes, ["a", "b"])
+    with pytest.raises(ValueError, match=r"sizes\[1\]: h"):
+        C.nerfstudio_transforms(c2w, K, [(64, 48), (64, 0), (1, 1)], ["a", "b", "c"])
 
 
 # --------------------------------------------------------------------------- bad inputs

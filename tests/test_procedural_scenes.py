@@ -20,7 +20,7 @@ from datagen.procedural_scenes import (
     visible_points,
     write_nerfstudio_scene,
 )
-from datagen.scenes import nerfstudio_scenes
+from datagen.scene_formats import nerfstudio_scenes
 
 
 @pytest.fixture(scope="module")

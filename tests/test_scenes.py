@@ -15,12 +15,10 @@ from datagen.cameras import orbit_cameras, plucker_rays, resize_intrinsics
 from datagen.groups import GROUP_MANIFEST_SCHEMA, row_cameras
 from datagen.params import ParamError, build
 from datagen.procedural_scenes import render_scene, visible_points, write_nerfstudio_scene
+from datagen.scene_formats import co3d_scenes, nerfstudio_scenes, objaverse_scenes
 from datagen.scenes import (
     ProceduralScenesSource,
     ScenesSource,
-    co3d_scenes,
-    nerfstudio_scenes,
-    objaverse_scenes,
     sample_frames,
     scene_manifest,
 )

@@ -152,6 +152,21 @@ def test_first_view_stages_label_the_group_once():
     assert json.loads(out[meta_column("doubler")][0]) == {"doubled": 6}
 
 
+def test_a_value_made_once_per_group_reaches_every_view_whole():
+    """A caption of view 0 (one string for the group) read by a per-view stage is handed to
+    each view as it is, not indexed into characters."""
+
+    class Reads(Picky):
+        reads: ClassVar[tuple[str, ...]] = ("n", "scene_caption")
+
+        def label(self, row: dict[str, Any]) -> dict[str, Any]:
+            return {"txt": f"{row['n']}:{row['scene_caption']}".encode()}
+
+    batch = _batch(["g"], n=[[1, 2]], views=[2], scene_caption=["a red cube"])
+    out = run_stage(Reads(), batch, name="picky", needs=())
+    assert out["txt"] == [[b"1:a red cube", b"2:a red cube"]]
+
+
 def test_a_source_column_a_group_manifest_lacks_reads_as_none():
     class Reads(Picky):
         reads: ClassVar[tuple[str, ...]] = ("n", "caption")

@@ -39,9 +39,9 @@ from datagen.cameras import (
     cameras_to_plucker,
     crop_intrinsics,
     intrinsics_from_focal,
+    nerfstudio_camera,
+    nerfstudio_transforms,
     normalize_cameras,
-    opencv_to_opengl,
-    opengl_to_opencv,
     orbit_cameras,
     plucker_to_cameras,
     pose_metrics,
@@ -137,18 +137,11 @@ class Transforms:
     file_paths: list[str]
 
 
-def _number(frame: dict, top: dict, key: str, where: str, default: float | None = None) -> float:
-    value = frame.get(key, top.get(key, default))
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def read_transforms(path: str | Path, flag: str = "--cameras") -> Transforms:
-    """A nerfstudio ``transforms.json`` (OpenGL c2w ``transform_matrix`` per frame; ``fl_x``,
-    ``fl_y``, ``cx``, ``cy``, ``w``, ``h`` per frame or shared at the top; frames in file
-    order), read safely: a regular file under ``MAX_TRANSFORMS_BYTES``, JSON only, at most
-    ``MAX_VIEWS`` frames. Anything wrong is a one-line :class:`SampleUsageError`."""
+    """A nerfstudio ``transforms.json`` (each frame read by
+    :func:`datagen.cameras.nerfstudio_camera`; frames in file order), read safely: a regular
+    file under ``MAX_TRANSFORMS_BYTES``, JSON only, at most ``MAX_VIEWS`` frames. Anything
+    wrong is a one-line :class:`SampleUsageError`."""
     p = Path(path)
     if not p.is_file():
         raise SampleUsageError(f"{flag} {path} is not a readable file")
@@ -170,32 +163,11 @@ def _parse_transforms(meta: Any) -> Transforms:
     frames = meta["frames"]
     if not frames or len(frames) > MAX_VIEWS:
         raise ValueError(f"expected 1 to {MAX_VIEWS} frames, got {len(frames)}")
-    c2w, Ks, sizes, names = [], [], [], []
-    for i, frame in enumerate(frames):
-        where = f"frame {i}"
-        if not isinstance(frame, dict):
-            raise ValueError(f"{where}: not an object")
-        w = _number(frame, meta, "w", where)
-        h = _number(frame, meta, "h", where)
-        if w != int(w) or h != int(h) or w < 1 or h < 1:
-            raise ValueError(f"{where}: w and h must be positive integers")
-        fx = _number(frame, meta, "fl_x", where)
-        fy = _number(frame, meta, "fl_y", where, fx)
-        cx = _number(frame, meta, "cx", where, w / 2)
-        cy = _number(frame, meta, "cy", where, h / 2)
-        if fx <= 0 or fy <= 0:
-            raise ValueError(f"{where}: fl_x and fl_y must be positive")
-        try:
-            pose = opengl_to_opencv(frame.get("transform_matrix"))
-            normalize_cameras(pose)  # a rigid 4x4 with a proper rotation, else the reason
-        except ValueError as exc:
-            reason = str(exc).removeprefix("c2w: ")
-            raise ValueError(f"{where}: transform_matrix: {reason}") from None
-        c2w.append(pose)
-        Ks.append([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-        sizes.append((int(w), int(h)))
-        names.append(str(frame.get("file_path", "")))
-    return Transforms(np.stack(c2w), np.asarray(Ks, np.float64), sizes, names)
+    cams = [nerfstudio_camera(frame, meta, f"frame {i}") for i, frame in enumerate(frames)]
+    names = [str(frame.get("file_path", "")) for frame in frames]
+    return Transforms(
+        np.stack([c[0] for c in cams]), np.stack([c[1] for c in cams]), [c[2] for c in cams], names
+    )
 
 
 def write_transforms(
@@ -205,36 +177,12 @@ def write_transforms(
     frames: Sequence[tuple[int, int]],
     file_paths: Sequence[str],
 ) -> Path:
-    """OpenCV cameras as a nerfstudio ``transforms.json`` (OpenGL ``transform_matrix``,
-    intrinsics per frame, and at the top too when every frame shares them)."""
-    gl = opencv_to_opengl(c2w)
-    out_frames = []
-    for v, ((w, h), name) in enumerate(zip(frames, file_paths, strict=True)):
-        out_frames.append(
-            {
-                "file_path": name,
-                "transform_matrix": gl[v].tolist(),
-                **_intrinsics_json(K[v], (w, h)),
-            }
-        )
-    doc: dict[str, Any] = {"camera_model": "OPENCV"}
-    shared = [json.dumps(_intrinsics_json(K[v], frames[v])) for v in range(len(frames))]
-    if len(set(shared)) == 1:
-        doc.update(_intrinsics_json(K[0], frames[0]))
-    doc["frames"] = out_frames
+    """OpenCV cameras as a nerfstudio ``transforms.json``
+    (:func:`datagen.cameras.nerfstudio_transforms`: intrinsics per frame, or once at the top
+    when every frame shares them)."""
+    doc = nerfstudio_transforms(c2w, K, frames, file_paths)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
-
-
-def _intrinsics_json(K: np.ndarray, frame: tuple[int, int]) -> dict[str, float | int]:
-    return {
-        "fl_x": float(K[0, 0]),
-        "fl_y": float(K[1, 1]),
-        "cx": float(K[0, 2]),
-        "cy": float(K[1, 2]),
-        "w": int(frame[0]),
-        "h": int(frame[1]),
-    }
 
 
 # --------------------------------------------------------------------------- requests

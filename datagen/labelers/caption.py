@@ -81,6 +81,17 @@ class CaptionParams:
             raise ParamError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
 
 
+def require_group_views(needs: dict[str, Any], want: str, why: str) -> None:
+    """For a stage packing groups: refuse (``ParamError``) a caption stage among its
+    ``needs`` that captions the wrong views of a group (``group_views``)."""
+    caption = needs.get("caption")
+    if caption is not None and caption.group_views != want:
+        raise ParamError(
+            f"stages.caption.params.group_views: {why}; set it to {want!r}, "
+            f"not {caption.group_views!r}"
+        )
+
+
 class CaptionStage(ModelStage):
     name: ClassVar[str] = "caption"
     version: ClassVar[str] = "1"

@@ -22,6 +22,7 @@ import numpy as np
 
 from datagen.codecs import encode_jpeg
 from datagen.decode import BadInput
+from datagen.labelers.caption import require_group_views
 from datagen.labelers.decode import is_view_list
 from datagen.params import ParamError
 from datagen.stage import Filtered, RowStage
@@ -113,12 +114,7 @@ class IdentityStage(RowStage):
 
     @classmethod
     def check_needs(cls, params: Any, needs: dict[str, Any]) -> None:
-        caption = needs.get("caption")
-        if caption is not None and caption.group_views != "all":
-            raise ParamError(
-                "stages.caption.params.group_views: a faceid sample has a caption per photo; "
-                f"set it to 'all', not {caption.group_views!r}"
-            )
+        require_group_views(needs, "all", "a faceid sample has a caption per photo")
 
     def _view(self, image: Any, crop: Any, box: Any, view: int) -> tuple[bytes, list[float] | None]:
         """One photo's jpg, and its face box in the stored pixels (None without one)."""

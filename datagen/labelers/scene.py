@@ -26,6 +26,7 @@ import numpy as np
 from datagen.cameras import DEFAULT_DISTANCE, crop_intrinsics, normalize_cameras, resize_intrinsics
 from datagen.codecs import encode_jpeg
 from datagen.decode import BadInput
+from datagen.labelers.caption import require_group_views
 from datagen.params import ParamError
 from datagen.schema import SUBSETS
 from datagen.stage import Filtered, RowStage
@@ -183,12 +184,7 @@ class SceneStage(RowStage):
 
     @classmethod
     def check_needs(cls, params: SceneParams, needs: dict[str, Any]) -> None:
-        caption = needs.get("caption")
-        if caption is not None and caption.group_views != "first":
-            raise ParamError(
-                "the caption stage must caption one view per scene (caption.params.group_views:"
-                f" first), not {caption.group_views!r}"
-            )
+        require_group_views(needs, "first", "a scene has one caption, of view 0")
         decode = needs.get("decode")
         max_side = getattr(decode, "max_side", None)
         if params.size is not None and max_side is not None and max_side < params.size:
