@@ -478,7 +478,12 @@ def _ns_value(frame: Mapping, top: Mapping, key: str) -> Any:
     return top.get(key) if value is None else value
 
 
-def _ns_number(value: Any, key: str, where: str) -> float:
+# The json value readers below serve every camera file format (nerfstudio here, CO3D and
+# Objaverse renders in datagen.scene_formats): a ValueError names ``where`` and the key; a
+# CameraValueError is a well-formed value that describes no camera.
+
+
+def json_number(value: Any, key: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{where}: {key} must be a finite number, got {str(value)[:60]!r}")
     try:
@@ -490,8 +495,8 @@ def _ns_number(value: Any, key: str, where: str) -> float:
     return number
 
 
-def _ns_side(value: Any, key: str, where: str) -> int:
-    v = _ns_number(value, key, where)
+def json_side(value: Any, key: str, where: str) -> int:
+    v = json_number(value, key, where)
     if v != int(v) or not 0 < v <= MAX_IMAGE_SIDE:
         raise ValueError(
             f"{where}: {key} must be an integer within [1, {MAX_IMAGE_SIDE}], got {str(value)[:60]}"
@@ -504,20 +509,25 @@ def _ns_focal(
 ) -> float | None:
     """``key`` (pixels), else ``angle_key`` (radians across ``side`` pixels), else None."""
     if (value := _ns_value(frame, top, key)) is not None:
-        focal = _ns_number(value, key, where)
+        focal = json_number(value, key, where)
         if focal <= 0:
             raise CameraValueError(f"{where}: {key} must be positive, got {focal}")
         return focal
     if (value := _ns_value(frame, top, angle_key)) is not None:
-        angle = _ns_number(value, angle_key, where)
-        if not 0 < angle < math.pi:
-            raise CameraValueError(f"{where}: {angle_key} {angle} is not within (0, pi)")
-        return 0.5 * side / math.tan(0.5 * angle)
+        return focal_from_angle(json_number(value, angle_key, where), side, angle_key, where)
     return None
 
 
-def _ns_pose(value: Any, name: str) -> np.ndarray:
-    """A rigid OpenGL c2w [4, 4] from a json 4x4 (or 3x4) list of lists."""
+def focal_from_angle(angle: float, side: int, key: str, where: str) -> float:
+    """The focal length in pixels of a field of view ``angle`` (radians) across ``side``."""
+    if not 0 < angle < math.pi:
+        raise CameraValueError(f"{where}: {key} {angle} is not within (0, pi)")
+    return 0.5 * side / math.tan(0.5 * angle)
+
+
+def json_pose(value: Any, name: str) -> np.ndarray:
+    """A rigid camera-to-world [4, 4] (in the file's convention) from a json 4x4 (or 3x4)
+    list of lists."""
     if value is None:
         raise ValueError(f"{name}: missing")
     try:
@@ -557,7 +567,7 @@ def nerfstudio_camera(
             missing = "w" if w is None else "h"
             raise ValueError(f"{where}: {missing} is missing (image width and height, pixels)")
         w, h = size
-    W, H = _ns_side(w, "w", where), _ns_side(h, "h", where)
+    W, H = json_side(w, "w", where), json_side(h, "h", where)
     fx = _ns_focal(frame, top, "fl_x", "camera_angle_x", W, where)
     if fx is None:
         raise ValueError(
@@ -567,8 +577,8 @@ def nerfstudio_camera(
     centre = {"cx": W / 2.0, "cy": H / 2.0}
     for key in centre:
         if (value := _ns_value(frame, top, key)) is not None:
-            centre[key] = _ns_number(value, key, where)
-    c2w = _ns_pose(frame.get("transform_matrix"), f"{where}: transform_matrix") @ _FLIP_YZ
+            centre[key] = json_number(value, key, where)
+    c2w = json_pose(frame.get("transform_matrix"), f"{where}: transform_matrix") @ _FLIP_YZ
     K = np.array([[fx, 0.0, centre["cx"]], [0.0, fy, centre["cy"]], [0.0, 0.0, 1.0]])
     return c2w, K, (W, H)
 
@@ -601,7 +611,7 @@ def nerfstudio_transforms(
             w, h = size
         except (TypeError, ValueError):
             raise ValueError(f"sizes[{v}]: expected (W, H), got {size!r}") from None
-        W, H = _ns_side(w, "w", f"sizes[{v}]"), _ns_side(h, "h", f"sizes[{v}]")
+        W, H = json_side(w, "w", f"sizes[{v}]"), json_side(h, "h", f"sizes[{v}]")
         values = (float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2]), W, H)
         intrinsics.append(dict(zip(_NS_INTRINSICS, values, strict=True)))
     shared = all(d == intrinsics[0] for d in intrinsics)

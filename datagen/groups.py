@@ -71,10 +71,6 @@ class GroupManifestError(ValueError):
     manifest with broken rows); the message names the key."""
 
 
-def is_group_table(table: pa.Table) -> bool:
-    return "views" in table.column_names
-
-
 def group_row(
     key: str,
     group: str,
@@ -146,15 +142,3 @@ def group_rng(*parts: object) -> np.random.Generator:
     sample picks never depend on the order or number of other groups."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def row_cameras(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(c2w [V, 4, 4], K [V, 3, 3], sizes [V, 2] as (W, H)) of a scene row."""
-    v = int(row["views"])
-    if row.get("cameras") is None or row.get("intrinsics") is None:
-        raise GroupManifestError(f"{row.get('key')}: a scene row needs cameras and intrinsics")
-    c2w = np.asarray(row["cameras"], np.float64).reshape(v, 4, 4)
-    k = np.asarray(row["intrinsics"], np.float64).reshape(v, 3, 3)
-    sizes = row.get("sizes")
-    wh = np.asarray(sizes, np.int64).reshape(v, 2) if sizes is not None else np.zeros((v, 2), int)
-    return c2w, k, wh

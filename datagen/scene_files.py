@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import posixpath
 import re
@@ -25,13 +24,18 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from datagen.cameras import MAX_IMAGE_SIDE
+from datagen.cameras import (
+    CameraValueError,
+    focal_from_angle,
+    json_number,
+    json_pose,
+    json_side,
+)
 from datagen.decode import BadInput, open_regular, pil_open, read_bytes, run_with_timeout
 from datagen.sources import SourceError
 
 HEADER_BYTES = 1 << 20  # read to learn an image's size from its header
 READ_TIMEOUT_S = 120.0
-ROTATION_TOLERANCE = 1e-3  # as datagen.cameras and the scene stage check rotations
 
 
 # --------------------------------------------------------------------------- scenes
@@ -193,26 +197,24 @@ def open_store(path: str) -> Store:
 # --------------------------------------------------------------------------- numbers
 
 
-def check_number(value: Any, what: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SceneProblem(f"BadSceneFile: {where}: {what} is not a number: {str(value)[:60]!r}")
+def camera_checked(read: Callable[..., Any], *args: Any) -> Any:
+    """``read(*args)``, one of :mod:`datagen.cameras`' json value readers, its complaint as
+    this scene's problem: ``BadCamera`` for a value that describes no camera, else
+    ``BadSceneFile``."""
     try:
-        number = float(value)  # a json integer of 400 digits overflows
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise SceneProblem(f"BadCamera: {where}: {what} is not finite")
-    return number
+        return read(*args)
+    except CameraValueError as exc:
+        raise SceneProblem(f"BadCamera: {exc}") from None
+    except ValueError as exc:
+        raise SceneProblem(f"BadSceneFile: {exc}") from None
+
+
+def check_number(value: Any, what: str, where: str) -> float:
+    return camera_checked(json_number, value, what, where)
 
 
 def check_pixels(value: Any, what: str, where: str) -> int:
-    v = check_number(value, what, where)
-    if v != int(v) or not 0 < v <= MAX_IMAGE_SIDE:
-        raise SceneProblem(
-            f"BadSceneFile: {where}: {what} must be an integer within [1, {MAX_IMAGE_SIDE}], "
-            f"got {value}"
-        )
-    return int(v)
+    return camera_checked(json_side, value, what, where)
 
 
 def check_text(value: Any, what: str, where: str) -> str | None:
@@ -225,22 +227,7 @@ def check_text(value: Any, what: str, where: str) -> str | None:
 
 def check_matrix(value: Any, what: str, where: str) -> np.ndarray:
     """A rigid 4x4 from a json 4x4 or 3x4 list of lists."""
-    try:
-        m = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise SceneProblem(f"BadSceneFile: {where}: {what} is not a matrix of numbers") from None
-    if m.shape == (3, 4):
-        m = np.vstack([m, [0.0, 0.0, 0.0, 1.0]])
-    if m.shape != (4, 4):
-        raise SceneProblem(f"BadSceneFile: {where}: {what} has shape {m.shape}, not 4x4 or 3x4")
-    if not np.all(np.isfinite(m)):
-        raise SceneProblem(f"BadCamera: {where}: {what} contains NaN or inf")
-    r = m[:3, :3]
-    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0], atol=ROTATION_TOLERANCE):
-        raise SceneProblem(f"BadCamera: {where}: {what} last row is not [0, 0, 0, 1]")
-    if not np.allclose(r.T @ r, np.eye(3), atol=ROTATION_TOLERANCE) or np.linalg.det(r) <= 0:
-        raise SceneProblem(f"BadCamera: {where}: {what} rotation is not orthonormal with det +1")
-    return m
+    return camera_checked(json_pose, value, f"{where}: {what}")
 
 
 def pinhole(fx: float, fy: float, cx: float, cy: float, where: str) -> np.ndarray:
@@ -249,10 +236,8 @@ def pinhole(fx: float, fy: float, cx: float, cy: float, where: str) -> np.ndarra
     return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
 
 
-def focal_from_angle(angle: float, pixels: int, what: str, where: str) -> float:
-    if not 0 < angle < math.pi:
-        raise SceneProblem(f"BadCamera: {where}: {what} {angle} is not within (0, pi)")
-    return 0.5 * pixels / math.tan(0.5 * angle)
+def check_focal_from_angle(angle: float, pixels: int, what: str, where: str) -> float:
+    return camera_checked(focal_from_angle, angle, pixels, what, where)
 
 
 # --------------------------------------------------------------------------- paths

@@ -44,17 +44,18 @@ from typing import Any
 
 import numpy as np
 
-from datagen.cameras import CameraValueError, nerfstudio_camera, pytorch3d_to_opencv
+from datagen.cameras import nerfstudio_camera, pytorch3d_to_opencv
 from datagen.scene_files import (
     Scene,
     SceneFrame,
     SceneProblem,
     Store,
+    camera_checked,
+    check_focal_from_angle,
     check_matrix,
     check_number,
     check_pixels,
     check_text,
-    focal_from_angle,
     image_size,
     is_utf8,
     natural_key,
@@ -138,12 +139,9 @@ def _ns_frames(store: Store, doc: Any, folder: str, images: str, uri: str) -> li
     for frame in frames:
         where = f"{uri}: frame {frame['file_path']}"
         sized = all(frame.get(k) is not None or doc.get(k) is not None for k in ("w", "h"))
-        try:
-            c2w, K, size = nerfstudio_camera(frame, doc, where, None if sized else fallback())
-        except CameraValueError as exc:
-            raise SceneProblem(f"BadCamera: {exc}") from None
-        except ValueError as exc:
-            raise SceneProblem(f"BadSceneFile: {exc}") from None
+        c2w, K, size = camera_checked(
+            nerfstudio_camera, frame, doc, where, None if sized else fallback()
+        )
         path = safe_join(folder, _ns_path(frame["file_path"], images, uri))
         caption = check_text(frame.get("caption"), "caption", where)
         out.append(
@@ -367,7 +365,7 @@ def _objaverse_view(store: Store, folder: str, names: set[str], stem: str) -> Sc
             if doc.get("fov") is not None
             else math.radians(check_number(doc["fov_deg"], "fov_deg", uri))
         )
-        fx = fy = focal_from_angle(fov, w, "fov", uri)
+        fx = fy = check_focal_from_angle(fov, w, "fov", uri)
     else:
         raise SceneProblem(f"BadSceneFile: {uri}: no intrinsics (fx or fov / fov_deg)")
     cx = check_number(doc["cx"], "cx", uri) if doc.get("cx") is not None else w / 2.0

@@ -257,10 +257,25 @@ def _is_group(batch: Mapping[str, Sequence[Any]], i: int) -> bool:
     return views is not None and int(views[i] or 0) > 0
 
 
+def is_view_list(value: Any) -> bool:
+    """A group's per-view values (a list, or Arrow's object array), not one item's value
+    (its bytes, its image array)."""
+    return isinstance(value, list | tuple) or (
+        isinstance(value, np.ndarray) and value.dtype == object
+    )
+
+
+def view_values(value: Any, views: int) -> list[Any]:
+    """A group's per-view metadata as ``views`` entries; None everywhere when there is none
+    (the stage making it is not in the DAG) or it was made once for the whole group."""
+    return list(value) if is_view_list(value) and len(value) == views else [None] * views
+
+
 def _one_per_view(value: Any, views: int) -> bool:
-    """A group's per-view values (a list, or Arrow's array, of one entry per view), not one
-    value for the whole group (a scene's caption, made once from view 0)."""
-    return isinstance(value, list | tuple | np.ndarray) and len(value) == views
+    """A column's value for a group row holds one entry per view (Arrow gives per-view
+    numbers as numeric arrays), not one value for the whole group (a scene's caption, made
+    once from view 0)."""
+    return (is_view_list(value) or isinstance(value, np.ndarray)) and len(value) == views
 
 
 def _units(

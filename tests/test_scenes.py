@@ -6,13 +6,14 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from datagen.cameras import orbit_cameras, plucker_rays, resize_intrinsics
-from datagen.groups import GROUP_MANIFEST_SCHEMA, row_cameras
+from datagen.groups import GROUP_MANIFEST_SCHEMA
 from datagen.params import ParamError, build
 from datagen.procedural_scenes import render_scene, visible_points, write_nerfstudio_scene
 from datagen.scene_formats import co3d_scenes, nerfstudio_scenes, objaverse_scenes
@@ -27,6 +28,14 @@ from datagen.sources import SourceError, resolve
 from datagen.stage import ERROR, FILTERED, group_failure
 
 FLIP = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def row_cameras(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(c2w [V, 4, 4], K [V, 3, 3], sizes [V, 2] as (W, H)) of a scene row."""
+    v = int(row["views"])
+    c2w = np.asarray(row["cameras"], np.float64).reshape(v, 4, 4)
+    k = np.asarray(row["intrinsics"], np.float64).reshape(v, 3, 3)
+    return c2w, k, np.asarray(row["sizes"], np.int64).reshape(v, 2)
 
 
 def _png(path: Path, size: tuple[int, int] = (16, 12)) -> None:

@@ -345,11 +345,16 @@ def bucket_rays(
     """Plücker ray views for cameras whose intrinsics describe ``frame`` (W, H) pixels, once
     the frame is cropped and resized into ``bucket`` (H, W) as :func:`load_view` does it: one
     ray per latent cell, in the channel layout the released model reads."""
-    plan = plan_crop(frame, bucket)
-    x0, y0, cw, ch = plan.box
     bh, bw = bucket
-    k = resize_intrinsics(crop_intrinsics(K, x0, y0), bw / cw, bh / ch)
+    k = bucket_intrinsics(K, frame, bucket)
     return cameras_to_plucker(c2w, k, bucket, (bh // stride, bw // stride), channels)
+
+
+def bucket_intrinsics(K: np.ndarray, frame: tuple[int, int], bucket: tuple[int, int]) -> np.ndarray:
+    """Intrinsics of ``frame`` (W, H) pixels -> of the crop :func:`load_view` makes of it for
+    ``bucket`` (H, W)."""
+    x0, y0, cw, ch = plan_crop(frame, bucket).box
+    return resize_intrinsics(crop_intrinsics(K, x0, y0), bucket[1] / cw, bucket[0] / ch)
 
 
 @dataclass

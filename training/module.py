@@ -44,7 +44,7 @@ from training.encoders import FrozenEncoders, build_encoders, interleave_rays, p
 from training.optim import build_optimizer, clip_grad_norm, ema_decay, ema_update
 from training.parallelize import init_sharded, local_tensor, parallelize
 from training.runs import log_line
-from training.sample import generate
+from training.sample import generate, generate_views
 from training.seeding import mix_seed
 
 # --------------------------------------------------------------------------- module
@@ -409,7 +409,7 @@ class OneGenModule(pl.LightningModule):
 
         With ``cond_rays`` [B, V, C, h, w] (a multiview batch: ``cond_pixels`` its V images,
         ``cond_mask`` [B, 2V] over img0, ray0, img1, ...) the result is a
-        ``training.sample_multiview.MultiviewSample``: the decoded images and the final ray
+        ``training.sample.MultiviewSample``: the decoded images and the final ray
         views. Under FSDP every rank must call this with the same number of prompts-free
         forward calls (the sampler does ``steps`` forwards), because each forward all-gathers.
         """
@@ -423,8 +423,6 @@ class OneGenModule(pl.LightningModule):
             "device": self.device,
         }
         if cond_rays is not None:
-            from training.sample_multiview import generate_views  # lazily: it loads the reader
-
             if cond_pixels is None or cond_mask is None:
                 raise ValueError("cond_rays needs cond_pixels and cond_mask")
             return generate_views(

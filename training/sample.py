@@ -14,6 +14,7 @@ import math
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from model import NextDiT
 from model.flow import sample
 from training.checkpoint_io import checkpoint_meta, safe_dcp_load
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
-from training.encoders import FrozenEncoders, build_encoders, vae_stride
+from training.encoders import FrozenEncoders, build_encoders, interleave_rays, vae_stride
 from training.errors import CheckpointError
 from training.images import load_image, save_view
 from training.sample_grid import Panel, Row, render_grid, save_grid_image
@@ -71,6 +72,51 @@ def generate(
         device=device,
     )
     return frozen.vae.decode(latents).clamp(-1, 1)
+
+
+@dataclass(frozen=True)
+class MultiviewSample:
+    pixels: Tensor  # [B, V, 3, H, W] in [-1, 1]: the image views, decoded
+    rays: Tensor  # [B, V, C, h, w]: the ray views as sampled (latent form)
+
+
+@torch.no_grad()
+def generate_views(
+    denoiser: Any,
+    frozen: FrozenEncoders,
+    prompts: Sequence[str],
+    *,
+    cond_pixels: Tensor,
+    cond_rays: Tensor,
+    cond_mask: Tensor,
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+    device: torch.device,
+) -> MultiviewSample:
+    """Sample the interleaved 2V views of a multiview batch: ``cond_pixels`` [B, V, 3, H, W]
+    and ``cond_rays`` [B, V, C, h, w] give the clean views (others are ignored), ``cond_mask``
+    [B, 2V] says which of img0, ray0, img1, ... are held clean."""
+    b, v = cond_pixels.shape[:2]
+    if tuple(cond_mask.shape) != (b, 2 * v):
+        raise ValueError(f"cond_mask {list(cond_mask.shape)}: expected [{b}, {2 * v}]")
+    latents = frozen.vae.encode(cond_pixels.to(device))
+    out = denoise(
+        denoiser,
+        frozen,
+        prompts,
+        views=2 * v,
+        size=tuple(cond_pixels.shape[-2:]),
+        cond_latents=interleave_rays(latents, cond_rays),
+        cond_mask=cond_mask,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seed=seed,
+        device=device,
+    )
+    return MultiviewSample(frozen.vae.decode(out[:, 0::2]).clamp(-1, 1), out[:, 1::2])
 
 
 @torch.no_grad()

@@ -49,15 +49,14 @@ from datagen.cameras import (
     rotation_angle_deg,
 )
 from training.config import ConfigError
-from training.data import DecodeError, decode_view, image_size, plan_crop
-from training.encoders import FrozenEncoders, interleave_rays
+from training.data import DecodeError, bucket_intrinsics, decode_view, image_size, plan_crop
 from training.errors import FitError
 from training.images import to_uint8
 from training.sample import (
     SampleUsageError,
     check_options,
     check_size,
-    denoise,
+    generate_views,
     load_model,
     normalise_task,
     read_config,
@@ -76,51 +75,6 @@ TRANSFORMS = "transforms.json"
 
 
 # --------------------------------------------------------------------------- generation
-
-
-@dataclass(frozen=True)
-class MultiviewSample:
-    pixels: Tensor  # [B, V, 3, H, W] in [-1, 1]: the image views, decoded
-    rays: Tensor  # [B, V, C, h, w]: the ray views as sampled (latent form)
-
-
-@torch.no_grad()
-def generate_views(
-    denoiser: Any,
-    frozen: FrozenEncoders,
-    prompts: Sequence[str],
-    *,
-    cond_pixels: Tensor,
-    cond_rays: Tensor,
-    cond_mask: Tensor,
-    steps: int,
-    guidance: float,
-    shift: float,
-    seed: int,
-    device: torch.device,
-) -> MultiviewSample:
-    """Sample the interleaved 2V views of a multiview batch: ``cond_pixels`` [B, V, 3, H, W]
-    and ``cond_rays`` [B, V, C, h, w] give the clean views (others are ignored), ``cond_mask``
-    [B, 2V] says which of img0, ray0, img1, ... are held clean."""
-    b, v = cond_pixels.shape[:2]
-    if tuple(cond_mask.shape) != (b, 2 * v):
-        raise ValueError(f"cond_mask {list(cond_mask.shape)}: expected [{b}, {2 * v}]")
-    latents = frozen.vae.encode(cond_pixels.to(device))
-    out = denoise(
-        denoiser,
-        frozen,
-        prompts,
-        views=2 * v,
-        size=tuple(cond_pixels.shape[-2:]),
-        cond_latents=interleave_rays(latents, cond_rays),
-        cond_mask=cond_mask,
-        steps=steps,
-        guidance=guidance,
-        shift=shift,
-        seed=seed,
-        device=device,
-    )
-    return MultiviewSample(frozen.vae.decode(out[:, 0::2]).clamp(-1, 1), out[:, 1::2])
 
 
 # --------------------------------------------------------------------------- transforms.json
@@ -300,8 +254,7 @@ def check_multiview_request(
 def square_intrinsics(K: np.ndarray, frame: tuple[int, int], side: int) -> np.ndarray:
     """K of a (W, H) ``frame`` -> K of its centre crop resized to ``side`` (as
     :func:`decode_view` crops it)."""
-    x0, y0, cw, ch = plan_crop(frame, (side, side)).box
-    return resize_intrinsics(crop_intrinsics(K, x0, y0), side / cw, side / ch)
+    return bucket_intrinsics(K, frame, (side, side))
 
 
 def frame_intrinsics(K: np.ndarray, frame: tuple[int, int], side: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from datagen.codecs import decode_rgb, encode_jpeg
 from datagen.decode import BadInput, DecodeParams, check_min_side, decode_image, read_bytes
-from datagen.stage import RowStage
+from datagen.stage import RowStage, is_view_list
 
 _D = DecodeParams()
 
@@ -158,8 +158,3 @@ def images_from_jpg(jpgs: list[Any]) -> list[Any]:
     return [
         [_image_from_jpg(v) for v in j] if is_view_list(j) else _image_from_jpg(j) for j in jpgs
     ]
-
-
-def is_view_list(value: Any) -> bool:
-    """A group's per-view values (a list, or Arrow's object array), not one item's bytes."""
-    return isinstance(value, list) or (isinstance(value, np.ndarray) and value.dtype == object)

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 import yaml
 
-from datagen.labelers.model_stage import RANDOM_TINY, CheckpointError
+from datagen.labelers.model_stage import CheckpointError
 from datagen.labelers.pose_model import (
     PERSON,
     PersonDetector,
     build_random_yolo,
+    load_detector,
     load_yolo_checkpoint,
 )
 
@@ -79,7 +80,8 @@ def load_face_checkpoint(path: str) -> Any:
 def load_face_detector(
     weights: str, device: torch.device, half: bool, imgsz: int, iou: float, seed: int = 0
 ) -> PersonDetector:
-    """From a local ``.pt`` (safely) or ``random-tiny``."""
-    yolo = build_random_face_yolo(seed) if weights == RANDOM_TINY else load_face_checkpoint(weights)
-    yolo.model.to(device)
-    return PersonDetector(yolo, device, half, imgsz, iou)
+    """From a local ``.pt`` (safely) or ``random-tiny``: the person detector's loading with
+    the one-class builders."""
+    return load_detector(
+        weights, device, half, imgsz, iou, seed, build_random_face_yolo, load_face_checkpoint
+    )

@@ -23,9 +23,8 @@ import numpy as np
 from datagen.codecs import encode_jpeg
 from datagen.decode import BadInput
 from datagen.labelers.caption import require_group_views
-from datagen.labelers.decode import is_view_list
 from datagen.params import ParamError
-from datagen.stage import Filtered, RowStage
+from datagen.stage import Filtered, RowStage, is_view_list, view_values
 
 
 @dataclass(frozen=True)
@@ -44,17 +43,6 @@ class IdentityParams:
             raise ParamError(f"jpeg_quality: must be within [1, 100], got {self.jpeg_quality}")
 
 
-def _per_view(value: Any, n: int) -> list[Any]:
-    """A per-view metadata value as n entries (None everywhere when the stage that makes it
-    is not in the DAG)."""
-    if value is None or not is_view_list(value):
-        return [None] * n
-    values = list(value)
-    if len(values) != n:
-        raise BadInput("ViewMismatch", f"{len(values)} per-view values for {n} views")
-    return values
-
-
 def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
@@ -62,7 +50,8 @@ def _text(value: Any) -> str:
 def view_captions(vlm: Any, manifest: Any, n: int) -> list[str]:
     """Per view: the VLM caption if non-empty, else the manifest's, else ``""``."""
     return [
-        _text(a) or _text(b) for a, b in zip(_per_view(vlm, n), _per_view(manifest, n), strict=True)
+        _text(a) or _text(b)
+        for a, b in zip(view_values(vlm, n), view_values(manifest, n), strict=True)
     ]
 
 
@@ -149,7 +138,7 @@ class IdentityStage(RowStage):
             )
         images = list(images)
         n = len(images)
-        crops, boxes = _per_view(row.get("face_crop"), n), _per_view(row.get("face_box"), n)
+        crops, boxes = view_values(row.get("face_crop"), n), view_values(row.get("face_box"), n)
         jpgs: list[bytes] = []
         faces: list[Any] = []
         for v, (image, crop, box) in enumerate(zip(images, crops, boxes, strict=True)):

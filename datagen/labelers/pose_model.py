@@ -26,7 +26,7 @@ import pickletools
 import threading
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -436,12 +436,20 @@ class PersonDetector:
 
 
 def load_detector(
-    weights: str, device: torch.device, half: bool, imgsz: int, iou: float, seed: int = 0
+    weights: str,
+    device: torch.device,
+    half: bool,
+    imgsz: int,
+    iou: float,
+    seed: int = 0,
+    build: Callable[[int], Any] = build_random_yolo,
+    load: Callable[[str], Any] = load_yolo_checkpoint,
 ) -> PersonDetector:
-    """From a local ``.pt`` (safely) or ``random-tiny``."""
+    """From a local ``.pt`` (safely, ``load``) or ``random-tiny`` (``build``); the face
+    check passes its own one-class pair."""
     from datagen.labelers.model_stage import RANDOM_TINY
 
-    yolo = build_random_yolo(seed) if weights == RANDOM_TINY else load_yolo_checkpoint(weights)
+    yolo = build(seed) if weights == RANDOM_TINY else load(weights)
     yolo.model.to(device)
     return PersonDetector(yolo, device, half, imgsz, iou)
 

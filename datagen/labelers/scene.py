@@ -23,17 +23,20 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from datagen.cameras import DEFAULT_DISTANCE, crop_intrinsics, normalize_cameras, resize_intrinsics
+from datagen.cameras import (
+    DEFAULT_DISTANCE,
+    crop_intrinsics,
+    json_pose,
+    normalize_cameras,
+    resize_intrinsics,
+)
 from datagen.codecs import encode_jpeg
 from datagen.decode import BadInput
 from datagen.labelers.caption import require_group_views
 from datagen.params import ParamError
 from datagen.schema import SUBSETS
-from datagen.stage import Filtered, RowStage
+from datagen.stage import Filtered, RowStage, view_values
 
-# |R^T R - I| and |last row - [0, 0, 0, 1]| allowed in a manifest's camera-to-world: float32
-# transforms.json files are orthonormal to ~1e-6; a scaled or sheared matrix is far off.
-ROTATION_TOLERANCE = 1e-3
 MIN_VIEWS = SUBSETS["multiview"].min_views
 
 
@@ -85,11 +88,10 @@ def checked_cameras(value: Any, views: int) -> np.ndarray:
     """The manifest's camera-to-world matrices [V, 4, 4], rigid, else ``BadCamera``."""
     c2w = _floats(value, 16, views, "cameras", "BadCamera").reshape(views, 4, 4)
     for v, m in enumerate(c2w):
-        r = m[:3, :3]
-        if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0], atol=ROTATION_TOLERANCE):
-            raise BadInput("BadCamera", f"view {v}: last row of camera-to-world is not [0 0 0 1]")
-        if not np.allclose(r.T @ r, np.eye(3), atol=ROTATION_TOLERANCE) or np.linalg.det(r) <= 0:
-            raise BadInput("BadCamera", f"view {v}: rotation is not orthonormal with det +1")
+        try:
+            json_pose(m, f"view {v}: camera-to-world")
+        except ValueError as exc:
+            raise BadInput("BadCamera", str(exc)) from None
     return c2w
 
 
@@ -112,14 +114,6 @@ def _sizes(value: Any, views: int) -> np.ndarray:
     if np.any(wh < 0):
         raise BadInput("BadIntrinsics", f"sizes must not be negative, got {wh.tolist()}")
     return wh
-
-
-def _per_view(value: Any, views: int) -> list[Any]:
-    """A per-view list of metadata (None everywhere when absent)."""
-    if value is None or isinstance(value, (str, bytes)):
-        return [None] * views
-    values = list(value)
-    return values if len(values) == views else [None] * views
 
 
 def decoded_intrinsics(
@@ -207,8 +201,8 @@ class SceneStage(RowStage):
         c2w = checked_cameras(row.get("cameras"), views)
         k = checked_intrinsics(row.get("intrinsics"), views)
         manifest_wh = _sizes(row.get("sizes"), views)
-        widths = _per_view(row.get("source_width"), views)
-        heights = _per_view(row.get("source_height"), views)
+        widths = view_values(row.get("source_width"), views)
+        heights = view_values(row.get("source_height"), views)
 
         side = self.params.size or min(min(im.shape[:2]) for im in images)
         jpgs: list[bytes] = []
@@ -248,7 +242,7 @@ class SceneStage(RowStage):
             "scene": str(row.get("group") or ""),
             "caption": caption,
             "captions": [
-                c if isinstance(c, str) else "" for c in _per_view(row.get("view_caption"), views)
+                c if isinstance(c, str) else "" for c in view_values(row.get("view_caption"), views)
             ],
             "num_views": views,
             "width": side,
