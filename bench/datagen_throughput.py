@@ -36,7 +36,8 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 from cpu_meter import CpuMeter, add_wait_quiet_arg, wait_quiet  # noqa: E402  (bench/ is on sys.path)
 from workdir import work_folder  # noqa: E402
 
-from datagen import shards, sources  # noqa: E402
+from datagen import shards  # noqa: E402
+from datagen.sources.demo import demo as demo_source  # noqa: E402
 from orchestration.ray_runtime import init_ray, local_logical_cpus  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
 
@@ -70,8 +71,8 @@ def warm_ray_workers(num_cpus: int) -> int:
 
     @ray.remote(num_cpus=1)
     def warm() -> int:
-        import datagen.labelers.decode  # noqa: F401
-        import datagen.labelers.degrade  # noqa: F401
+        import datagen.stages.decode  # noqa: F401
+        import datagen.stages.degrade  # noqa: F401
         import pipelines.builder  # noqa: F401
 
         time.sleep(0.5)  # hold the CPU so the next task goes to another worker
@@ -195,7 +196,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         DAG, [f"shards.max_samples={args.shard_size}", "mlflow.enabled=false", "subsets=[t2i,i2i]"]
     )
     t0 = time.perf_counter()
-    manifest = sources.demo(str(work / "inputs"), n=args.n, max_side=args.max_side)
+    manifest = demo_source(str(work / "inputs"), n=args.n, max_side=args.max_side)
     rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows, ["t2i", "i2i"])
     n = manifest.num_rows
     print(

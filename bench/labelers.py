@@ -3,7 +3,7 @@
 For depth, pose, caption and segment, side by side in one run, over the same JPEGs:
 
   (a) bare      the labeler called in-process on batches of ``--batch-size`` rows
-                (``datagen.stage.run_stage``: decode of the stored jpg, batched
+                (``datagen.stages.runner.run_stage``: decode of the stored jpg, batched
                 inference, rendering), no Ray;
   (b) pipeline  the labeler's DAG on a local Ray: read + decode tasks, the labeler in
                 an actor pool (one actor, ``--actor-cpus`` CPUs, the same batch size),
@@ -30,7 +30,7 @@ paths the same, realistic detector and SAM work:
 
 - every input row carries a fixed ``entity_names`` column (:data:`ENTITIES`), which the
   runner hands to the segment stage in place of the caption's metadata key of that name
-  (``datagen.stage.run_stage``: a name a stage reads that is a column already is read
+  (``datagen.stages.runner.run_stage``: a name a stage reads that is a column already is read
   from the column, not from its needs' metadata);
 - the caption stage still runs on both paths (the pipeline cannot skip a stage segment
   needs), as the random-tiny VLM asked for one token per question; in the pipeline its
@@ -72,8 +72,11 @@ from cpu_meter import CpuMeter, add_wait_quiet_arg, wait_quiet  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from workdir import work_folder  # noqa: E402
 
-from datagen import shards, sources  # noqa: E402
-from datagen.stage import OK, meta_column, run_stage, seconds_column, status_column  # noqa: E402
+from datagen import shards  # noqa: E402
+from datagen.sources.demo import demo as demo_source  # noqa: E402
+from datagen.sources.folders import image_folder  # noqa: E402
+from datagen.stages.protocol import OK, meta_column, seconds_column, status_column
+from datagen.stages.runner import run_stage
 from orchestration.ray_runtime import apply_offline_env, init_ray  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
 
@@ -82,7 +85,7 @@ ENTITIES = ["person", "dog", "car"]  # the entity list segment grounds on every 
 
 def depth_weights(work: Path) -> dict[str, Any]:
     """The DepthAnything-v2-Small layout, random init, saved as ``save_pretrained`` does."""
-    from datagen.labelers import depth_model
+    from datagen.stages.models import depth as depth_model
 
     folder = depth_model.save_random(
         work / "depth-anything-v2-small-random", depth_model.small_config()
@@ -93,7 +96,7 @@ def depth_weights(work: Path) -> dict[str, Any]:
 def pose_weights(work: Path) -> dict[str, Any]:
     """YOLO11n (its packaged layout) as ultralytics writes a ``.pt``, and a ViTPose-S
     layout saved as ``save_pretrained`` does; random init both."""
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import pose as pm
 
     pt = work / "yolo11n-random.pt"
     pm.save_yolo_checkpoint(pm.build_random_yolo(0), pt)
@@ -110,8 +113,8 @@ def caption_weights(work: Path) -> dict[str, Any]:
     semantic DAG does (t2i.yaml skips the entity list), each answer held to a few words,
     and at most 300 image tokens per image (the base image + up to 3 tiles: the 2x2 grid
     would double the prefill, the bulk of the work, and the bench's run time)."""
-    from datagen.labelers import caption_model
-    from datagen.labelers.caption import ENTITY_PROMPT
+    from datagen.stages.caption import ENTITY_PROMPT
+    from datagen.stages.models import caption as caption_model
 
     folder = caption_model.save_random(work / "llava-next-mid-random", size="mid")
     return {
@@ -130,7 +133,8 @@ def segment_weights(work: Path) -> dict[str, Any]:
     mask decoder) as the official ``.pth``; random init both. The random detector finds
     every phrase, ``max_per_entity`` (3) boxes each: 9 boxes per image for
     :data:`ENTITIES`, each decoded by SAM."""
-    from datagen.labelers import grounding_model, sam_model
+    from datagen.stages.models import grounding as grounding_model
+    from datagen.stages.models import sam as sam_model
 
     folder = grounding_model.save_random_grounder(
         work / "grounding-dino-mid-random",
@@ -194,7 +198,7 @@ LABELERS: dict[str, Case] = {
 
 def prepare_inputs(work: Path, n: int, max_side: int) -> Path:
     """The demo photos (people included) as a folder of JPEGs."""
-    table = sources.demo(str(work / "demo"), n=n, max_side=max_side)
+    table = demo_source(str(work / "demo"), n=n, max_side=max_side)
     folder = work / "inputs"
     folder.mkdir(exist_ok=True)
     for key, uri in zip(
@@ -244,7 +248,7 @@ def warm_up(folder: Path, out: Path, n: int) -> None:
         source={"kind": "folder", "path": str(folder)},
     )
     rows = builder.input_rows(
-        sources.image_folder(str(folder)).slice(0, n),
+        image_folder(str(folder)).slice(0, n),
         [["t2i"]] * n,
         [s.name for s in dag.subsets(cfg)],
     )
@@ -291,7 +295,7 @@ def pipeline(
     """(seconds, samples written, seconds per stage, metadata of the samples): the DAG
     over the first ``n`` inputs on local Ray, only ``subset`` to do."""
     out = str(cfg.output)
-    manifest = sources.image_folder(str(folder)).slice(0, n)
+    manifest = image_folder(str(folder)).slice(0, n)
     for column, value in columns.items():
         manifest = manifest.append_column(column, pa.array([value] * manifest.num_rows))
     names = [s.name for s in dag.subsets(cfg)]

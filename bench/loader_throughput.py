@@ -47,11 +47,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from cpu_meter import CpuMeter, add_wait_quiet_arg, wait_quiet  # noqa: E402  (bench/ is on sys.path)
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
+from training.data.datamodule import OneGenDataModule
 from workdir import work_folder  # noqa: E402
 
-from datagen import shards, sources  # noqa: E402
+from datagen import shards  # noqa: E402
+from datagen.sources.demo import demo as demo_source  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
-from training.data import OneGenDataModule  # noqa: E402
 
 DAG = ROOT / "pipelines" / "captioned.yaml"
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -169,7 +170,7 @@ def make_shards(work: Path, n: int, max_side: int, shard_size: int) -> str:
     cfg = dag.load(
         DAG, [f"shards.max_samples={shard_size}", "mlflow.enabled=false", "subsets=[t2i,i2i]"]
     )
-    manifest = sources.demo(str(work / "inputs"), n=n, max_side=max_side)
+    manifest = demo_source(str(work / "inputs"), n=n, max_side=max_side)
     rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows, ["t2i", "i2i"])
     out = str(work / "out")
     builder.run_in_process(cfg, rows, out)

@@ -479,7 +479,7 @@ def _ns_value(frame: Mapping, top: Mapping, key: str) -> Any:
 
 
 # The json value readers below serve every camera file format (nerfstudio here, CO3D and
-# Objaverse renders in datagen.scene_formats): a ValueError names ``where`` and the key; a
+# Objaverse renders in datagen.sources.scenes.formats): a ValueError names ``where`` and the key; a
 # CameraValueError is a well-formed value that describes no camera.
 
 

@@ -24,9 +24,10 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from datagen.decode import pil_open
-from datagen.labelers.model_stage import RANDOM_TINY
-from datagen.shards import ShardReader, subsets_in
+from datagen.images import pil_open
+from datagen.shards.layout import subsets_in
+from datagen.shards.reader import ShardReader
+from datagen.stages.models.common import RANDOM_TINY
 
 IMAGE_CODECS = ("jpg", "jpeg", "png", "webp")
 BANNER_TEXT = "random weights"

@@ -60,7 +60,7 @@ def image_marker(index: int) -> str:
 
 # The released model's named colour palette (its PROMPT_GUIDE), in its order. Each
 # entity of a sample gets a distinct colour drawn at random from it, deterministic
-# from key and seed (datagen.labelers.segment_render.entity_colours), as the paper
+# from key and seed (datagen.stages.segment_render.entity_colours), as the paper
 # assigns random colours: always starting at red would tie "red" to "first entity".
 PALETTE: tuple[tuple[str, str], ...] = (
     ("#FF0000", "red"),

@@ -93,7 +93,7 @@ def _datagen_submit(args: argparse.Namespace) -> int:
 
 
 def _datagen_status(args: argparse.Namespace) -> int:
-    from datagen.shards import status
+    from datagen.shards.index import status
 
     try:
         info = status(args.output)
@@ -120,7 +120,7 @@ def _datagen_status(args: argparse.Namespace) -> int:
 
 
 def _datagen_verify(args: argparse.Namespace) -> int:
-    from datagen.shards import VerifyReport, verify
+    from datagen.shards.verify import VerifyReport, verify
 
     try:
         report = verify(args.output)
@@ -163,10 +163,11 @@ def _train_fit(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     """Exit code 2: a usage error, found before any weights are read (nothing written);
     1: a missing or broken checkpoint, an unreadable condition image."""
+    from training.data.tasks import MULTIVIEW_TASKS
+
     from training.config import ConfigError
     from training.errors import FitError
-    from training.sample import SampleUsageError, sample_from_checkpoint
-    from training.tasks import MULTIVIEW_TASKS
+    from training.inference.sample import SampleUsageError, sample_from_checkpoint
 
     images = list(args.image or [])
     common = {
@@ -181,7 +182,7 @@ def _sample(args: argparse.Namespace) -> int:
     lines: list[str] = []
     try:
         if args.task in MULTIVIEW_TASKS:
-            from training.sample_multiview import sample_multiview_from_checkpoint
+            from training.inference.multiview import sample_multiview_from_checkpoint
 
             result = sample_multiview_from_checkpoint(
                 args.checkpoint,
@@ -234,7 +235,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _task_name(text: str) -> str:
     """``--task``: a task name, or its prompt token in brackets (``[[depth2image]]``)."""
-    from training.sample import normalise_task
+    from training.inference.sample import normalise_task
 
     return normalise_task(text)
 
@@ -295,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
 
     sm = top.add_parser("sample", help="generate with a checkpoint's EMA weights, write PNGs")
     sm.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded .ckpt folder")
-    from training.tasks import all_task_names
+    from training.data.tasks import all_task_names
 
     tasks = all_task_names()
     sm.add_argument(

@@ -20,9 +20,10 @@ import pyarrow as pa
 import ray.data
 from omegaconf import DictConfig
 
-from datagen.labelers.decode import images_from_jpg
-from datagen.labelers.model_stage import set_cpu_threads
-from datagen.stage import Stage, batch_len, object_column, run_stage, todo_column
+from datagen.stages.decode import images_from_jpg
+from datagen.stages.models.common import set_cpu_threads
+from datagen.stages.protocol import Stage, batch_len, object_column, todo_column
+from datagen.stages.runner import run_stage
 from pipelines import dag
 from pipelines.sink import write_batch
 

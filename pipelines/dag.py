@@ -23,14 +23,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from datagen import params as P
-from datagen.groups import GROUP_COLUMNS
-from datagen.identities import DemoIdentitiesSource, IdentitiesSource
-from datagen.labelers import LABELERS, labeler
-from datagen.labelers.model_stage import RANDOM_TINY, weight_params
-from datagen.scenes import ProceduralScenesSource, ScenesSource
 from datagen.schema import COMMON_META_KEYS, SCHEMA_VERSION, SUBSETS
 from datagen.sources import GROUP_SOURCE_KINDS
-from datagen.stage import SOURCE_COLUMNS, Stage, column_for
+from datagen.sources.groups import GROUP_COLUMNS
+from datagen.sources.identities import DemoIdentitiesSource, IdentitiesSource
+from datagen.sources.scenes.manifest import ProceduralScenesSource, ScenesSource
+from datagen.stages import LABELERS, labeler
+from datagen.stages.models.common import RANDOM_TINY, weight_params
+from datagen.stages.protocol import SOURCE_COLUMNS, Stage, column_for
 
 
 class DagError(ValueError):
@@ -542,7 +542,7 @@ def subset_digests(cfg: DictConfig) -> dict[str, str]:
     fast they are made): schema and key scheme, source, seed, and the stages it needs
     with their code ``version`` and complete parameters. Resume refuses to mix two
     recipes in one subset; adding a subset to an output does not touch the others."""
-    from datagen.sources import KEY_SCHEME_VERSION
+    from datagen.sources.base import KEY_SCHEME_VERSION
 
     what = plan(cfg)
     by_name = {s.name: s for s in what.stages}

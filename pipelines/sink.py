@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from datagen.schema import SUBSETS, SchemaError, make_meta, validate_sample
-from datagen.shards import commit_quarantine, commit_shard, split_shards
-from datagen.stage import (
+from datagen.shards.write import commit_quarantine, commit_shard, split_shards
+from datagen.stages.protocol import (
     ERROR,
     FILTERED,
     MESSAGE_LIMIT,

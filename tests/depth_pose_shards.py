@@ -140,7 +140,7 @@ def sample(subset: str, i: int) -> tuple[str, dict[str, bytes]]:
 def semantic_files(key: str, rgb: np.ndarray, caption: str) -> dict[str, bytes]:
     """Two hand-made entities (a cat on the left half, a ball lower right) drawn and
     recorded by the segment stage's own renderers, in colours drawn from the key."""
-    from datagen.labelers.segment_render import (
+    from datagen.stages.segment_render import (
         Entity,
         entity_colours,
         entity_record,

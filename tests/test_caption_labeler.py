@@ -9,12 +9,13 @@ import cv2
 import pytest
 from skimage import data as skdata
 
-from datagen.codecs import encode_jpeg
-from datagen.labelers.caption import CaptionParams, CaptionStage
-from datagen.labelers.entities import parse_entities
-from datagen.labelers.model_stage import RANDOM_TINY
+from datagen.images import encode_jpeg
 from datagen.params import ParamError
-from datagen.stage import ERROR, FILTERED, OK, meta_column, run_stage, status_column
+from datagen.stages.caption import CaptionParams, CaptionStage
+from datagen.stages.entities import parse_entities
+from datagen.stages.models.common import RANDOM_TINY
+from datagen.stages.protocol import ERROR, FILTERED, OK, meta_column, status_column
+from datagen.stages.runner import run_stage
 
 PHOTOS = {
     "astronaut": cv2.resize(skdata.astronaut(), (96, 96), interpolation=cv2.INTER_AREA),
@@ -100,7 +101,7 @@ def test_params_are_checked(key, value, match):
 
 
 def test_loads_a_saved_folder_like_random_tiny(tmp_path, tiny):
-    from datagen.labelers.caption_model import save_tiny
+    from datagen.stages.models.caption import save_tiny
 
     folder = save_tiny(tmp_path / "vlm")
     assert (folder / "model.safetensors").is_file()

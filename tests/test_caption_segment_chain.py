@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 
 from datagen import shards, sources
-from datagen.labelers.caption import ENTITY_PROMPT, CaptionStage
-from datagen.labelers.segment import SegmentStage
-from datagen.stage import object_column
+from datagen.stages.caption import ENTITY_PROMPT, CaptionStage
+from datagen.stages.protocol import object_column
+from datagen.stages.segment import SegmentStage
 from pipelines import builder, dag
 from pipelines.sink import write_batch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from datagen.labelers.entities import MAX_ENTITIES, clean_caption, parse_entities
+from datagen.stages.entities import MAX_ENTITIES, clean_caption, parse_entities
 
 MESSY = [
     ("1. A dog\n2. A red ball\n3. the sky", ["dog", "red ball", "sky"]),

@@ -293,7 +293,7 @@ def test_broken_newest_checkpoint_falls_back_with_a_warning(
 ):
     from training.config import load_config
     from training.errors import warn
-    from training.runs import plan_run
+    from training.run.folders import plan_run
 
     ckdir = _copy_dir(ckpts, kind, tmp_path / "checkpoints")
     newest = ckdir / "step00000004.ckpt"
@@ -371,7 +371,7 @@ def test_sample_bad_condition_image_is_one_error_line(ckpts, tmp_path, capsys, k
 def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(ckpts, tmp_path):
     from training.config import ConfigError, load_config
     from training.errors import warn
-    from training.runs import plan_run
+    from training.run.folders import plan_run
 
     ckdir = _copy_dir(ckpts, "single", tmp_path / "checkpoints")
     for p in ckdir.iterdir():

@@ -188,8 +188,8 @@ def test_recipe_digest_tracks_content_not_placement():
 
 
 def test_recipe_digest_tracks_code_versions(monkeypatch):
-    from datagen import sources
-    from datagen.labelers.degrade import DegradeStage
+    from datagen.sources import base as source_base
+    from datagen.stages.degrade import DegradeStage
 
     cfg = dag.load(DEMO, TINY)
     base = dag.subset_digests(cfg)
@@ -197,7 +197,7 @@ def test_recipe_digest_tracks_code_versions(monkeypatch):
     bumped = dag.subset_digests(cfg)
     assert bumped["i2i"] != base["i2i"] and bumped["t2i"] == base["t2i"]
     monkeypatch.undo()
-    monkeypatch.setattr(sources, "KEY_SCHEME_VERSION", "999")
+    monkeypatch.setattr(source_base, "KEY_SCHEME_VERSION", "999")
     assert dag.subset_digests(cfg)["t2i"] != base["t2i"]
 
 
@@ -205,7 +205,7 @@ def test_resume_refuses_a_subset_made_by_older_code(tmp_path, monkeypatch):
     """The digests an output was made with are read back, not recomputed with today's
     code: after a stage's version changes, a rerun of the subsets it feeds is refused;
     a new subset is simply added."""
-    from datagen.labelers.degrade import DegradeStage
+    from datagen.stages.degrade import DegradeStage
     from orchestration.datagen_job import RECIPE, check_recipe
     from orchestration.errors import DatagenError
 

@@ -143,7 +143,7 @@ def test_demo_dag_end_to_end(ray_local, cheap_cfg, tmp_path, capsys):
 
 
 def test_bad_inputs_are_quarantined_with_exact_accounting(ray_local, cheap_cfg, tmp_path):
-    from datagen.sources import key_from_path
+    from datagen.sources.base import key_from_path
     from tests.bad_inputs import write_bad_inputs
 
     folder = tmp_path / "images"

@@ -1,4 +1,4 @@
-"""datagen.decode on every bad-input kind, and the decode op's JPEG pass-through."""
+"""datagen.io and datagen.images on every bad-input kind, and the decode op's JPEG pass-through."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
-from datagen.labelers.decode import DecodeStage, DecodeStageParams
+from datagen.images import decode_image
+from datagen.io import BadInput, DecodeParams, read_bytes
+from datagen.stages.decode import DecodeStage, DecodeStageParams
 from tests.bad_inputs import (
     BOMB,
     CMYK,

@@ -1,4 +1,4 @@
-"""datagen.degrade: determinism, edge maps, masks, downscale and blur."""
+"""datagen.stages.degrade_ops: determinism, edge maps, masks, downscale and blur."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from datagen.degrade import (
+from datagen.stages.degrade import DegradeStage
+from datagen.stages.degrade_ops import (
     FILL_VALUES,
     box_mask,
     brush_mask,
@@ -20,8 +21,7 @@ from datagen.degrade import (
     rng_for,
     soft_edges,
 )
-from datagen.labelers.degrade import DegradeStage
-from datagen.stage import column_for
+from datagen.stages.protocol import column_for
 
 H, W = 96, 128
 

@@ -12,12 +12,12 @@ import pytest
 from skimage import data as skdata
 
 from datagen import params as P
-from datagen.codecs import encode_jpeg
-from datagen.decode import BadInput
-from datagen.labelers.depth import DepthParams, DepthStage, render_depth
-from datagen.labelers.model_stage import RANDOM_TINY
+from datagen.images import encode_jpeg
+from datagen.io import BadInput
 from datagen.schema import make_meta, validate_sample
-from datagen.stage import run_stage
+from datagen.stages.depth import DepthParams, DepthStage, render_depth
+from datagen.stages.models.common import RANDOM_TINY
+from datagen.stages.runner import run_stage
 
 
 def _photos() -> dict[str, np.ndarray]:
@@ -166,7 +166,7 @@ def test_stage_empty_and_missing_jpg(tiny):
 
 
 def test_loads_saved_folder_like_in_memory(tmp_path, tiny):
-    from datagen.labelers.depth_model import save_tiny
+    from datagen.stages.models.depth import save_tiny
 
     folder = save_tiny(tmp_path / "depth-tiny")
     assert (folder / "model.safetensors").is_file()

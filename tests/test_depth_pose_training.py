@@ -30,7 +30,7 @@ def shards_dir(tmp_path_factory) -> str:
 
 
 def _datamodule(out: str, **kw):
-    from training.data import OneGenDataModule
+    from training.data.datamodule import OneGenDataModule
 
     cfg = {
         "paths": {s: out for s in SUBSETS},
@@ -216,7 +216,7 @@ def test_fit_over_the_four_subsets_logs_per_task_metrics(fitted):
 
 
 def test_load_image_keeps_16bit_depth_precision(tmp_path):
-    from training.images import load_image
+    from training.inference.images import load_image
 
     depth = S.depth_value(3)
     path = tmp_path / "depth.png"

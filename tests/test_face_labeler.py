@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from datagen import params as P
-from datagen.codecs import encode_jpeg
-from datagen.labelers.face import FaceParams, FaceStage, face_crop, face_label
-from datagen.labelers.model_stage import CheckpointError
-from datagen.labelers.pose_model import Detections
+from datagen.images import encode_jpeg
 from datagen.params import ParamError
-from datagen.stage import Filtered, meta_column, run_stage, status_column
+from datagen.stages.face import FaceParams, FaceStage, face_crop, face_label
+from datagen.stages.models.common import CheckpointError
+from datagen.stages.models.pose import Detections
+from datagen.stages.protocol import Filtered, meta_column, status_column
+from datagen.stages.runner import run_stage
 
 RULES = {"conf": 0.5, "min_face_side": 16.0, "margin": 0.5}
 
@@ -179,7 +180,7 @@ def test_undecodable_photo_is_an_error():
 def _photos() -> dict[str, bytes]:
     import skimage.data
 
-    from datagen.sources import base_demo_images
+    from datagen.sources.demo import base_demo_images
 
     images = {name: np.asarray(img) for name, img, _ in base_demo_images() if name == "zidane"}
     images["astronaut"] = skimage.data.astronaut()
@@ -196,8 +197,8 @@ TINY = {"weights": "random-tiny", "device": "cpu", "dtype": "float32", "imgsz": 
 
 @pytest.fixture(scope="module")
 def face_pt(tmp_path_factory) -> Path:
-    from datagen.labelers import face_model as fm
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import face as fm
+    from datagen.stages.models import pose as pm
 
     path = tmp_path_factory.mktemp("face") / "yolo-face-tiny.pt"
     pm.save_yolo_checkpoint(fm.build_random_face_yolo(0), path)
@@ -250,14 +251,14 @@ def test_random_tiny_outcomes_follow_its_documented_scores():
 
 
 def test_the_checkpoint_is_one_class_named_face(face_pt):
-    from datagen.labelers.face_model import load_face_checkpoint
+    from datagen.stages.models.face import load_face_checkpoint
 
     yolo = load_face_checkpoint(str(face_pt))
     assert yolo.model.names == {0: "face"} and yolo.model.model[-1].nc == 1
 
 
 def test_a_coco_detector_is_refused(tmp_path):
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import pose as pm
 
     path = tmp_path / "yolo11n-coco.pt"
     pm.save_yolo_checkpoint(pm.build_random_yolo(0), path)
@@ -280,7 +281,7 @@ class _Reduce:
 def test_a_checkpoint_with_a_forbidden_global_is_refused(tmp_path):
     import torch
 
-    from datagen.labelers.pose_model import UnsafeCheckpoint
+    from datagen.stages.models.pose import UnsafeCheckpoint
 
     marker = tmp_path / "marker"
     path = tmp_path / "evil-face.pt"

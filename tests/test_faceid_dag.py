@@ -15,12 +15,13 @@ import pytest
 import yaml
 
 from datagen import shards
-from datagen.codecs import decode_rgb
-from datagen.identities import demo_identity_photos, identity_manifest
-from datagen.labelers.face import face_label
-from datagen.labelers.identity import IdentityParams, IdentityStage
+from datagen.images import decode_rgb
 from datagen.schema import validate_sample
-from datagen.stage import meta_column, run_stage, status_column
+from datagen.sources.identities import demo_identity_photos, identity_manifest
+from datagen.stages.face import face_label
+from datagen.stages.identity import IdentityParams, IdentityStage
+from datagen.stages.protocol import meta_column, status_column
+from datagen.stages.runner import run_stage
 from orchestration.cli import main as cli
 from pipelines import dag
 
@@ -224,7 +225,7 @@ MODEL_ON_CPU = ("resources.num_gpus=0", "resources.actors=[1,1]", "resources.bat
 def test_faceid_dag_writes_identities_that_read_back_as_prompts(ray_local, tmp_path):
     """decode -> caption -> identity (the face check left out: random weights filter at
     random) on the demo identities."""
-    from training.tasks import build_prompt, faceid_task
+    from training.data.tasks import build_prompt, faceid_task
 
     cache, out = tmp_path / "cache", tmp_path / "out"
     source = [f"source.{k}={json.dumps(v)}" for k, v in DEMO.items()]

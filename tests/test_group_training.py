@@ -35,7 +35,7 @@ def shards_dir(tmp_path_factory) -> str:
 
 
 def _stream(out: str, **kw):
-    from training.data import OneGenDataModule
+    from training.data.datamodule import OneGenDataModule
 
     cfg = {
         "paths": {s: out for s in SUBSETS},

@@ -26,19 +26,15 @@ import pytest
 from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
-from datagen import decode
-from datagen.decode import BadInput, DecodeParams, decode_image, read_bytes
-from datagen.labelers.decode import DecodeStage, DecodeStageParams
+from datagen import io as datagen_io
+from datagen.images import decode_image
+from datagen.io import BadInput, DecodeParams, read_bytes
 from datagen.schema import KEY_PATTERN
-from datagen.sources import (
-    MANIFEST_SCHEMA,
-    SourceError,
-    dedupe_keys,
-    image_folder,
-    parquet_manifest,
-    tar_key,
-    webdataset_shards,
-)
+from datagen.sources.base import MANIFEST_SCHEMA, SourceError, dedupe_keys
+from datagen.sources.folders import image_folder
+from datagen.sources.parquet import parquet_manifest
+from datagen.sources.webdataset import tar_key, webdataset_shards
+from datagen.stages.decode import DecodeStage, DecodeStageParams
 from tests.bad_inputs import SPARSE_SIZE, one_bit_png, write_hostile_folder
 
 
@@ -96,7 +92,7 @@ def test_fifo_swapped_in_after_stat_cannot_block(tmp_path, monkeypatch):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     regular = os.stat(__file__)
-    monkeypatch.setattr(decode.os, "stat", lambda path, *a, **k: regular)
+    monkeypatch.setattr(datagen_io.os, "stat", lambda path, *a, **k: regular)
     assert _error(read_bytes, str(fifo), timeout_s=None).error == "NotARegularFile"
 
 
@@ -533,7 +529,7 @@ def _quarantine_and_written(out: Path, subset: str) -> tuple[set[str], dict[str,
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_hostile_folder_end_to_end(ray_local, cheap_cfg, tmp_path):
-    from datagen.sources import key_from_path
+    from datagen.sources.base import key_from_path
     from orchestration.datagen_job import run
 
     folder = tmp_path / "hostile"

@@ -14,19 +14,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from datagen.groups import GROUP_MANIFEST_SCHEMA
-from datagen.identities import (
+from datagen.params import ParamError
+from datagen.schema import KEY_PATTERN
+from datagen.sources import resolve
+from datagen.sources.base import SourceError
+from datagen.sources.groups import GROUP_MANIFEST_SCHEMA
+from datagen.sources.identities import (
     DEMO_PEOPLE,
     IdentitiesSource,
     demo_identity_photos,
     identity_key,
     identity_manifest,
 )
-from datagen.labelers.decode import DecodeStage
-from datagen.params import ParamError
-from datagen.schema import KEY_PATTERN
-from datagen.sources import SourceError, resolve
-from datagen.stage import run_stage, status_column
+from datagen.stages.decode import DecodeStage
+from datagen.stages.protocol import status_column
+from datagen.stages.runner import run_stage
 
 
 def _photos(identities: dict[str, int]) -> list[dict]:

@@ -80,7 +80,7 @@ def test_model_imports_neither_lightning_nor_ray_nor_the_upper_layers():
         ("from datagen import shards, schema", True),
         ("import datagen.cameras", True),
         ("from datagen import sources", False),
-        ("from datagen.decode import read_bytes", False),
+        ("from datagen.io import read_bytes", False),
         ("import datagen", False),
         ("from pipelines.dag import flat_params", False),
         ("def f():\n    from orchestration import cli", False),

@@ -1,4 +1,4 @@
-"""Multi-node launch: the launcher environments (``training.cluster``), the launch scripts
+"""Multi-node launch: the launcher environments (``training.run.cluster``), the launch scripts
 (``orchestration/launch/``), and a real two-"node" torchrun fit on this machine.
 
 The unit tests check ``launch_shape`` against the rules of Lightning's own
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from training.cluster import agree, global_rank, launch_shape
 from training.config import ConfigError
+from training.run.cluster import agree, global_rank, launch_shape
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = REPO / "orchestration" / "launch" / "torchrun.sh"
@@ -477,7 +477,7 @@ def two_nodes(tmp_path_factory):
     work = tmp_path_factory.mktemp("launch")
     (work / "fit.yaml").write_text(FIT_YAML)
     # A new sqlite store that every rank opens at the same moment: ranks take turns
-    # (training.tracking.sqlite_store_lock), or MLflow's schema migration races.
+    # (training.run.tracking.sqlite_store_lock), or MLflow's schema migration races.
     t0 = time.monotonic()
     first = _launch_two_nodes(work, "job1", f"debug.report_dir={work / 'report1'}")
     t1 = time.monotonic()

@@ -15,7 +15,7 @@ from tests.conftest import small_run_args
 def test_a_fit_links_to_the_datagen_runs_that_wrote_its_shards(ray_local, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from datagen.shards import manifest_digest
+    from datagen.shards.index import manifest_digest
     from orchestration.cli import main
     from training.config import load_config
     from training.fit import fit

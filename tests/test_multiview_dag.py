@@ -14,10 +14,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from datagen import shards, sources
-from datagen.codecs import decode_rgb
-from datagen.procedural_scenes import render_scene, visible_points
+from datagen.images import decode_rgb
 from datagen.schema import validate_sample
-from datagen.shards import ShardReader
+from datagen.shards.reader import ShardReader
+from datagen.sources.scenes.procedural import render_scene, visible_points
 from orchestration.cli import main as cli
 from pipelines import dag
 

@@ -13,15 +13,11 @@ import cv2
 import numpy as np
 import pytest
 
-from datagen.codecs import decode_rgb, encode_jpeg
-from datagen.labelers.pose import PoseParams, PoseStage
-from datagen.labelers.pose_render import (
-    COLORS,
-    LIMBS,
-    coco_to_openpose,
-    render_openpose,
-)
-from datagen.stage import column_for, meta_column, run_stage, status_column
+from datagen.images import decode_rgb, encode_jpeg
+from datagen.stages.pose import PoseParams, PoseStage
+from datagen.stages.pose_render import COLORS, LIMBS, coco_to_openpose, render_openpose
+from datagen.stages.protocol import column_for, meta_column, status_column
+from datagen.stages.runner import run_stage
 
 # -- rendering ----------------------------------------------------------------------------
 
@@ -221,7 +217,7 @@ def test_micro_batches_do_not_change_the_labels(tiny_stage, photos):
 
 
 def test_stage_loads_real_format_weights_from_paths(tiny_stage, photos, tmp_path, monkeypatch):
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import pose as pm
 
     pt = tmp_path / "yolo-tiny.pt"
     pm.save_yolo_checkpoint(pm.build_random_yolo(tiny_stage.seed), pt)
@@ -252,7 +248,7 @@ def test_stage_loads_real_format_weights_from_paths(tiny_stage, photos, tmp_path
 
 def test_fused_checkpoint_loads(tmp_path):
     """Fused layers pickle ``forward = forward_fuse`` through getattr: admitted, restricted."""
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import pose as pm
 
     yolo = pm.build_random_yolo(0)
     yolo.fuse()
@@ -283,7 +279,7 @@ def _hostile(path: Path, payload: object, protocol: int = 2) -> str:
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_safe_loader_refuses_os_system(tmp_path, protocol):
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import pose as pm
 
     marker = tmp_path / "marker"
     path = _hostile(tmp_path / "evil.pt", _Reduce(os.system, (f"touch {marker}",)), protocol)
@@ -302,7 +298,7 @@ def test_safe_loader_refuses_other_code(tmp_path):
     from torch import nn
     from ultralytics.nn.tasks import DetectionModel
 
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import pose as pm
 
     cases = {
         "eval": (_Reduce(builtins.eval, ("1 + 1",)), r"builtins\.eval"),
@@ -318,7 +314,7 @@ def test_safe_loader_refuses_other_code(tmp_path):
 
 
 def test_safe_loader_refuses_non_checkpoints(tmp_path):
-    from datagen.labelers import pose_model as pm
+    from datagen.stages.models import pose as pm
 
     legacy = tmp_path / "legacy.pt"
     legacy.write_bytes(pickle.dumps({"a": 1}))

@@ -1,4 +1,4 @@
-"""datagen.procedural_scenes: the pictures agree with the cameras datagen.cameras defines, and
+"""datagen.sources.scenes.procedural: the pictures agree with the cameras datagen.cameras defines, and
 the nerfstudio files it writes read back as the same cameras."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from datagen.cameras import plucker_rays
-from datagen.procedural_scenes import (
+from datagen.sources.scenes.formats import nerfstudio_scenes
+from datagen.sources.scenes.procedural import (
     GROUND,
     SKY,
     SceneRender,
@@ -20,7 +21,6 @@ from datagen.procedural_scenes import (
     visible_points,
     write_nerfstudio_scene,
 )
-from datagen.scene_formats import nerfstudio_scenes
 
 
 @pytest.fixture(scope="module")

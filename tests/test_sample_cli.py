@@ -67,8 +67,9 @@ def _run(args: list[str], capsys) -> tuple[int, str]:
 
 
 def test_help_lists_every_task(capsys):
+    from training.data.tasks import all_task_names
+
     from orchestration.cli import main
-    from training.tasks import all_task_names
 
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--help"])
@@ -130,12 +131,12 @@ def test_missing_checkpoint_is_still_exit_1(tmp_path, capsys):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Reading the weights fails the test: these checks must come before it."""
-    import training.sample
+    import training.inference.sample
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights loaded before the arguments were checked")
 
-    monkeypatch.setattr(training.sample, "load_weights", refuse)
+    monkeypatch.setattr(training.inference.sample, "load_weights", refuse)
 
 
 @pytest.mark.parametrize("size", ["40", "24", "8"])

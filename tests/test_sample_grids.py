@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.sample_grid import Layout, Row, conditional_row, render_grid, text2image_rows
+from training.inference.grid import Layout, Row, conditional_row, render_grid, text2image_rows
 
 CELL = 64  # 2x the 32 px samples: each sample pixel is a 2x2 block in the grid
 PROMPTS = ["a photo of a cat", "a red bicycle leaning on a white wall in the evening light"]

@@ -111,7 +111,7 @@ def _images(scene: dict, n: int) -> list[str]:
 
 
 def test_camera_pose_writes_cameras_nerfstudio_reads_back(mv_fit, scene, tmp_path, capsys):
-    from training.sample_multiview import read_transforms
+    from training.inference.multiview import read_transforms
 
     out = tmp_path / "pose"
     rc, stdout, err = _main([
@@ -148,7 +148,7 @@ def test_camera_pose_writes_cameras_nerfstudio_reads_back(mv_fit, scene, tmp_pat
 
 
 def test_camera_pose_without_ground_truth_writes_no_metrics(mv_fit, scene, tmp_path):
-    from training.sample_multiview import sample_multiview_from_checkpoint
+    from training.inference.multiview import sample_multiview_from_checkpoint
 
     out = tmp_path / "pose"
     res = sample_multiview_from_checkpoint(
@@ -161,7 +161,7 @@ def test_camera_pose_without_ground_truth_writes_no_metrics(mv_fit, scene, tmp_p
 def _oracle(truth: dict, monkeypatch, seen: list | None = None) -> None:
     """Replace the checkpoint's network by a denoiser that knows the true ray views of
     ``truth`` (c2w, K of the 32 px crop): v = (x_t - x) / t ends every Euler run on x."""
-    import training.sample_multiview as sm
+    import training.inference.multiview as sm
 
     real = sm.load_model
 
@@ -187,8 +187,8 @@ def test_camera_pose_returns_the_true_cameras_from_the_true_rays(
     mv_fit, scene, tmp_path, monkeypatch
 ):
     """Crop -> rays -> sampler -> plucker_to_cameras -> frame intrinsics, exactly."""
-    from training.sample_multiview import read_transforms, sample_multiview_from_checkpoint
-    from training.sample_multiview import square_intrinsics as square
+    from training.inference.multiview import read_transforms, sample_multiview_from_checkpoint
+    from training.inference.multiview import square_intrinsics as square
 
     gt, _ = normalize_cameras(scene["c2w"])
     k_crop = square(scene["K"], FRAME, 32)
@@ -207,7 +207,7 @@ def test_camera_pose_returns_the_true_cameras_from_the_true_rays(
 
 
 def test_multiview_writes_views_and_the_cameras_used(mv_fit, scene, tmp_path, capsys):
-    from training.sample_multiview import DEFAULT_FOCAL, read_transforms
+    from training.inference.multiview import DEFAULT_FOCAL, read_transforms
 
     out = tmp_path / "mv"
     rc, stdout, err = _main([
@@ -234,8 +234,9 @@ def test_multiview_writes_views_and_the_cameras_used(mv_fit, scene, tmp_path, ca
 def test_multiview_feeds_the_rays_training_would(mv_fit, scene, tmp_path, monkeypatch):
     """--cameras: the ray views the model sees are ``bucket_rays`` of the normalised rig, the
     trainer's own function, and they stay clean while the images 1.. are generated."""
-    from training.data import bucket_rays
-    from training.sample_multiview import sample_multiview_from_checkpoint
+    from training.data.datamodule import bucket_rays
+
+    from training.inference.multiview import sample_multiview_from_checkpoint
 
     gt, _ = normalize_cameras(scene["c2w"])
     seen: list = []
@@ -261,12 +262,12 @@ def test_multiview_feeds_the_rays_training_would(mv_fit, scene, tmp_path, monkey
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    import training.sample
+    import training.inference.sample
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights loaded before the arguments were checked")
 
-    monkeypatch.setattr(training.sample, "load_weights", refuse)
+    monkeypatch.setattr(training.inference.sample, "load_weights", refuse)
 
 
 def _bad_json(tmp: Path, text: str) -> str:
@@ -330,12 +331,12 @@ def test_a_task_the_checkpoint_never_trained_is_refused(
     mv_fit, scene, tmp_path, capsys, no_weights, monkeypatch
 ):
     """The same checkpoint, its config saying it trained the depth subset only."""
-    import training.sample
+    import training.inference.sample
     from training.checkpoint_io import checkpoint_meta
 
     meta = checkpoint_meta(mv_fit["ckpt"])
     meta["config"] = meta["config"].replace("multiview:", "depth:")
-    monkeypatch.setattr(training.sample, "checkpoint_meta", lambda path: meta)
+    monkeypatch.setattr(training.inference.sample, "checkpoint_meta", lambda path: meta)
     out = tmp_path / "out"
     rc, _, err = _main(
         ["--checkpoint", str(mv_fit["ckpt"]), "--task", "camera_pose", "--out", str(out),
@@ -365,7 +366,7 @@ def test_subprocess_usage_error_is_one_line_exit_2(mv_fit, scene, tmp_path):
 
 
 def test_transforms_round_trip_and_per_frame_intrinsics(tmp_path):
-    from training.sample_multiview import read_transforms, write_transforms
+    from training.inference.multiview import read_transforms, write_transforms
 
     c2w, _ = normalize_cameras(orbit_cameras([0, 40], [0, 20], 2.0))
     K = np.stack([intrinsics_from_focal(30.0, (32, 48)), intrinsics_from_focal(50.0, (64, 64))])
@@ -381,7 +382,7 @@ def test_transforms_round_trip_and_per_frame_intrinsics(tmp_path):
 
 
 def test_transforms_reader_refuses_oversized_and_odd_files(tmp_path, monkeypatch):
-    import training.sample_multiview as sm
+    import training.inference.multiview as sm
 
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"frames": []}))
@@ -395,7 +396,7 @@ def test_transforms_reader_refuses_oversized_and_odd_files(tmp_path, monkeypatch
 
 
 def test_square_intrinsics_inverts_and_matches_training_crop():
-    from training.sample_multiview import frame_intrinsics, square_intrinsics
+    from training.inference.multiview import frame_intrinsics, square_intrinsics
 
     K = intrinsics_from_focal((44.0, 46.0), (300, 500))
     sq = square_intrinsics(K, (500, 300), 64)
@@ -407,7 +408,7 @@ def test_square_intrinsics_inverts_and_matches_training_crop():
 
 
 def test_fit_renders_multiview_and_camera_pose_grids(mv_fit):
-    from training.sample_grid import Layout
+    from training.inference.grid import Layout
 
     lay = Layout(CELL)
     samples = mv_fit["run_dir"] / "samples"
@@ -425,7 +426,7 @@ def test_fit_renders_multiview_and_camera_pose_grids(mv_fit):
 
 
 def test_ray_panels_show_the_directions():
-    from training.sample_grid import camera_pose_row, ray_pixels, render_grid
+    from training.inference.grid import camera_pose_row, ray_pixels, render_grid
 
     K = intrinsics_from_focal(40.0, (32, 32))
     rays = torch.from_numpy(cameras_to_plucker(np.eye(4)[None].repeat(2, 0), K, (32, 32), (4, 4)))

@@ -13,13 +13,14 @@ import pytest
 
 from datagen import params as P
 from datagen.cameras import orbit_cameras
-from datagen.codecs import decode_rgb
-from datagen.groups import group_row, group_table
-from datagen.labelers.decode import DecodeStage, DecodeStageParams
-from datagen.labelers.scene import SceneParams, SceneStage
+from datagen.images import decode_rgb
 from datagen.params import ParamError
 from datagen.schema import validate_sample
-from datagen.stage import Stage, error_column, object_column, run_stage, status_column
+from datagen.sources.groups import group_row, group_table
+from datagen.stages.decode import DecodeStage, DecodeStageParams
+from datagen.stages.protocol import Stage, error_column, object_column, status_column
+from datagen.stages.runner import run_stage
+from datagen.stages.scene import SceneParams, SceneStage
 from pipelines.sink import build_sample
 
 TARGET = np.array([0.3, -0.2, 0.5])
@@ -326,7 +327,7 @@ def test_params_are_checked():
 
 
 def test_check_needs_refuses_what_cannot_work():
-    from datagen.labelers.caption import CaptionParams
+    from datagen.stages.caption import CaptionParams
 
     SceneStage.check_needs(SceneParams(), {"decode": DecodeStageParams()})
     SceneStage.check_needs(

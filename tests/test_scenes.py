@@ -1,4 +1,4 @@
-"""datagen.scenes: nerfstudio / DL3DV, CO3D and Objaverse-style scenes -> group rows with OpenCV
+"""datagen.sources.scenes.manifest: nerfstudio / DL3DV, CO3D and Objaverse-style scenes -> group rows with OpenCV
 cameras, checked against hand-computed projections; view sampling; broken inputs as rows."""
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ import pytest
 from PIL import Image
 
 from datagen.cameras import orbit_cameras, plucker_rays, resize_intrinsics
-from datagen.groups import GROUP_MANIFEST_SCHEMA
 from datagen.params import ParamError, build
-from datagen.procedural_scenes import render_scene, visible_points, write_nerfstudio_scene
-from datagen.scene_formats import co3d_scenes, nerfstudio_scenes, objaverse_scenes
-from datagen.scenes import (
+from datagen.schema import KEY_PATTERN
+from datagen.sources import resolve
+from datagen.sources.base import SourceError
+from datagen.sources.groups import GROUP_MANIFEST_SCHEMA
+from datagen.sources.scenes.formats import co3d_scenes, nerfstudio_scenes, objaverse_scenes
+from datagen.sources.scenes.manifest import (
     ProceduralScenesSource,
     ScenesSource,
     sample_frames,
     scene_manifest,
 )
-from datagen.schema import KEY_PATTERN
-from datagen.sources import SourceError, resolve
-from datagen.stage import ERROR, FILTERED, group_failure
+from datagen.sources.scenes.procedural import render_scene, visible_points, write_nerfstudio_scene
+from datagen.stages.protocol import ERROR, FILTERED
+from datagen.stages.runner import group_failure
 
 FLIP = np.diag([1.0, -1.0, -1.0, 1.0])
 

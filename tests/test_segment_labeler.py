@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from datagen.codecs import encode_jpeg
-from datagen.labelers.model_stage import RANDOM_TINY
-from datagen.labelers.segment import SegmentParams, SegmentStage
-from datagen.labelers.segment_render import (
+from datagen.images import encode_jpeg
+from datagen.params import ParamError
+from datagen.schema import PALETTE, make_meta, palette_rgb, validate_sample
+from datagen.stages.models.common import RANDOM_TINY
+from datagen.stages.protocol import ERROR, FILTERED
+from datagen.stages.segment import SegmentParams, SegmentStage
+from datagen.stages.segment_render import (
     Entity,
     entity_colours,
     render_boxes,
     render_semantic,
     rle_to_mask,
 )
-from datagen.params import ParamError
-from datagen.schema import PALETTE, make_meta, palette_rgb, validate_sample
-from datagen.stage import ERROR, FILTERED
 
 PHOTOS = {
     "astronaut": cv2.resize(skdata.astronaut(), (96, 96), interpolation=cv2.INTER_AREA),
@@ -137,8 +137,8 @@ def test_params_are_checked():
 
 
 def test_loads_checkpoints_saved_in_the_real_formats(tmp_path, tiny):
-    from datagen.labelers.grounding_model import save_tiny_grounder
-    from datagen.labelers.sam_model import save_tiny_sam
+    from datagen.stages.models.grounding import save_tiny_grounder
+    from datagen.stages.models.sam import save_tiny_sam
 
     folder = save_tiny_grounder(tmp_path / "grounding-dino")
     sam = save_tiny_sam(tmp_path / "sam_tiny.pth")

@@ -19,7 +19,8 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from datagen.labelers.grounding_model import (
+from datagen.stages.models.common import RANDOM_TINY, CheckpointError
+from datagen.stages.models.grounding import (
     Detection,
     Grounder,
     box_iou,
@@ -34,8 +35,7 @@ from datagen.labelers.grounding_model import (
     select_detections,
     tiny_vocab,
 )
-from datagen.labelers.model_stage import RANDOM_TINY, CheckpointError
-from datagen.labelers.sam_model import (
+from datagen.stages.models.sam import (
     SAM_ARCHS,
     TINY_SAM,
     Segmenter,

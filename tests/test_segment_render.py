@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from datagen.labelers.segment_render import (
+from datagen.schema import PALETTE, palette_rgb
+from datagen.stages.segment_render import (
     Entity,
     box_thickness,
     entity_colours,
@@ -18,7 +19,6 @@ from datagen.labelers.segment_render import (
     render_semantic,
     rle_to_mask,
 )
-from datagen.schema import PALETTE, palette_rgb
 
 W, H = 40, 30
 

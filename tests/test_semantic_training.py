@@ -61,7 +61,7 @@ def _metas(out: str) -> dict[str, dict]:
 
 
 def _stream(out: str, task: str, **kw):
-    from training.data import OneGenDataModule
+    from training.data.datamodule import OneGenDataModule
 
     cfg = {
         "paths": {"semantic": out},

@@ -21,7 +21,7 @@ import webdataset as wds
 from datagen import shards
 from datagen.schema import KEY_PATTERN, SUBSETS, make_meta
 from orchestration.cli import main as cli
-from training import data_index as sampling
+from training.data import index as sampling
 
 REPO = Path(__file__).resolve().parents[1]
 LONGEST_KEY = "K" * 199 + "z"  # 200 chars: the most KEY_PATTERN allows
@@ -198,7 +198,7 @@ def _check_output(out: str, subset: str, key: str) -> None:
 def test_long_keys_through_the_real_pipeline(ray_local, cheap_cfg, tmp_path):
     """A folder source with a deep path (the longest key it derives) and a parquet manifest
     with a 200-char key, each through a real local Ray run, verify and the readers."""
-    from datagen.sources import key_from_path
+    from datagen.sources.base import key_from_path
     from orchestration.datagen_job import run
 
     folder = tmp_path / "images"

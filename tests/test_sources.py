@@ -14,20 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from datagen import sources
-from datagen.decode import decode_image, read_bytes
+from datagen.images import decode_image
+from datagen.io import read_bytes
 from datagen.schema import KEY_PATTERN
-from datagen.sources import (
-    MANIFEST_SCHEMA,
-    SourceError,
-    demo,
-    guess_spec,
-    image_folder,
-    key_from_path,
-    parquet_manifest,
-    resolve,
-    webdataset_shards,
-)
+from datagen.sources import demo as demo_source
+from datagen.sources import guess_spec, resolve
+from datagen.sources.base import MANIFEST_SCHEMA, SourceError, key_from_path
+from datagen.sources.demo import demo
+from datagen.sources.folders import image_folder
+from datagen.sources.parquet import parquet_manifest
+from datagen.sources.webdataset import webdataset_shards
 
 
 def _jpeg(colour=(200, 100, 50), size=(80, 64)) -> bytes:
@@ -356,7 +352,7 @@ def test_demo_second_call_reuses_the_cache(demo_dir, monkeypatch):
     def no_images():
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(sources, "base_demo_images", no_images)
+    monkeypatch.setattr(demo_source, "base_demo_images", no_images)
     again = demo(str(root), n=20)
     assert again.equals(table)
     assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == mtimes
@@ -378,7 +374,7 @@ def test_demo_augmentations_and_regeneration(tmp_path, monkeypatch):
         calls.append(1)
         return _fake_bases()
 
-    monkeypatch.setattr(sources, "base_demo_images", fake)
+    monkeypatch.setattr(demo_source, "base_demo_images", fake)
     table = demo(str(tmp_path), n=8, max_side=64)
     assert calls == [1]
     assert table.column("caption").to_pylist() == [
@@ -409,7 +405,7 @@ def test_demo_augmentations_and_regeneration(tmp_path, monkeypatch):
 
 
 def _small():
-    from datagen.decode import DecodeParams
+    from datagen.io import DecodeParams
 
     return DecodeParams(min_side=16)
 

@@ -1,4 +1,4 @@
-"""The Stage protocol (datagen.stage): who sees which row, typed failures, groups,
+"""The Stage protocol (datagen.stages.protocol, datagen.stages.runner): who sees which row, typed failures, groups,
 batches that isolate a poisonous row, and exact accounting through Ray."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from datagen import labelers
-from datagen.stage import (
+from datagen import stages as labelers
+from datagen.stages.protocol import (
     ERROR,
     FILTERED,
     OK,
@@ -25,9 +25,9 @@ from datagen.stage import (
     error_column,
     message_column,
     meta_column,
-    run_stage,
     status_column,
 )
+from datagen.stages.runner import run_stage
 from tests import toy_stages
 
 REPO = Path(__file__).resolve().parents[1]

@@ -292,7 +292,7 @@ def test_mlflow_run_records_and_resume_continues_it(fsdp_runs):
 def test_sample_from_sharded_checkpoint_loads_ema(fsdp_runs, tmp_path):
     from PIL import Image
 
-    from training.sample import sample_from_checkpoint
+    from training.inference.sample import sample_from_checkpoint
 
     ckpt = fsdp_runs["work"] / "B" / "checkpoints" / "step00000006.ckpt"
     paths = sample_from_checkpoint(ckpt, "text2image", tmp_path / "t2i", steps=2, size=32)
@@ -384,7 +384,7 @@ def test_configs_resolve_and_pick_strategies(monkeypatch):
 
 
 def test_configs_data_nodes_fit_the_datamodule():
-    data = pytest.importorskip("training.data")
+    data = pytest.importorskip("training.data.datamodule")
     from training.config import load_config
 
     for name in ("demo", "onediffusion-2.8b"):
@@ -393,7 +393,7 @@ def test_configs_data_nodes_fit_the_datamodule():
 
 
 def test_synthetic_batches_follow_the_contract_and_are_pure():
-    from training.synthetic import synthetic_batch
+    from training.data.synthetic import synthetic_batch
 
     kw = {"batch_size": 3, "resolution": 32, "max_views": 2, "tasks": ["text2image", "canny2image"]}
     seen_views = set()

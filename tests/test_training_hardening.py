@@ -85,8 +85,9 @@ def _data_overrides(shards: str) -> list[str]:
 
 def _expected_skips(shards: str, steps: int) -> dict[str, int]:
     """What the fit's batches 0..steps-1 skip, from the loader itself (a pure function)."""
+    from training.data.datamodule import OneGenDataModule
+
     from training.config import load_config
-    from training.data import OneGenDataModule
     from training.fit import build_datamodule
 
     cfg = load_config(None, _data_overrides(shards) + ["data.batch_size=2", "seed=2"])
@@ -172,7 +173,7 @@ def test_a_skip_rate_past_the_limit_stops_the_fit(corrupt_shards, fit_yaml, tmp_
 
 
 def test_skip_reasons_are_stable_and_summed():
-    from training import skips
+    from training.data import skips
     from training.errors import SkipRateError
 
     rank0, rank1 = skips.empty(), skips.empty()
@@ -230,7 +231,7 @@ def test_unreachable_tracking_server_not_required_runs_untracked(fit_yaml, tmp_p
 def test_local_stores_are_not_probed(monkeypatch):
     import urllib.request
 
-    from training.tracking import probe_tracking_server
+    from training.run.tracking import probe_tracking_server
 
     def no_network(*args, **kwargs):
         raise AssertionError("probed the network")

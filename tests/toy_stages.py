@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from datagen.stage import ERROR, FILTERED, Failure, RowStage, Stage
+from datagen.stages.protocol import ERROR, FILTERED, Failure, RowStage, Stage
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from model import flops_per_token
 from model.flops import peak_bf16_flops
-from training.sample_grid import (
+from training.inference.grid import (
     Row,
     camera_pose_row,
     conditional_row,
@@ -133,7 +133,7 @@ class ThroughputMonitor(Callback):
 
 class SampleGrid(Callback):
     """Every N steps, sample a fixed set of tasks with the EMA weights and log one labelled
-    grid per task (``training.sample_grid``).
+    grid per task (``training.inference.grid``).
 
     ``text2image``: one row per configured prompt (the generated image). Any other task: the
     first training sample of that task this rank saw is kept (pixels, views, prompt, and a

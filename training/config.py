@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datagen.schema import SUBSETS
-from training import skips
-from training import tasks as T
 from training.config_tools import apply_overrides
+from training.data import skips
+from training.data import tasks as T
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((256, 256), (256, 384), (384, 256))
@@ -117,7 +117,7 @@ class CheckpointSection:
 
 @dataclass
 class DataConfig:
-    """The shard loader's settings (``training.data.OneGenDataModule``).
+    """The shard loader's settings (``training.data.datamodule.OneGenDataModule``).
 
     ``paths``: ``{subset: dir | [dirs/URLs]}`` where each dir is a datagen output (holding
     ``<subset>/manifest.json``) or the subset folder itself; or one dir / a list of dirs,

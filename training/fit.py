@@ -5,8 +5,8 @@ the strategy, the callbacks and the MLflow logger, then ``trainer.fit``.
     onegen train fit --config training/configs/demo.yaml --print-config
     python -m training.fit --config training/configs/demo.yaml trainer.max_steps=10
 
-Config: ``training.config`` (typed, strict). Run folder, resume: ``training.runs``. Launchers:
-``training.cluster`` (torchrun / SLURM set ``trainer.num_nodes`` and ``trainer.devices``).
+Config: ``training.config`` (typed, strict). Run folder, resume: ``training.run.folders``. Launchers:
+``training.run.cluster`` (torchrun / SLURM set ``trainer.num_nodes`` and ``trainer.devices``).
 
 Strategy: ``trainer.strategy: auto`` gives ``ModelParallelStrategy`` (FSDP2, tensor parallel 1,
 sharded distributed checkpoints; gloo on CPU) when devices x nodes > 1 and a single-device
@@ -16,8 +16,8 @@ picks up torchrun / SLURM environments on clusters. Either strategy resumes chec
 written by any number of processes (``training.checkpoint_io``: distributed checkpoints
 reshard on load).
 
-Data: ``data.kind: onegen`` streams shards (``training.data.OneGenDataModule``); ``synthetic``
-is ``training.synthetic``. Either derives its position from ``trainer.global_step`` when the
+Data: ``data.kind: onegen`` streams shards (``training.data.datamodule.OneGenDataModule``); ``synthetic``
+is ``training.data.synthetic``. Either derives its position from ``trainer.global_step`` when the
 loader is built (after a checkpoint restore), so a resume continues the stream exactly where
 it stopped (on the same number of processes; on another, each rank continues its own stream).
 """
@@ -34,19 +34,19 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
-from training.cluster import launch_shape
 from training.config import ConfigError, add_fit_arguments, config_from_args, to_yaml
 from training.errors import FitError, warn
-from training.runs import RunPlan, log_line, plan_run, prepare, shared_run_name
+from training.run.cluster import launch_shape
+from training.run.folders import RunPlan, log_line, plan_run, prepare, shared_run_name
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     if cfg.data.kind == "synthetic":
-        from training.synthetic import SyntheticDataModule
+        from training.data.synthetic import SyntheticDataModule
 
         return SyntheticDataModule(cfg)
     from training.config import model_config
-    from training.data import OneGenDataModule  # lazily: heavy imports (cv2, fsspec)
+    from training.data.datamodule import OneGenDataModule
     from training.encoders import vae_stride
 
     # Ray views are built by the loader on the latent grid: it needs the VAE's geometry.
@@ -123,7 +123,7 @@ def precision(cfg: DictConfig) -> str:
 
 def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[pl.Callback]:
     from training.callbacks import OneGenCheckpoint, SampleGrid, StateReport, ThroughputMonitor
-    from training.tracking import TrackingCallback
+    from training.run.tracking import TrackingCallback
 
     c = cfg.checkpoint
     keep = int(c.keep)
@@ -227,7 +227,12 @@ def check_resume(cfg: DictConfig, plan: RunPlan) -> None:
 def fit(cfg: DictConfig) -> FitResult:
     """Build everything from ``cfg`` and run ``trainer.fit`` (every process runs this)."""
     from training.module import OneGenModule
-    from training.tracking import build_logger, disable_telemetry, ensure_tracking, read_run_file
+    from training.run.tracking import (
+        build_logger,
+        disable_telemetry,
+        ensure_tracking,
+        read_run_file,
+    )
 
     disable_telemetry()
     apply_launcher(cfg)
@@ -285,7 +290,7 @@ def run(cfg: DictConfig, prog: str) -> int:
     """Exit codes: 2 a config that cannot start (a run folder or checkpoint that does not
     fit it: nothing trained), 1 a fit that failed for a reason outside the code (a
     checkpoint, the MLflow server, the data), 0 done."""
-    from datagen.shards import ShardFileError
+    from datagen.shards.layout import ShardFileError
 
     try:
         result = fit(cfg)

@@ -16,10 +16,10 @@ What lives where:
   are neither sharded, nor given to the optimizer, nor written to checkpoints: they are
   rebuilt from the config (tiny random ones seeded, or local pretrained folders).
 
-The batch contract (``training.data``): ``pixels`` [B, V, 3, H, W] in [-1, 1], ``cond_mask``
+The batch contract (``training.data.datamodule``): ``pixels`` [B, V, 3, H, W] in [-1, 1], ``cond_mask``
 [B, V] bool (True = condition view: held clean, no loss), ``prompts``, ``tasks``, ``subsets``,
 ``keys`` (lists of B strings). Latents and text features are computed online, per step.
-Shard batches also carry what the loader skipped (``training.skips`` counts, logs and limits it).
+Shard batches also carry what the loader skipped (``training.data.skips`` counts, logs and limits it).
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from torch import Tensor, nn
 from model import NextDiT
 from model.flops import image_tokens
 from model.flow import flow_matching_loss
-from training import skips
 from training.config import model_config, schema
+from training.data import skips
+from training.data.seeding import mix_seed
 from training.encoders import FrozenEncoders, build_encoders, interleave_rays, parse_dtype
+from training.inference.sample import generate, generate_views
 from training.optim import build_optimizer, clip_grad_norm, ema_decay, ema_update
 from training.parallelize import init_sharded, local_tensor, parallelize
-from training.runs import log_line
-from training.sample import generate, generate_views
-from training.seeding import mix_seed
+from training.run.folders import log_line
 
 # --------------------------------------------------------------------------- module
 
@@ -409,7 +409,7 @@ class OneGenModule(pl.LightningModule):
 
         With ``cond_rays`` [B, V, C, h, w] (a multiview batch: ``cond_pixels`` its V images,
         ``cond_mask`` [B, 2V] over img0, ray0, img1, ...) the result is a
-        ``training.sample.MultiviewSample``: the decoded images and the final ray
+        ``training.inference.sample.MultiviewSample``: the decoded images and the final ray
         views. Under FSDP every rank must call this with the same number of prompts-free
         forward calls (the sampler does ``steps`` forwards), because each forward all-gathers.
         """

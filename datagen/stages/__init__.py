@@ -1,0 +1,32 @@
+"""Every labeler a DAG can name, one module each, imported on first use.
+
+A labeler module imports only light things at its top (its ``Params`` are read on
+the driver to validate a DAG); model code lives in a ``*_model.py`` beside it,
+imported in ``setup()`` on the worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from datagen.stages.protocol import Stage
+
+LABELERS: dict[str, str] = {
+    "decode": "datagen.stages.decode:DecodeStage",
+    "caption": "datagen.stages.caption:CaptionStage",
+    "segment": "datagen.stages.segment:SegmentStage",
+    "degrade": "datagen.stages.degrade:DegradeStage",
+    "depth": "datagen.stages.depth:DepthStage",
+    "pose": "datagen.stages.pose:PoseStage",
+    "scene": "datagen.stages.scene:SceneStage",
+    "face": "datagen.stages.face:FaceStage",
+    "identity": "datagen.stages.identity:IdentityStage",
+}
+
+
+def labeler(name: str) -> type[Stage]:
+    """The Stage class registered as ``name``."""
+    if name not in LABELERS:
+        raise KeyError(f"unknown labeler {name!r}; known: {sorted(LABELERS)}")
+    module, cls = LABELERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

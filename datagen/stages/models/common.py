@@ -1,0 +1,140 @@
+"""What every model labeler shares: where its weights come from, which device and
+dtype it runs in, how many CPU threads it may use, and sub-batched inference.
+
+``weights`` is a local folder or file (real weights, loaded offline) or
+``random-tiny``: a tiny model built from a config with random weights, so the
+mechanics (shapes, batching, rendering, the pipeline) run anywhere while the
+labels mean nothing. The DAG-level ``weights=random-tiny`` switch sets every
+``weights`` / ``*_weights`` parameter of a DAG's model stages to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from datagen.images import decode_rgb
+from datagen.stages.protocol import ERROR, Failure, Stage
+
+RANDOM_TINY = "random-tiny"
+T = TypeVar("T")
+
+
+def weight_params(params_cls: type) -> tuple[str, ...]:
+    """The Params fields that name weights (``weights``, ``detector_weights``)."""
+    import dataclasses
+
+    return tuple(
+        f.name
+        for f in dataclasses.fields(params_cls)
+        if f.name == "weights" or f.name.endswith("_weights")
+    )
+
+
+def weights_id(weights: str) -> str:
+    """What the metadata records as the model: ``random-tiny`` or the folder/file name."""
+    if weights == RANDOM_TINY:
+        return RANDOM_TINY
+    return Path(weights.rstrip("/")).name
+
+
+def check_weights_path(weights: str, what: str) -> None:
+    """A one-line error for a weights path that is not there (real runs load offline)."""
+    if weights != RANDOM_TINY and not os.path.exists(weights):
+        raise FileNotFoundError(
+            f"{what}: weights {weights!r} do not exist (a local path is needed: nothing is "
+            f"downloaded); pass weights={RANDOM_TINY} for random-weight mechanics"
+        )
+
+
+def pick_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: Any) -> Any:
+    """``auto``: bf16 on a GPU that has it (else fp16), fp32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def set_cpu_threads() -> None:
+    """Torch's intra-op threads = the CPUs Ray gave this worker (``OMP_NUM_THREADS``, which Ray
+    sets from ``num_cpus``; at least 1), not every core of the node in every actor."""
+    import torch
+
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        torch.set_num_threads(int(n))
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + max(1, size)]
+
+
+class CheckpointError(ValueError):
+    """A weights file or folder that cannot be loaded safely or does not fit the model."""
+
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # hub / transformers 5
+
+
+def check_pretrained_folder(path: Path, what: str, *any_of: Sequence[str]) -> None:
+    """A ``save_pretrained`` folder this project loads: ``config.json``, safetensors weights
+    and, for each of ``any_of``, one of its files (processor, tokenizer). One line naming
+    the path and what is missing; ``.bin`` weights are refused by name (pickle runs code)."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} weights {str(path)!r}: not a folder (save_pretrained format)"
+        )
+    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        if pickled:
+            raise CheckpointError(
+                f"{what} weights {str(path)!r} have only {pickled}: .bin is pickle, not loaded; "
+                "convert the weights to safetensors"
+            )
+    missing = [f for f in ("config.json",) if not (path / f).is_file()]
+    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
+        missing.append(SAFETENSORS_FILES[0])
+    missing += [group[0] for group in any_of if not any((path / f).is_file() for f in group)]
+    if missing:
+        raise FileNotFoundError(
+            f"{what} weights {str(path)!r} lack {missing}: a save_pretrained folder with "
+            "safetensors weights and its processor files is needed"
+        )
+
+
+def decode_stored(jpgs: Sequence[Any], stage: str) -> tuple[dict[int, Any], dict[int, Failure]]:
+    """The RGB image of each row's stored ``jpg`` (labels are made from the exact pixels
+    training reads, not from the decode stage's in-memory image), and a typed failure
+    for each row that has none or whose bytes do not decode."""
+    images: dict[int, Any] = {}
+    failures: dict[int, Failure] = {}
+    for i, jpg in enumerate(jpgs):
+        if jpg is None or len(jpg) == 0:
+            failures[i] = Failure(ERROR, "NoImage", f"{stage} needs the jpg the decode stage wrote")
+            continue
+        try:
+            images[i] = decode_rgb(bytes(jpg))
+        except Exception as exc:  # noqa: BLE001 - cv2 raises several kinds
+            failures[i] = Failure(ERROR, "UndecodableJpg", f"{type(exc).__name__}: {exc}")
+    return images, failures
+
+
+class ModelStage(Stage):
+    """Base of labelers with a model: run in an actor pool, model loaded in ``setup()``."""
+
+    uses_model: ClassVar[bool] = True

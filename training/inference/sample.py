@@ -1,0 +1,436 @@
+"""Generating from a checkpoint: its config, its EMA weights, the tasks as the trainer laid
+them out (view 0 the target, view 1 the condition), each view written in its field's format.
+
+    onegen sample --checkpoint runs/onegen-demo/<run>/checkpoints/step00000040.ckpt --task image2depth \\
+        --image photo.jpg --out samples/
+
+The multiview tasks (image and ray views interleaved) are in ``training.inference.multiview``,
+built on this module's checks, checkpoint reading and :func:`denoise`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
+
+from model import NextDiT
+from model.flow import sample
+from training.checkpoint_io import checkpoint_meta, safe_dcp_load
+from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
+from training.data.tasks import MULTIVIEW_TASKS, all_task_names, task_spec
+from training.data.tasks import task_token as token_of
+from training.encoders import FrozenEncoders, build_encoders, interleave_rays, vae_stride
+from training.errors import CheckpointError
+from training.inference.grid import Panel, Row, render_grid, save_grid_image
+from training.inference.images import load_image, save_view
+
+
+@torch.no_grad()
+def generate(
+    denoiser: Any,
+    frozen: FrozenEncoders,
+    prompts: Sequence[str],
+    *,
+    views: int,
+    size: tuple[int, int],
+    cond_pixels: Tensor | None,
+    cond_mask: Tensor | None,
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+    device: torch.device,
+) -> Tensor:
+    """Encode prompts and condition views, Euler-sample the targets, decode every view."""
+    if cond_pixels is not None:
+        views, size = cond_pixels.shape[1], tuple(cond_pixels.shape[-2:])
+    cond_latents = None
+    if cond_pixels is not None and cond_mask is not None and bool(cond_mask.any()):
+        cond_latents = frozen.vae.encode(cond_pixels.to(device))
+    latents = denoise(
+        denoiser,
+        frozen,
+        prompts,
+        views=views,
+        size=size,
+        cond_latents=cond_latents,
+        cond_mask=cond_mask,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seed=seed,
+        device=device,
+    )
+    return frozen.vae.decode(latents).clamp(-1, 1)
+
+
+@dataclass(frozen=True)
+class MultiviewSample:
+    pixels: Tensor  # [B, V, 3, H, W] in [-1, 1]: the image views, decoded
+    rays: Tensor  # [B, V, C, h, w]: the ray views as sampled (latent form)
+
+
+@torch.no_grad()
+def generate_views(
+    denoiser: Any,
+    frozen: FrozenEncoders,
+    prompts: Sequence[str],
+    *,
+    cond_pixels: Tensor,
+    cond_rays: Tensor,
+    cond_mask: Tensor,
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+    device: torch.device,
+) -> MultiviewSample:
+    """Sample the interleaved 2V views of a multiview batch: ``cond_pixels`` [B, V, 3, H, W]
+    and ``cond_rays`` [B, V, C, h, w] give the clean views (others are ignored), ``cond_mask``
+    [B, 2V] says which of img0, ray0, img1, ... are held clean."""
+    b, v = cond_pixels.shape[:2]
+    if tuple(cond_mask.shape) != (b, 2 * v):
+        raise ValueError(f"cond_mask {list(cond_mask.shape)}: expected [{b}, {2 * v}]")
+    latents = frozen.vae.encode(cond_pixels.to(device))
+    out = denoise(
+        denoiser,
+        frozen,
+        prompts,
+        views=2 * v,
+        size=tuple(cond_pixels.shape[-2:]),
+        cond_latents=interleave_rays(latents, cond_rays),
+        cond_mask=cond_mask,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seed=seed,
+        device=device,
+    )
+    return MultiviewSample(frozen.vae.decode(out[:, 0::2]).clamp(-1, 1), out[:, 1::2])
+
+
+@torch.no_grad()
+def denoise(
+    denoiser: Any,
+    frozen: FrozenEncoders,
+    prompts: Sequence[str],
+    *,
+    views: int,
+    size: tuple[int, int],
+    cond_latents: Tensor | None,
+    cond_mask: Tensor | None,
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+    device: torch.device,
+) -> Tensor:
+    """The sampler on latents [B, views, C, h, w] of (H, W) ``size`` pixels: noise drawn on
+    the CPU from ``seed`` (the same sample on any device), the ``cond_mask`` views [B, views]
+    held at ``cond_latents``; shared by image-only and multiview (image + ray) sampling."""
+    b = len(prompts)
+    down = frozen.vae.downsample
+    h, w = size[0] // down, size[1] // down
+    text, text_mask = frozen.text(list(prompts))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(b, views, frozen.vae.latent_channels, h, w, generator=gen).to(device)
+    kwargs: dict[str, Any] = {}
+    if cond_latents is not None and cond_mask is not None and bool(cond_mask.any()):
+        kwargs["cond_latents"] = cond_latents.to(device)
+        kwargs["cond_mask"] = cond_mask.to(device).bool()
+    if guidance != 1.0:
+        kwargs["uncond_text"], kwargs["uncond_text_mask"] = frozen.text([""] * b)
+    return sample(
+        denoiser,
+        noise,
+        text,
+        text_mask,
+        steps=steps,
+        shift=shift,
+        guidance_scale=guidance,
+        **kwargs,
+    )
+
+
+def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> None:
+    """Load ``ema.*`` (or ``model.*``) weights of a Lightning checkpoint into a plain NextDiT.
+
+    A file: a single-device checkpoint (weights only). A folder: a sharded (DCP) checkpoint,
+    read in one process with ``no_dist=True`` (only the requested tensors are read) through
+    the restricted reader of ``training.checkpoint_io``."""
+    p = Path(ckpt)
+    prefix = f"{which}."
+    if p.is_dir():
+        target = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
+        state = {"state_dict": target}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            safe_dcp_load(state, p, no_dist=True)
+        net.load_state_dict({k[len(prefix) :]: v for k, v in state["state_dict"].items()})
+        return
+    ck = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    sd = {k[len(prefix) :]: v for k, v in ck["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(sd)
+
+
+class SampleUsageError(ConfigError):
+    """A sampling request that is wrong as asked (a task, image, size or device the command
+    line got wrong, or a task the checkpoint never trained), found before any weights are
+    read; ``onegen sample`` reports it as a usage error (exit code 2)."""
+
+
+def normalise_task(task: str) -> str:
+    """``[[depth2image]]`` (a prompt token) or `` depth2image `` -> ``depth2image``."""
+    return task.strip().strip("[]").strip()
+
+
+def task_token(task: str) -> str:
+    """The prompt token of a task the trainer builds (``image2depth`` -> ``[[depth2image]]``),
+    or a SampleUsageError naming the tasks there are."""
+    try:
+        return token_of(normalise_task(task))
+    except KeyError:
+        raise SampleUsageError(
+            f"unknown task {task!r}; tasks: {', '.join(all_task_names())}"
+        ) from None
+
+
+def sample_layout(task: str) -> tuple[str, tuple[str, ...]]:
+    """``(token, fields)`` of a task ``onegen sample`` runs: the fields of its two views as
+    the trainer lays them out (view 0 the target, view 1 the condition ``--image``), or one
+    field for ``text2image``. ``depth2image``: ``(jpg, depth.png)``, the depth map is the
+    condition; ``image2depth``: ``(depth.png, jpg)``, the photo is the condition and the
+    depth map is generated. faceid: one reference image (view 1)."""
+    token = task_token(task)
+    spec = task_spec(normalise_task(task), num_views=2)
+    return token, spec.views
+
+
+_FIELD_WORDS = {
+    "jpg": "a photo",
+    "blur.jpg": "a blurred photo",
+    "masked.jpg": "a masked photo",
+    "boxes.png": "a bounding-box map",
+    "semantic.png": "a semantic map",
+}
+
+
+def describe_field(field: str) -> str:
+    """What a view of this field is, in words: ``depth.png`` -> ``a depth map``."""
+    if field in _FIELD_WORDS:
+        return _FIELD_WORDS[field]
+    if field.startswith("img") and field.endswith(".jpg"):  # faceid: img0 target, img1.. refs
+        return "a photo of the face"
+    return f"a {field.split('.')[0]} map"
+
+
+def check_options(
+    *,
+    size: int | None,
+    steps: int | None,
+    device: str,
+    out_dir: str | Path | None,
+) -> None:
+    """The checks every task's request shares (size, steps, device, output folder)."""
+    if size is not None and size <= 0:
+        raise SampleUsageError(f"--size must be a positive number of pixels, got {size}")
+    if steps is not None and steps <= 0:
+        raise SampleUsageError(f"--steps must be at least 1, got {steps}")
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise SampleUsageError(
+                f"--device {device!r} is not a device (auto, cpu, cuda, cuda:N)"
+            ) from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SampleUsageError(f"--device {device}: no CUDA device on this machine")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise SampleUsageError(f"--out {out_dir} exists and is not a folder")
+
+
+def check_request(
+    task: str,
+    *,
+    image: str | Path | None,
+    size: int | None,
+    steps: int | None = None,
+    device: str = "cpu",
+    out_dir: str | Path | None = None,
+) -> tuple[str, str, tuple[str, ...]]:
+    """The checks of a sampling request that need no checkpoint; ``(task, token, fields)``
+    with the task name normalised, or a one-line :class:`SampleUsageError`."""
+    task = normalise_task(task)
+    if task in MULTIVIEW_TASKS:
+        raise SampleUsageError(
+            f"--task {task} interleaves image and ray views: sample it with "
+            "training.inference.multiview.sample_multiview_from_checkpoint"
+        )
+    token, fields = sample_layout(task)
+    if len(fields) == 1 and image is not None:
+        raise SampleUsageError(f"--task {task} generates from the prompt alone: drop --image")
+    if len(fields) > 1 and image is None:
+        raise SampleUsageError(
+            f"--task {task} needs --image: the {fields[1]} condition ({describe_field(fields[1])}"
+            f", view 1) to generate {describe_field(fields[0])} ({fields[0]}, view 0) from"
+        )
+    check_options(size=size, steps=steps, device=device, out_dir=out_dir)
+    return task, token, fields
+
+
+def check_trained(task: str, cfg: DictConfig, checkpoint: str | Path) -> None:
+    """A SampleUsageError unless a fit with the checkpoint's config trains ``task``."""
+    trained = trained_tasks(cfg)
+    if task not in trained:
+        raise SampleUsageError(
+            f"--task {task} was never trained by {checkpoint}: its config trains "
+            f"{', '.join(trained) if trained else 'no task onegen sample runs'}"
+        )
+
+
+def check_size(side: int, stride: tuple[int, int], *, given: bool) -> None:
+    """A SampleUsageError unless ``side`` divides into whole patches of latent pixels."""
+    step = math.lcm(*stride)
+    if side % step == 0:
+        return
+    lower, upper = side // step * step, (side // step + 1) * step
+    hint = f"try {lower} or {upper}" if lower else f"try {upper}"
+    what = f"--size {side}" if given else f"samples.resolution {side} (the checkpoint's config)"
+    raise SampleUsageError(
+        f"{what} is not a multiple of {step}, the model's patch grid in pixels "
+        f"(VAE downsampling x patch size): {hint}"
+    )
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when there is one, else cpu; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def read_config(checkpoint: str | Path, task: str) -> tuple[DictConfig, Any, tuple[int, int]]:
+    """``(cfg, model config, patch grid in pixels)`` of a checkpoint, read from its metadata
+    only (no weights): a ConfigError when it has none, a SampleUsageError when its fit never
+    trained ``task``."""
+    meta = checkpoint_meta(checkpoint)
+    if not meta.get("config"):
+        raise ConfigError(f"{checkpoint} has no One-Gen config (not a OneGenModule checkpoint?)")
+    cfg = from_checkpoint(meta["config"])
+    check_trained(task, cfg, checkpoint)
+    try:
+        mcfg = model_config(cfg)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{checkpoint}: its model config is not valid ({exc})") from None
+    down = vae_stride(cfg)
+    return cfg, mcfg, (down * mcfg.patch_size[1], down * mcfg.patch_size[2])
+
+
+def load_model(
+    checkpoint: str | Path, cfg: DictConfig, mcfg: Any, weights: str, device: str
+) -> tuple[NextDiT, FrozenEncoders]:
+    """The checkpoint's ``weights`` (ema or model) in a NextDiT in eval mode, and the frozen
+    encoders its config names (the tiny text encoder's vocabulary in a temporary folder)."""
+    net = NextDiT(mcfg)
+    try:
+        load_weights(checkpoint, net, weights)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, CheckpointException) as exc:
+        lines = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"{checkpoint}: its {weights} weights do not load into the model its config "
+            f"describes ({lines[-1] if lines else type(exc).__name__})"
+        ) from None
+    net.eval().to(device)
+    with tempfile.TemporaryDirectory(prefix="onegen-sample-vocab-") as vocab_dir:
+        frozen = build_encoders(cfg, net.config.caption_dim, vocab_dir).to(device)
+    return net, frozen
+
+
+def sampler_settings(cfg: DictConfig, steps: int | None, guidance: float | None) -> dict[str, Any]:
+    """``steps``, ``guidance``, ``shift`` for :func:`generate`: the request's, else the
+    config's ``samples`` section (shift: ``loss.shift`` when unset)."""
+    scfg = cfg.samples
+    return {
+        "steps": int(steps or scfg.steps),
+        "guidance": float(guidance if guidance is not None else scfg.guidance),
+        "shift": float(scfg.shift if scfg.shift is not None else cfg.loss.shift),
+    }
+
+
+def sample_from_checkpoint(
+    checkpoint: str | Path,
+    task: str,
+    out_dir: str | Path,
+    *,
+    image: str | Path | None = None,
+    prompt: str = "a photo",
+    steps: int | None = None,
+    guidance: float | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    weights: str = "ema",
+    device: str = "cpu",
+) -> list[Path]:
+    """Generate with a checkpoint's EMA weights; writes one PNG per view plus a labelled grid.
+
+    ``text2image`` generates one image from the prompt. Every other task generates view 0
+    from the condition ``image`` (view 1), in the trainer's layout: the forward direction of
+    a map task (``depth2image``, ``pose2image``) takes the map and makes a photo, the reverse
+    (``image2depth``, ``image2pose``) takes a photo and makes the map. Each view is written
+    in its field's format (a depth map as a 16-bit gray PNG, see :func:`save_view`).
+
+    Checked in this order, before any weights are read: the request itself
+    (:func:`check_request`), then the checkpoint's config (the task was trained, the size
+    fits the patch grid), then the condition image. ``out_dir`` is created only when the
+    PNGs are written, and holds nothing but them (the tiny text encoder's vocabulary goes to
+    a temporary folder)."""
+    task, token, fields = check_request(
+        task, image=image, size=size, steps=steps, device=device, out_dir=out_dir
+    )
+    device = resolve_device(device)
+    cfg, mcfg, stride = read_config(checkpoint, task)
+    side = int(size or cfg.samples.resolution)
+    if image is None or size is not None:
+        check_size(side, stride, given=size is not None)
+    cond_pixels = cond_mask = None
+    views = 1
+    if image is not None:  # its own size rounded down to the patch grid unless --size
+        cond = load_image(image, (side, side) if size else None, multiple=math.lcm(*stride))
+        cond_pixels = torch.stack([torch.zeros_like(cond), cond])[None]  # view 0 = target
+        cond_mask = torch.tensor([[False, True]])
+        views = 2
+    net, frozen = load_model(checkpoint, cfg, mcfg, weights, device)
+    pixels = generate(
+        lambda x, t, txt, m: net(x, t, txt, m),
+        frozen,
+        [f"{token} {prompt}"],
+        views=views,
+        size=(side, side),
+        cond_pixels=cond_pixels,
+        cond_mask=cond_mask,
+        **sampler_settings(cfg, steps, guidance),
+        seed=seed,
+        device=torch.device(device),
+    )[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, panels = [], []
+    for v in range(pixels.shape[0]):
+        role = "condition" if cond_mask is not None and bool(cond_mask[0, v]) else "generated"
+        paths.append(save_view(pixels[v], fields[v], out / f"{task}_view{v}_{role}.png"))
+        panels.append(Panel(pixels[v], role))
+    grid = render_grid([Row(task, prompt, panels)], int(cfg.samples.cell))
+    paths.append(save_grid_image(grid, out / f"{task}_grid.png"))
+    return paths
