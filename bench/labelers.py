@@ -75,8 +75,8 @@ from workdir import work_folder  # noqa: E402
 from datagen import shards  # noqa: E402
 from datagen.sources.demo import demo as demo_source  # noqa: E402
 from datagen.sources.folders import image_folder  # noqa: E402
-from datagen.stages.protocol import OK, meta_column, seconds_column, status_column
-from datagen.stages.runner import run_stage
+from datagen.stages.protocol import OK, meta_column, seconds_column, status_column  # noqa: E402
+from datagen.stages.runner import run_stage  # noqa: E402
 from orchestration.ray_runtime import apply_offline_env, init_ray  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
 

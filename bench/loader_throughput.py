@@ -47,12 +47,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from cpu_meter import CpuMeter, add_wait_quiet_arg, wait_quiet  # noqa: E402  (bench/ is on sys.path)
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
-from training.data.datamodule import OneGenDataModule
 from workdir import work_folder  # noqa: E402
 
 from datagen import shards  # noqa: E402
 from datagen.sources.demo import demo as demo_source  # noqa: E402
 from pipelines import builder, dag  # noqa: E402
+from training.data.datamodule import OneGenDataModule  # noqa: E402
 
 DAG = ROOT / "pipelines" / "captioned.yaml"
 IMAGE_EXTS = ("jpg", "jpeg", "png")

@@ -35,8 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpu_meter import CpuMeter  # noqa: E402  (bench/ is on sys.path)
-from training.data.synthetic import synthetic_batch
-from training.data.tasks import multiview_layout
 from workdir import work_folder  # noqa: E402
 
 from datagen.cameras import (  # noqa: E402
@@ -47,6 +45,8 @@ from datagen.cameras import (  # noqa: E402
     orbit_cameras,
 )
 from training.config import load_config  # noqa: E402
+from training.data.synthetic import synthetic_batch
+from training.data.tasks import multiview_layout
 from training.module import OneGenModule  # noqa: E402
 
 TARGET = 0.02

@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
-from training.data.seeding import mix_seed
-from training.data.synthetic import synthetic_batch
 from workdir import work_folder  # noqa: E402  (bench/ is on sys.path)
 
 from model import NextDiT  # noqa: E402
 from model.flow import flow_matching_loss  # noqa: E402
 from training.config import load_config  # noqa: E402
+from training.data.seeding import mix_seed
+from training.data.synthetic import synthetic_batch
 from training.encoders import build_encoders  # noqa: E402
 from training.module import OneGenModule  # noqa: E402
 from training.optim import lr_lambda  # noqa: E402

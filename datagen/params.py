@@ -8,11 +8,12 @@ or a crash deep inside a worker.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union
+
+from common.overrides import did_you_mean
 
 T = TypeVar("T")
 
@@ -21,15 +22,9 @@ class ParamError(ValueError):
     """A config value that does not fit its schema; the message starts with the key."""
 
 
-def closest(name: str, valid: typing.Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` or nothing."""
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
 def unknown_message(key: str, valid: typing.Iterable[str]) -> str:
     valid = list(valid)
-    return f"unknown key {key!r}{closest(key, valid)} (valid: {', '.join(valid) or 'none'})"
+    return f"unknown key {key!r}{did_you_mean(key, valid)} (valid: {', '.join(valid) or 'none'})"
 
 
 def unknown_keys(raw: Mapping[str, Any], valid: typing.Iterable[str], where: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+from common.offline import HUB_OFFLINE_ENV, apply_offline_env
 
 _TINY_TEXT = (
     "a an the of in on with and photo image cat dog red blue green yellow mask boundingbox"
@@ -44,7 +44,7 @@ def offline_mode() -> None:
     ``huggingface_hub.constants``, so when it is already imported the live flag
     is flipped too (``is_offline_mode()`` reads it at call time).
     """
-    os.environ.update(OFFLINE_ENV)
+    apply_offline_env(HUB_OFFLINE_ENV, force=True)
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True

@@ -163,9 +163,8 @@ def _train_fit(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     """Exit code 2: a usage error, found before any weights are read (nothing written);
     1: a missing or broken checkpoint, an unreadable condition image."""
-    from training.data.tasks import MULTIVIEW_TASKS
-
     from training.config import ConfigError
+    from training.data.tasks import MULTIVIEW_TASKS
     from training.errors import FitError
     from training.inference.sample import SampleUsageError, sample_from_checkpoint
 

@@ -30,40 +30,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-# Every driver sets these (setdefault: a user's explicit value wins), and local Ray
-# workers inherit them; a remote cluster's workers get them through the runtime env.
-# No YOLO_CONFIG_DIR: ultralytics then uses ~/.config/Ultralytics, or its own private
-# per-user folder when that is not writable, never a shared fixed path.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "YOLO_OFFLINE": "1",
-    "YOLO_AUTOINSTALL": "False",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "RAY_DEDUP_LOGS": "1",
-}
-
+from common.offline import apply_offline_env, offline_env
 
 # Set by Ray's job supervisor in a submitted job's driver process.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-
-
-def apply_offline_env() -> None:
-    """Offline and no telemetry in this process and whatever it starts; call before
-    importing ray or mlflow (MLflow reads some of it at import)."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-def offline_env() -> dict[str, str]:
-    """The offline variables as this process has them (a user's explicit value kept),
-    for the runtime env of a cluster's workers."""
-    return {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
 
 
 def local_logical_cpus(requested: int | None = None) -> int:

@@ -30,10 +30,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from common.overrides import flat_params
 from datagen import shards
 from orchestration.submit import absolute_tracking_uri
 from pipelines import dag
-from training.config_tools import flat_params
 
 RUN_FILE = "_mlflow_run.json"
 RESUME_COUNT = "onegen.resume_count"

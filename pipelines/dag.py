@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from common import overrides as common_overrides
+from common.overrides import did_you_mean
 from datagen import params as P
 from datagen.schema import COMMON_META_KEYS, SCHEMA_VERSION, SUBSETS
 from datagen.sources import GROUP_SOURCE_KINDS
@@ -218,27 +219,22 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
     """``a.b=1``, ``stages.1.params.x=2`` or ``stages.degrade.params.x=2``
     (a stage by name); values parse as YAML (``[2, 3]``, ``null``, ``true``).
     Unknown keys are added here and refused by :func:`validate`, naming them."""
-    for item in overrides:
-        if "=" not in item:
-            raise DagError(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        parts = key.split(".")
+
+    def stage_by_name(item: str, parts: list[str]) -> list[str]:
         if len(parts) > 1 and parts[0] == "stages" and not parts[1].isdigit():
             names = [st.get("name") for st in cfg.stages]
             if parts[1] not in names:
                 raise DagError(
                     f"override {item!r}: no stage named {parts[1]!r}"
-                    f"{P.closest(parts[1], [str(n) for n in names])} (stages: {names})"
+                    f"{did_you_mean(parts[1], [str(n) for n in names])} (stages: {names})"
                 )
             parts[1] = str(names.index(parts[1]))
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as exc:
-            raise DagError(f"override {item!r}: value is not YAML: {exc}".splitlines()[0]) from None
-        try:
-            OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=True)
-        except Exception as exc:  # noqa: BLE001 - e.g. stages.9 of a 2-stage DAG, one line
-            raise DagError(f"override {item!r}: {exc}".splitlines()[0]) from None
+        return parts
+
+    try:
+        common_overrides.apply_overrides(cfg, overrides, key_path=stage_by_name)
+    except ValueError as exc:
+        raise DagError(str(exc)) from None
 
 
 def _check(fn: Any, *args: Any) -> Any:
@@ -251,7 +247,7 @@ def _check(fn: Any, *args: Any) -> Any:
 def _labeler(name: str, where: str) -> type[Stage]:
     if name not in LABELERS:
         raise DagError(
-            f"{where}.name: unknown labeler {name!r}{P.closest(name, LABELERS)}"
+            f"{where}.name: unknown labeler {name!r}{did_you_mean(name, LABELERS)}"
             f" (labelers: {', '.join(sorted(LABELERS))})"
         )
     return labeler(name)
@@ -460,7 +456,7 @@ def validate(cfg: DictConfig, local_weights: bool = True) -> None:
     kind = source.get("kind") if isinstance(source, dict) else None
     if kind not in SOURCES:
         raise DagError(
-            f"source.kind: {kind!r} is not a source{P.closest(str(kind), SOURCES)}"
+            f"source.kind: {kind!r} is not a source{did_you_mean(str(kind), SOURCES)}"
             f" (sources: {', '.join(SOURCES)})"
         )
     # Keys another source kind takes (``n`` of the demo after ``source.kind=folder``) are
@@ -479,7 +475,7 @@ def validate(cfg: DictConfig, local_weights: bool = True) -> None:
     for name in top.subsets:
         if name not in SUBSETS:
             raise DagError(
-                f"subsets: unknown subset {name!r}{P.closest(name, SUBSETS)}"
+                f"subsets: unknown subset {name!r}{did_you_mean(name, SUBSETS)}"
                 f" (the schema defines {', '.join(SUBSETS)})"
             )
         _check_source_fits(kind, name)

@@ -18,7 +18,7 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # No telemetry or cloud probes either (Ray usage stats, MLflow): what `onegen` sets itself.
-from orchestration.ray_runtime import apply_offline_env  # noqa: E402
+from common.offline import apply_offline_env  # noqa: E402
 
 apply_offline_env()
 

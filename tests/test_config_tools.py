@@ -1,4 +1,4 @@
-"""Training's own config helpers (``training.config_tools``): dotted overrides for fit
+"""Training's own config helpers (``common.overrides``): dotted overrides for fit
 configs and flat MLflow params, shared with datagen tracking, with no ``pipelines`` import."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from training.config_tools import apply_overrides, flat_params
+from common.overrides import apply_overrides, flat_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_datagen_tracking_gets_flat_params_without_lightning():
     must not import Lightning or torch (seconds per run), and training's config helpers
     import nothing from pipelines."""
     code = (
-        "import sys, training.config_tools as c;"
+        "import sys, common.overrides as c;"
         "assert not [m for m in ('lightning', 'torch', 'pipelines') if m in sys.modules];"
         "import orchestration.tracking as t;"
         "assert t.flat_params is c.flat_params;"

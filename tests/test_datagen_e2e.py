@@ -254,7 +254,7 @@ def test_url_output_stages_nothing_at_fixed_temp_paths(ray_local, cheap_cfg, tmp
     import os
     import tempfile
 
-    from orchestration.ray_runtime import OFFLINE_ENV
+    from common.offline import OFFLINE_ENV
 
     victim_dir = tmp_path / "victim_dir"
     victim_dir.mkdir()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.ray_runtime import OFFLINE_ENV
+from common.offline import OFFLINE_ENV
 from tests.conftest import small_run_args
 
 pytestmark = pytest.mark.slow

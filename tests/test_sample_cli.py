@@ -67,9 +67,8 @@ def _run(args: list[str], capsys) -> tuple[int, str]:
 
 
 def test_help_lists_every_task(capsys):
-    from training.data.tasks import all_task_names
-
     from orchestration.cli import main
+    from training.data.tasks import all_task_names
 
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--help"])

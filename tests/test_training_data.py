@@ -17,6 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from datagen import shards
+from datagen.schema import make_meta, palette_rgb
+from training.data import tasks as T
 from training.data.datamodule import (
     SKIP_REASONS,
     DataConfig,
@@ -27,10 +31,6 @@ from training.data.datamodule import (
     nearest_bucket,
 )
 from training.data.index import batch_rng, build_subset_index, mix_weights, plan_window
-
-from datagen import shards
-from datagen.schema import make_meta, palette_rgb
-from training.data import tasks as T
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKETS = [[32, 32], [32, 48], [48, 32]]

@@ -85,9 +85,8 @@ def _data_overrides(shards: str) -> list[str]:
 
 def _expected_skips(shards: str, steps: int) -> dict[str, int]:
     """What the fit's batches 0..steps-1 skip, from the loader itself (a pure function)."""
-    from training.data.datamodule import OneGenDataModule
-
     from training.config import load_config
+    from training.data.datamodule import OneGenDataModule
     from training.fit import build_datamodule
 
     cfg = load_config(None, _data_overrides(shards) + ["data.batch_size=2", "seed=2"])

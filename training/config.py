@@ -11,7 +11,6 @@ resolved result.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -21,8 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.overrides import apply_overrides, closest
 from datagen.schema import SUBSETS
-from training.config_tools import apply_overrides
 from training.data import skips
 from training.data import tasks as T
 
@@ -332,9 +331,9 @@ def unknown_key_message(full_key: str, known: Any = None) -> str:
     if known is None:
         cls = _section(parent)
         known = [f.name for f in fields(cls)] if cls is not None else []
-    close = difflib.get_close_matches(leaf, list(known), n=1, cutoff=0.6)
+    close = closest(leaf, known)
     prefix = f"{parent}." if parent else ""
-    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {sorted(known)}"
+    hint = f"; did you mean {prefix}{close}?" if close else f"; valid keys: {sorted(known)}"
     return f"{full_key}: unknown key{hint}"
 
 

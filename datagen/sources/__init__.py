@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image, ImageEnhance
 
-from datagen.io import BadInput, open_regular, read_bytes
-from datagen.schema import KEY_PATTERN
-from datagen.shards.tar import TarFormatError, TarMember, iter_members, member_data, split_name
 from datagen.sources.base import SourceError
 from datagen.sources.demo import demo
 from datagen.sources.folders import image_folder

@@ -20,7 +20,6 @@ its metadata), per-view source captions are ``view_caption``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from datagen.schema import KEY_PATTERN
+from datagen.seeded import seeded_rng
 
 GROUP_MANIFEST_SCHEMA = pa.schema(
     [
@@ -140,5 +140,4 @@ def group_table(rows: list[dict[str, Any]]) -> pa.Table:
 def group_rng(*parts: object) -> np.random.Generator:
     """A generator that depends only on ``parts`` (group id, sample index, seed): the views a
     sample picks never depend on the order or number of other groups."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return seeded_rng("\x1f".join(str(p) for p in parts))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from datagen.images import check_min_side, decode_image, decode_rgb, encode_jpeg
 from datagen.io import BadInput, DecodeParams, read_bytes
-from datagen.stages.protocol import RowStage, is_view_list
+from datagen.stages.protocol import RowStage, is_view_list, parse_failure
 
 _D = DecodeParams()
 
@@ -45,10 +45,7 @@ def source_failure(row: dict[str, Any]) -> BadInput | None:
     text = row.get("source_error")
     if not isinstance(text, str) or not text:
         return None
-    error, sep, message = text.partition(": ")
-    if not sep or not error.isidentifier():
-        return BadInput("SourceError", text)
-    return BadInput(error, message)
+    return BadInput(*parse_failure(text))
 
 
 def _fit_max_side(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, bool]:

@@ -7,18 +7,18 @@ and the parameters recorded in the metadata are enough to recompute them.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import cv2
 import numpy as np
 
+from datagen.seeded import seeded_rng
+
 FILL_VALUES = {"black": 0, "gray": 128}
 
 
 def rng_for(key: str, seed: int, purpose: str) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}/{key}/{purpose}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return seeded_rng(f"{seed}/{key}/{purpose}")
 
 
 def _gray(image: np.ndarray) -> np.ndarray:

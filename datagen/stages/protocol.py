@@ -89,6 +89,15 @@ def failure_from(exc: BaseException) -> Failure:
     return Failure(ERROR, type(exc).__name__, str(exc)[:MESSAGE_LIMIT])
 
 
+def parse_failure(text: str) -> tuple[str, str]:
+    """``"Class: message"`` (a source's ``source_error`` / ``group_error``) -> (error, message);
+    text without an identifier before ``": "`` is a ``SourceError`` with the whole text."""
+    error, sep, message = text.partition(": ")
+    if not sep or not error.isidentifier():
+        return "SourceError", text
+    return error, message
+
+
 @dataclass(frozen=True)
 class NoParams:
     """Params of a stage that takes none."""

@@ -27,6 +27,7 @@ from datagen.stages.protocol import (
     is_view_list,
     message_column,
     meta_column,
+    parse_failure,
     row_meta,
     seconds_column,
     status_column,
@@ -127,9 +128,7 @@ def group_failure(batch: Mapping[str, Sequence[Any]], i: int) -> Failure | None:
     for column, kind in (("group_error", ERROR), ("group_filter", FILTERED)):
         text = batch[column][i] if column in batch else None
         if isinstance(text, str) and text:
-            error, sep, message = text.partition(": ")
-            if not sep or not error.isidentifier():
-                error, message = "SourceError", text
+            error, message = parse_failure(text)
             return Failure(kind, error, message[:MESSAGE_LIMIT])
     return None
 

@@ -6,7 +6,6 @@ Pure numpy/OpenCV, so hand-made masks and boxes give exactly known pixels in tes
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import cv2
 import numpy as np
 
 from datagen.schema import PALETTE, color_tag, palette_rgb
+from datagen.seeded import seeded_rng
 
 
 def entity_colours(key: str, seed: int, count: int) -> list[int]:
@@ -22,8 +22,7 @@ def entity_colours(key: str, seed: int, count: int) -> list[int]:
     the first-listed entity"), and a rerun must give the same colours."""
     if count > len(PALETTE):
         raise ValueError(f"{count} entities but the palette has {len(PALETTE)} colours")
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    rng = seeded_rng(f"{seed}:{key}")
     return [int(i) for i in rng.permutation(len(PALETTE))[:count]]
 
 

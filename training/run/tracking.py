@@ -29,23 +29,20 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from common.offline import apply_offline_env
+from common.overrides import flat_params
 from datagen.shards.index import manifest_digest
-from training.config_tools import flat_params
 from training.run.folders import CHECKPOINTS, checkpoint_step
 
 RUN_FILE = "mlflow_run.json"
 PROBE_TIMEOUT_S = 5.0
 
 
-# MLflow 3 looks up its telemetry host unless told not to; a fit talks only to the
-# tracking server it was given. Set before mlflow is imported (setdefault: a user's
-# explicit choice wins), whichever entry point started the fit.
-NO_TELEMETRY_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-
-
 def disable_telemetry() -> None:
-    for key, value in NO_TELEMETRY_ENV.items():
-        os.environ.setdefault(key, value)
+    """MLflow 3 looks up its telemetry host unless told not to; a fit talks only to the
+    tracking server it was given. Called before mlflow is imported, whichever entry point
+    started the fit (a user's explicit choice wins)."""
+    apply_offline_env(("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"))
 
 
 def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:

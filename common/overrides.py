@@ -1,0 +1,85 @@
+"""Dotted ``key=value`` overrides, the closest-name hint and flat MLflow params: one of each
+for the DAG loader, the training config and both halves' tracking.
+
+Light on purpose (omegaconf and yaml only): ``orchestration.tracking`` logs datagen runs
+with :func:`flat_params` without importing Lightning or torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+
+def closest(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name ``name`` was most likely meant to be, or None."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` or nothing: the tail of a one-line error."""
+    match = closest(name, valid)
+    return f"; did you mean {match!r}?" if match else ""
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=[2, 3]`` -> ``("a.b", [2, 3])``: the value parses as YAML (``null``, ``true``,
+    ``{t2i: /data}``). A malformed override is a ValueError naming it."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value")
+    key, text = item.split("=", 1)
+    if not all(key.split(".")):
+        raise ValueError(f"override {item!r}: {key!r} is not a dotted key")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise ValueError(
+            f"override {item!r}: the value is not YAML ({exc})".splitlines()[0]
+        ) from None
+    return key, value
+
+
+def apply_overrides(
+    cfg: DictConfig,
+    overrides: list[str],
+    strict: bool = False,
+    key_path: Callable[[str, list[str]], list[str]] | None = None,
+) -> None:
+    """Apply ``a.b=1``-style overrides in place. ``strict``: a key the (structured) config
+    does not have is OmegaConf's error, not a new key. ``key_path(item, parts)`` may rewrite
+    a key's parts first (the DAG's ``stages.<name>`` -> ``stages.<index>``)."""
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        if key_path is not None:
+            parts = key_path(item, parts)
+        try:
+            OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=not strict)
+        except Exception as exc:  # noqa: BLE001 - e.g. stages.9 of a 2-stage DAG: one line
+            if strict:
+                raise
+            raise ValueError(f"override {item!r}: {exc}".splitlines()[0]) from None
+
+
+def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:
+    """``a.b.c -> value`` for MLflow params (datagen and training runs alike); list entries
+    that are dicts go under their ``name`` (stages), values are cut to ``max_len``."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{v.get('name', i)}", v)
+        else:
+            out[prefix] = str(node)[:max_len]
+
+    walk("", cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True))
+    return out
