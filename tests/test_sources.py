@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import tarfile
@@ -17,13 +18,16 @@ from PIL import Image
 from datagen.images import decode_image
 from datagen.io import read_bytes
 from datagen.schema import KEY_PATTERN
-from datagen.sources import demo as demo_source
 from datagen.sources import guess_spec, resolve
 from datagen.sources.base import MANIFEST_SCHEMA, SourceError, key_from_path
 from datagen.sources.demo import demo
+
 from datagen.sources.folders import image_folder
 from datagen.sources.parquet import parquet_manifest
 from datagen.sources.webdataset import webdataset_shards
+
+# The module (the package binds the name `demo` to the function).
+demo_source = importlib.import_module("datagen.sources.demo")
 
 
 def _jpeg(colour=(200, 100, 50), size=(80, 64)) -> bytes:
