@@ -21,7 +21,6 @@ from datagen.schema import KEY_PATTERN
 from datagen.sources import guess_spec, resolve
 from datagen.sources.base import MANIFEST_SCHEMA, SourceError, key_from_path
 from datagen.sources.demo import demo
-
 from datagen.sources.folders import image_folder
 from datagen.sources.parquet import parquet_manifest
 from datagen.sources.webdataset import webdataset_shards
