@@ -122,22 +122,62 @@ def test_no_private_names_are_imported_across_modules():
     assert bad == []
 
 
-def _training_graph() -> dict[str, set[str]]:
-    """training module -> the training modules it imports (lazy imports included)."""
+PACKAGES = ("common", "datagen", "pipelines", "orchestration", "training", "model")
+# Who may import whom: each layer only downwards (DESIGN.md). ``common`` is the neutral floor.
+MAY_IMPORT = {
+    "common": set(),
+    "model": {"common"},
+    "datagen": {"common"},
+    "pipelines": {"common", "datagen"},
+    "training": {"common", "datagen", "model"},
+    "orchestration": {"common", "datagen", "pipelines", "training", "model"},
+}
+
+
+def _project_graph(root: Path | None = None) -> dict[str, set[str]]:
+    """project module -> the project modules it imports (lazy imports included). ``from a
+    import b`` is an edge to ``a.b`` when that is a module, else to ``a`` (its ``__init__``).
+    A package's ``__init__`` running before its submodules is Python's doing, not an edge."""
+    root = root or REPO
+    files = [
+        p for pkg in PACKAGES if (root / pkg).is_dir() for p in sorted((root / pkg).rglob("*.py"))
+    ]
+    modules = {_module_name_in(root, p): p for p in files}
     graph: dict[str, set[str]] = {}
-    names = {p.stem for p in _files("training")}
-    for path in _files("training"):
+    for name, path in modules.items():
         deps = set()
-        for _, module in imported_modules(path):
-            parts = module.split(".")
-            if parts[0] == "training" and len(parts) > 1:
-                deps.add(parts[1] if parts[1] in names else "")
-        graph[path.stem] = {d for d in deps if d and d != path.stem}
+        for _, dotted in _imported_in(root, path):
+            while dotted and dotted not in modules:
+                dotted = dotted.rpartition(".")[0]
+            if dotted and dotted != name:
+                deps.add(dotted)
+        graph[name] = deps
     return graph
 
 
-def test_training_modules_import_each_other_without_a_circle():
-    graph = _training_graph()
+def _module_name_in(root: Path, path: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_in(root: Path, path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    name = _module_name_in(root, path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}
     circles: list[list[str]] = []
 
@@ -153,4 +193,34 @@ def test_training_modules_import_each_other_without_a_circle():
     for start in sorted(graph):
         if start not in state:
             visit(start, [start])
-    assert circles == []
+    return circles
+
+
+def test_no_module_of_the_project_imports_itself_through_a_circle():
+    assert _circles(_project_graph()) == []
+
+
+def test_imports_only_point_down_the_layers():
+    upward = [
+        f"{module} imports {dep}"
+        for module, deps in _project_graph().items()
+        for dep in sorted(deps)
+        if _top(dep) != _top(module) and _top(dep) not in MAY_IMPORT[_top(module)]
+    ]
+    assert upward == []
+
+
+def test_the_circle_check_sees_circles_through_a_package_init(tmp_path):
+    """The checker itself: a submodule importing its package's ``__init__``, which imports
+    the submodule back, is a circle; importing a sibling module is not."""
+    pkg = tmp_path / "datagen" / "sources"
+    pkg.mkdir(parents=True)
+    (tmp_path / "datagen" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from datagen.sources.folders import image_folder\n")
+    (pkg / "base.py").write_text("X = 1\n")
+    (pkg / "folders.py").write_text("from datagen.sources.base import X\n")
+    assert _circles(_project_graph(tmp_path)) == []
+    (pkg / "base.py").write_text("def f():\n    from datagen.sources import image_folder\n")
+    assert _circles(_project_graph(tmp_path)) == [
+        ["datagen.sources", "datagen.sources.folders", "datagen.sources.base", "datagen.sources"]
+    ]

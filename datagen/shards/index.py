@@ -1,3 +1,7 @@
+"""Reading the bookkeeping back: indexes, quarantine records and manifests, each checked
+against its schema so a damaged file is a :class:`ShardFileError` naming it, never a
+traceback; ``status`` counts from the indexes, so it is right while a job still runs."""
+
 from __future__ import annotations
 
 import hashlib

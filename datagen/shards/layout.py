@@ -1,6 +1,4 @@
-"""WebDataset shards that are either whole or invisible, and their bookkeeping.
-
-Layout of an output folder::
+"""The layout of an output folder: where every file of a subset lives and what it is named.
 
     OUT/<subset>/<subset>-<digest>.tar       the samples
     OUT/<subset>/<subset>-<digest>.parquet   its index: one row per key, sizes, tar sha256
@@ -8,17 +6,9 @@ Layout of an output folder::
     OUT/<subset>/manifest.json               shards, counts, checksums, versions, and
                                              the MLflow runs that wrote it (datagen_runs)
 
-Commit protocol: the tar is written under a hidden temporary name and
-renamed, then its index is written the same way. The index is the commit
-record: a key is committed iff an index (or quarantine file) names it. A tar
-without an index is an interrupted commit and :func:`clean_incomplete`
-removes it before a rerun, which then writes those keys again. Shard names are
-a digest of their keys, so a retried task rewrites the same name instead of
-duplicating samples.
-
-Reading back: :class:`ShardReader` (manifests, indexes with their fallbacks, byte-range
-reads, whole tars) over :func:`iter_members`, the one tar walker (PAX headers included) that
-training, verify, preview and the WebDataset source all use.
+Shard names are a digest of their keys, so a retried task rewrites the same name instead of
+duplicating samples. The schemas of the index and quarantine tables are defined here, once,
+for the writer, the readers and verify.
 """
 
 from __future__ import annotations

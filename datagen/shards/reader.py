@@ -1,3 +1,6 @@
+"""The one shard reader: manifests, indexes with their fallbacks, byte-range reads of a
+window of samples and whole tars, over any fsspec filesystem. Training reads through it."""
+
 from __future__ import annotations
 
 import os

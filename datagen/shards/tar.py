@@ -1,3 +1,7 @@
+"""Tar bytes in and out: writing one shard's members together, and the one tar walker
+(PAX and GNU long names included, every header checked) that training, verify, preview and
+the WebDataset source all read through, over a file or a byte range of one."""
+
 from __future__ import annotations
 
 import io

@@ -1,3 +1,6 @@
+"""``onegen datagen verify``: every tar re-read against its index and manifest, and the
+accounting checked (written + quarantined + filtered, each key once)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,3 +1,11 @@
+"""The commit protocol: a shard is either whole or invisible.
+
+The tar is written under a hidden temporary name and renamed, then its index is written the
+same way. The index is the commit record: a key is committed iff an index (or quarantine
+file) names it. A tar without an index is an interrupted commit and :func:`clean_incomplete`
+removes it before a rerun, which then writes those keys again.
+"""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,8 +1,10 @@
-"""Every labeler a DAG can name, one module each, imported on first use.
+"""Every stage a DAG can name (the one registry), imported on first use.
 
-A labeler module imports only light things at its top (its ``Params`` are read on
-the driver to validate a DAG); model code lives in a ``*_model.py`` beside it,
-imported in ``setup()`` on the worker.
+A stage module imports only light things at its top (its ``Params`` are read on the driver
+to validate a DAG); its model wrapper lives in ``datagen.stages.models``, imported in
+``setup()`` on the worker; helpers a stage alone uses sit beside it (``degrade_ops``,
+``entities``, ``segment_render``, ``pose_render``). The protocol every stage follows is
+``protocol.py``; ``runner.py`` runs one over a batch.
 """
 
 from __future__ import annotations
