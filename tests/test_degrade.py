@@ -260,6 +260,25 @@ def test_motion_blur_reduces_high_frequency_energy(angle):
     assert _hf_energy(motion_blur(scene, 15, angle)) < 0.5 * _hf_energy(scene)
 
 
+@pytest.mark.parametrize(("length", "angle"), [(7, 0.0), (15, 33.0), (21, 90.0), (9, 137.5)])
+def test_motion_blur_is_opencvs_blur_computed_without_its_cpu_dependent_paths(length, angle):
+    """The numpy blur is the one OpenCV's warpAffine + filter2D gave before (filter2D switches
+    to a DFT for large kernels, whose float results change with the CPU's SIMD level)."""
+    import cv2
+
+    from datagen.stages.degrade_ops import motion_kernel
+
+    line = np.zeros((length, length), np.float32)
+    line[length // 2, :] = 1.0
+    centre = ((length - 1) / 2.0, (length - 1) / 2.0)
+    turned = cv2.warpAffine(line, cv2.getRotationMatrix2D(centre, angle, 1.0), (length, length))
+    kernel = turned / turned.sum()
+    assert np.abs(motion_kernel(length, angle) - kernel).max() < 1e-6
+    image = _noise()
+    opencv = cv2.filter2D(image, -1, kernel, borderType=cv2.BORDER_REFLECT)
+    assert np.abs(motion_blur(image, length, angle).astype(int) - opencv.astype(int)).max() <= 1
+
+
 def test_motion_blur_is_directional_and_keeps_brightness():
     stripes = np.zeros((64, 96, 3), np.uint8)
     stripes[:, ::2] = 255  # varies along x only

@@ -2,8 +2,11 @@
 degrade stages before it gained a caption stage) are byte-identical to what the code before the Stage
 protocol wrote (tests/data/golden_demo_shards.json: sha256 of every file of the demo DAG's
 t2i and i2i samples, made at commit 66240e2; the json with its machine-dependent source
-path reduced to the file name). The demo inputs come from installed packages and
-Pillow's JPEG encoder: an upgrade of those can change them, and then this test says so."""
+path reduced to the file name; five entries remade on 2026-12-05, when the motion blur moved
+off OpenCV's CPU-dependent filter2D and this machine's AVX-512 OpenCV gave another soft-edge
+map for one image). The demo inputs come from installed packages and Pillow's JPEG encoder,
+and the soft edges from OpenCV's float filters: an upgrade of those, or another CPU, can
+change them, and then this test says so."""
 
 from __future__ import annotations
 

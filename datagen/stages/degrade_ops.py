@@ -57,14 +57,36 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(image, (0, 0), sigma)
 
 
+def motion_kernel(length: int, angle_deg: float) -> np.ndarray:
+    """A ``length`` px line through the centre, turned by ``angle_deg`` (bilinear), summing
+    to 1. Numpy float64 only: OpenCV's float paths (warpAffine, and filter2D's DFT for large
+    kernels) pick SIMD code by CPU, and a shard must not depend on the machine that wrote it."""
+    centre = (length - 1) / 2.0
+    ys, xs = np.mgrid[0:length, 0:length].astype(np.float64)
+    a = np.deg2rad(angle_deg)
+    # Where each kernel cell comes from in the unturned kernel (one horizontal line).
+    src_x = np.cos(a) * (xs - centre) - np.sin(a) * (ys - centre) + centre
+    src_y = np.sin(a) * (xs - centre) + np.cos(a) * (ys - centre) + centre
+    # Bilinear sampling of a one-pixel row of ones (row length // 2, columns 0..length-1).
+    along = np.clip(np.minimum(src_x + 1.0, length - src_x), 0.0, 1.0)
+    across = np.clip(1.0 - np.abs(src_y - length // 2), 0.0, 1.0)
+    kernel = along * across
+    return kernel / max(float(kernel.sum()), 1e-6)
+
+
 def motion_blur(image: np.ndarray, length: int, angle_deg: float) -> np.ndarray:
-    kernel = np.zeros((length, length), np.float32)
-    kernel[length // 2, :] = 1.0
-    centre = ((length - 1) / 2.0, (length - 1) / 2.0)
-    rot = cv2.getRotationMatrix2D(centre, angle_deg, 1.0)
-    kernel = cv2.warpAffine(kernel, rot, (length, length))
-    kernel /= max(float(kernel.sum()), 1e-6)
-    return cv2.filter2D(image, -1, kernel, borderType=cv2.BORDER_REFLECT)
+    """The image correlated with :func:`motion_kernel` (reflected border), as a sum of shifted
+    copies in float64: elementwise IEEE arithmetic in a fixed order, so bit-identical on any
+    CPU (OpenCV's filter2D is not, across SIMD levels)."""
+    kernel = motion_kernel(length, angle_deg)
+    r = length // 2
+    h, w = image.shape[:2]
+    pad = [(r, r), (r, r)] + [(0, 0)] * (image.ndim - 2)
+    padded = np.pad(image.astype(np.float64), pad, mode="symmetric")
+    out = np.zeros(image.shape, np.float64)
+    for dy, dx in zip(*np.nonzero(kernel), strict=True):
+        out += kernel[dy, dx] * padded[dy : dy + h, dx : dx + w]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def random_blur(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
