@@ -85,7 +85,7 @@ ENTITIES = ["person", "dog", "car"]  # the entity list segment grounds on every 
 
 def depth_weights(work: Path) -> dict[str, Any]:
     """The DepthAnything-v2-Small layout, random init, saved as ``save_pretrained`` does."""
-    from datagen.stages.models import depth as depth_model
+    from datagen.stages.models.tiny import depth as depth_model
 
     folder = depth_model.save_random(
         work / "depth-anything-v2-small-random", depth_model.small_config()
@@ -97,11 +97,13 @@ def pose_weights(work: Path) -> dict[str, Any]:
     """YOLO11n (its packaged layout) as ultralytics writes a ``.pt``, and a ViTPose-S
     layout saved as ``save_pretrained`` does; random init both."""
     from datagen.stages.models import pose as pm
+    from datagen.stages.models.tiny import pose as tiny_pose
 
     pt = work / "yolo11n-random.pt"
-    pm.save_yolo_checkpoint(pm.build_random_yolo(0), pt)
+    tiny_pose.save_yolo_checkpoint(tiny_pose.build_random_yolo(0), pt)
     folder = work / "vitpose-small-random"
-    pm.save_vitpose(*pm.build_vitpose(pm.vitpose_small_config(), 0), folder)
+    model = tiny_pose.build_random_vitpose(tiny_pose.vitpose_small_config(), 0)
+    tiny_pose.save_vitpose(model, pm.processor_for(model.config), folder)
     # The random detector finds a person in every box: held to 4 per image (photos of
     # people hold a few), which keeps ViTPose's share of the work realistic.
     return {"detector_weights": str(pt), "weights": str(folder), "max_people": 4}
@@ -114,7 +116,7 @@ def caption_weights(work: Path) -> dict[str, Any]:
     and at most 300 image tokens per image (the base image + up to 3 tiles: the 2x2 grid
     would double the prefill, the bulk of the work, and the bench's run time)."""
     from datagen.stages.caption import ENTITY_PROMPT
-    from datagen.stages.models import caption as caption_model
+    from datagen.stages.models.tiny import caption as caption_model
 
     folder = caption_model.save_random(work / "llava-next-mid-random", size="mid")
     return {
@@ -133,17 +135,16 @@ def segment_weights(work: Path) -> dict[str, Any]:
     mask decoder) as the official ``.pth``; random init both. The random detector finds
     every phrase, ``max_per_entity`` (3) boxes each: 9 boxes per image for
     :data:`ENTITIES`, each decoded by SAM."""
-    from datagen.stages.models import grounding as grounding_model
-    from datagen.stages.models import sam as sam_model
+    from datagen.stages.models.sam_arch import SamArch
+    from datagen.stages.models.tiny import grounding as grounding_model
+    from datagen.stages.models.tiny import sam as sam_model
 
     folder = grounding_model.save_random_grounder(
         work / "grounding-dino-mid-random",
         config=grounding_model.mid_grounder_config(),
         processor=grounding_model.grounder_processor(320, 533),
     )
-    arch = sam_model.SamArch(
-        embed_dim=256, depth=4, num_heads=8, global_attn_indexes=(1, 3), img_size=384
-    )
+    arch = SamArch(embed_dim=256, depth=4, num_heads=8, global_attn_indexes=(1, 3), img_size=384)
     pth = sam_model.save_random_sam(work / "sam-mid-random.pth", arch)
     return {"detector_weights": str(folder), "weights": str(pth)}
 

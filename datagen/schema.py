@@ -19,36 +19,82 @@ SCHEMA_VERSION = "1.0"
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 
-# Task tokens spelled exactly as the released OneDiffusion code spells them.
-TASK_LABELS: tuple[str, ...] = (
-    "[[text2image]]",
-    "[[deblurring]]",
-    "[[image_inpainting]]",
-    "[[canny2image]]",
-    "[[depth2image]]",
-    "[[hed2img]]",
-    "[[pose2image]]",
-    "[[semanticmap2image]]",
-    "[[boundingbox2image]]",
-    "[[image_editing]]",
-    "[[faceid]]",
-    "[[multiview]]",
-    "[[subject_driven]]",
-)
+# How a sample of a subset is laid out as training views (its tasks' ``layout``):
+# ``single``: the target image alone; ``pair``: the target and one condition field (a map
+# or a degraded copy); ``faceid``: photos of one person, img0 the target; ``multiview``:
+# views of one scene, each with its camera (image and ray views alternate).
+SAMPLE_KINDS: tuple[str, ...] = ("single", "pair", "faceid", "multiview")
+
+# Task families: the default mix gives each the same budget (the paper's equal split).
+TASK_FAMILIES: tuple[str, ...] = ("text2image", "image2image", "multiview_id")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task token and what training builds from it.
+
+    ``fields``: the views it shows, target first (a ``pair``'s second field is its
+    condition; ``{i}`` marks per-view fields). ``reversible``: also trained the other way
+    round (image -> map, "understanding") under the same token. ``tag_kind``: the prompt
+    carries one colour tag (``color_tag``) of this kind per entity. ``layout`` None: a
+    released token no One-Gen subset trains yet.
+    """
+
+    token: str
+    layout: str | None
+    fields: tuple[str, ...] = ()
+    reversible: bool = False
+    tag_kind: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The forward task's name: the token without brackets (``canny2image``)."""
+        return self.token.strip("[]")
+
+    @property
+    def map_name(self) -> str:
+        """What a reversible task's map is called: ``canny`` (its reverse: ``image2canny``)."""
+        return self.name.split("2", 1)[0]
+
+
+# Every released task token, spelled exactly as the released OneDiffusion code spells it,
+# in its order.
+TASKS: dict[str, Task] = {
+    t.token: t
+    for t in (
+        Task("[[text2image]]", "single", ("jpg",)),
+        Task("[[deblurring]]", "pair", ("jpg", "blur.jpg")),
+        Task("[[image_inpainting]]", "pair", ("jpg", "masked.jpg")),
+        Task("[[canny2image]]", "pair", ("jpg", "canny.png"), reversible=True),
+        Task("[[depth2image]]", "pair", ("jpg", "depth.png"), reversible=True),
+        Task("[[hed2img]]", "pair", ("jpg", "hed.png"), reversible=True),
+        Task("[[pose2image]]", "pair", ("jpg", "pose.png"), reversible=True),
+        Task(
+            "[[semanticmap2image]]",
+            "pair",
+            ("jpg", "semantic.png"),
+            reversible=True,
+            tag_kind="mask",
+        ),
+        Task(
+            "[[boundingbox2image]]",
+            "pair",
+            ("jpg", "boxes.png"),
+            reversible=True,
+            tag_kind="boundingbox",
+        ),
+        Task("[[image_editing]]", None),
+        Task("[[faceid]]", "faceid", ("img{i}.jpg",)),
+        Task("[[multiview]]", "multiview", ("img{i}.jpg", "cameras.npy", "intrinsics.npy")),
+        Task("[[subject_driven]]", None),
+    )
+}
+TASK_LABELS: tuple[str, ...] = tuple(TASKS)
 
 # Map tasks run in both directions with the same token: forward (map -> image)
 # and reverse, i.e. understanding (image -> map). Which view is the target is
 # recorded by the training reader; the token does not change.
-MAP_TASKS: frozenset[str] = frozenset(
-    {
-        "[[canny2image]]",
-        "[[depth2image]]",
-        "[[hed2img]]",
-        "[[pose2image]]",
-        "[[semanticmap2image]]",
-        "[[boundingbox2image]]",
-    }
-)
+MAP_TASKS: frozenset[str] = frozenset(t.token for t in TASKS.values() if t.reversible)
 
 
 def image_marker(index: int) -> str:
@@ -128,6 +174,7 @@ class Subset:
     name: str
     fields: tuple[Field, ...]
     tasks: tuple[str, ...]
+    family: str  # one of TASK_FAMILIES
     meta_keys: tuple[str, ...] = ()
     min_views: int = 1
     # Kept in the json when a stage produced them, not required (nor a reason to run
@@ -137,6 +184,14 @@ class Subset:
 
     def field_names(self) -> list[str]:
         return [f.name for f in self.fields]
+
+    @property
+    def kind(self) -> str:
+        """The sample kind (one of SAMPLE_KINDS): the layout its tasks share."""
+        kinds = {TASKS[t].layout for t in self.tasks}
+        if len(kinds) != 1 or None in kinds:
+            raise ValueError(f"subset {self.name!r}: its tasks must share one layout, got {kinds}")
+        return kinds.pop()  # type: ignore[return-value]
 
 
 # Metadata every sample's json carries, whatever its subset.
@@ -155,6 +210,7 @@ SUBSETS: dict[str, Subset] = {
             "t2i",
             (_IMAGE, Field("txt", "the caption, plain UTF-8"), _JSON),
             ("[[text2image]]",),
+            family="text2image",
             meta_keys=("caption", "width", "height"),
             optional_meta_keys=CAPTION_META_KEYS,
             description="image + caption (the source's, or a VLM's with a caption stage)",
@@ -177,6 +233,7 @@ SUBSETS: dict[str, Subset] = {
                 "[[deblurring]]",
                 "[[image_inpainting]]",
             ),
+            family="image2image",
             meta_keys=("caption", "width", "height", "degradations"),
             optional_meta_keys=CAPTION_META_KEYS,
             description="cheap image-to-image pairs computed without a model",
@@ -190,6 +247,7 @@ SUBSETS: dict[str, Subset] = {
                 _JSON,
             ),
             ("[[semanticmap2image]]", "[[boundingbox2image]]"),
+            family="image2image",
             meta_keys=(
                 "caption",
                 "width",
@@ -209,6 +267,7 @@ SUBSETS: dict[str, Subset] = {
             "depth",
             (_IMAGE, Field("depth.png", "16-bit relative inverse depth, near = bright"), _JSON),
             ("[[depth2image]]",),
+            family="image2image",
             meta_keys=("caption", "width", "height", "depth_model", "depth_min", "depth_max"),
             optional_meta_keys=CAPTION_META_KEYS,
             description="depth_min/depth_max: the prediction's range before min-max scaling",
@@ -217,6 +276,7 @@ SUBSETS: dict[str, Subset] = {
             "pose",
             (_IMAGE, Field("pose.png", "rendered skeletons on black"), _JSON),
             ("[[pose2image]]",),
+            family="image2image",
             meta_keys=("caption", "width", "height", "people", "pose_model"),
             optional_meta_keys=CAPTION_META_KEYS,
             description="people: [{box, keypoints [[x, y, score] * 17]}] (COCO order)",
@@ -232,6 +292,7 @@ SUBSETS: dict[str, Subset] = {
                 _JSON,
             ),
             ("[[multiview]]",),
+            family="multiview_id",
             meta_keys=(
                 "scene",
                 "caption",
@@ -256,6 +317,7 @@ SUBSETS: dict[str, Subset] = {
             "faceid",
             (Field("img{i}.jpg", "image i of one identity; img0 is the target"), _JSON),
             ("[[faceid]]",),
+            family="multiview_id",
             meta_keys=("identity", "captions", "num_views"),
             min_views=2,
             optional_meta_keys=("caption_model", "face_boxes"),
@@ -267,6 +329,31 @@ SUBSETS: dict[str, Subset] = {
         ),
     )
 }
+
+
+def _check_tables() -> None:
+    """The tables agree: every subset trains known tokens of one layout, in a known family,
+    from fields it has; tags are of a kind ``color_tag`` writes. Run at import."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"datagen.schema tables: {what}")
+
+    for t in TASKS.values():
+        need(t.layout is None or t.layout in SAMPLE_KINDS, f"{t.token}: layout {t.layout!r}")
+        need(t.tag_kind in (None, "mask", "boundingbox"), f"{t.token}: tag_kind {t.tag_kind!r}")
+        reversible_ok = not t.reversible or (t.layout == "pair" and len(t.fields) == 2)
+        need(reversible_ok, f"{t.token}: a reversible task is a pair of two fields")
+    for s in SUBSETS.values():
+        need(s.family in TASK_FAMILIES, f"subset {s.name!r}: family {s.family!r}")
+        need(bool(s.tasks) and all(t in TASKS for t in s.tasks), f"{s.name!r}: unknown tasks")
+        s.kind  # noqa: B018 - raises when its tasks mix layouts
+        names = set(s.field_names())
+        for t in s.tasks:
+            need(set(TASKS[t].fields) <= names, f"subset {s.name!r} lacks the fields of {t}")
+
+
+_check_tables()
 
 
 class SchemaError(ValueError):
@@ -352,6 +439,8 @@ def validate_sample(subset_name: str, sample: Mapping[str, object]) -> dict:
         raise SchemaError(
             f"{key}: schema version {meta['schema_version']} is incompatible with {SCHEMA_VERSION}"
         )
+    if not isinstance(meta["tasks"], list):
+        raise SchemaError(f"{key}: tasks must be a list of task tokens, got {meta['tasks']!r}")
     bad_tasks = [t for t in meta["tasks"] if t not in subset.tasks]
     if not meta["tasks"] or bad_tasks:
         raise SchemaError(
@@ -377,11 +466,22 @@ def describe() -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "task_labels": list(TASK_LABELS),
+        "tasks": {
+            t.token: {
+                "layout": t.layout,
+                "fields": list(t.fields),
+                "reversible": t.reversible,
+                "tag_kind": t.tag_kind,
+            }
+            for t in TASKS.values()
+        },
         "palette": [{"hex": h, "name": n} for h, n in PALETTE],
         "subsets": {
             s.name: {
                 "fields": {f.name: f.description for f in s.fields},
                 "tasks": list(s.tasks),
+                "family": s.family,
+                "kind": s.kind,
                 "meta_keys": list(COMMON_META_KEYS + s.meta_keys),
                 "optional_meta_keys": list(s.optional_meta_keys),
                 "min_views": s.min_views,

@@ -101,7 +101,7 @@ def test_params_are_checked(key, value, match):
 
 
 def test_loads_a_saved_folder_like_random_tiny(tmp_path, tiny):
-    from datagen.stages.models.caption import save_tiny
+    from datagen.stages.models.tiny.caption import save_tiny
 
     folder = save_tiny(tmp_path / "vlm")
     assert (folder / "model.safetensors").is_file()

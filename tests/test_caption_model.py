@@ -13,14 +13,9 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from datagen.stages.models.caption import (
-    TINY_FAMILIES,
-    CaptionModel,
-    random_model,
-    save_tiny,
-    tiny_parts,
-)
+from datagen.stages.models.caption import CaptionModel
 from datagen.stages.models.common import RANDOM_TINY, CheckpointError
+from datagen.stages.models.tiny.caption import TINY_FAMILIES, random_model, save_tiny, tiny_parts
 
 PROMPT = "Describe this image in detail in about 120 words."
 TASK = {"florence2": "<MORE_DETAILED_CAPTION>"}  # no chat template: a task token

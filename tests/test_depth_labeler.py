@@ -166,7 +166,7 @@ def test_stage_empty_and_missing_jpg(tiny):
 
 
 def test_loads_saved_folder_like_in_memory(tmp_path, tiny):
-    from datagen.stages.models.depth import save_tiny
+    from datagen.stages.models.tiny.depth import save_tiny
 
     folder = save_tiny(tmp_path / "depth-tiny")
     assert (folder / "model.safetensors").is_file()

@@ -197,11 +197,11 @@ TINY = {"weights": "random-tiny", "device": "cpu", "dtype": "float32", "imgsz": 
 
 @pytest.fixture(scope="module")
 def face_pt(tmp_path_factory) -> Path:
-    from datagen.stages.models import face as fm
-    from datagen.stages.models import pose as pm
+    from datagen.stages.models.tiny.face import build_random_face_yolo
+    from datagen.stages.models.tiny.pose import save_yolo_checkpoint
 
     path = tmp_path_factory.mktemp("face") / "yolo-face-tiny.pt"
-    pm.save_yolo_checkpoint(fm.build_random_face_yolo(0), path)
+    save_yolo_checkpoint(build_random_face_yolo(0), path)
     return path
 
 
@@ -258,10 +258,10 @@ def test_the_checkpoint_is_one_class_named_face(face_pt):
 
 
 def test_a_coco_detector_is_refused(tmp_path):
-    from datagen.stages.models import pose as pm
+    from datagen.stages.models.tiny.pose import build_random_yolo, save_yolo_checkpoint
 
     path = tmp_path / "yolo11n-coco.pt"
-    pm.save_yolo_checkpoint(pm.build_random_yolo(0), path)
+    save_yolo_checkpoint(build_random_yolo(0), path)
     stage = FaceStage(FaceParams(**(TINY | {"weights": str(path)})))
     with pytest.raises(CheckpointError, match=r"a face detector is needed .* 80 classes") as err:
         stage.setup()
@@ -281,7 +281,7 @@ class _Reduce:
 def test_a_checkpoint_with_a_forbidden_global_is_refused(tmp_path):
     import torch
 
-    from datagen.stages.models.pose import UnsafeCheckpoint
+    from datagen.stages.models.safe_pt import UnsafeCheckpoint
 
     marker = tmp_path / "marker"
     path = tmp_path / "evil-face.pt"

@@ -218,11 +218,13 @@ def test_micro_batches_do_not_change_the_labels(tiny_stage, photos):
 
 def test_stage_loads_real_format_weights_from_paths(tiny_stage, photos, tmp_path, monkeypatch):
     from datagen.stages.models import pose as pm
+    from datagen.stages.models.tiny import pose as tiny_pose
 
     pt = tmp_path / "yolo-tiny.pt"
-    pm.save_yolo_checkpoint(pm.build_random_yolo(tiny_stage.seed), pt)
+    tiny_pose.save_yolo_checkpoint(tiny_pose.build_random_yolo(tiny_stage.seed), pt)
     vitpose = tmp_path / "vitpose-tiny"
-    pm.save_vitpose(*pm.build_vitpose(pm.tiny_vitpose_config(), tiny_stage.seed), vitpose)
+    model = tiny_pose.build_random_vitpose(tiny_pose.tiny_vitpose_config(), tiny_stage.seed)
+    tiny_pose.save_vitpose(model, pm.processor_for(model.config), vitpose)
     assert (vitpose / "model.safetensors").exists() and (vitpose / "config.json").exists()
 
     import ultralytics.nn.tasks as tasks
@@ -249,10 +251,11 @@ def test_stage_loads_real_format_weights_from_paths(tiny_stage, photos, tmp_path
 def test_fused_checkpoint_loads(tmp_path):
     """Fused layers pickle ``forward = forward_fuse`` through getattr: admitted, restricted."""
     from datagen.stages.models import pose as pm
+    from datagen.stages.models.tiny import pose as tiny_pose
 
-    yolo = pm.build_random_yolo(0)
+    yolo = tiny_pose.build_random_yolo(0)
     yolo.fuse()
-    pm.save_yolo_checkpoint(yolo, tmp_path / "fused.pt")
+    tiny_pose.save_yolo_checkpoint(yolo, tmp_path / "fused.pt")
     loaded = pm.load_yolo_checkpoint(str(tmp_path / "fused.pt"))
     assert loaded.model.is_fused()
 
@@ -279,7 +282,7 @@ def _hostile(path: Path, payload: object, protocol: int = 2) -> str:
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_safe_loader_refuses_os_system(tmp_path, protocol):
-    from datagen.stages.models import pose as pm
+    from datagen.stages.models import safe_pt as pm
 
     marker = tmp_path / "marker"
     path = _hostile(tmp_path / "evil.pt", _Reduce(os.system, (f"touch {marker}",)), protocol)
@@ -298,7 +301,7 @@ def test_safe_loader_refuses_other_code(tmp_path):
     from torch import nn
     from ultralytics.nn.tasks import DetectionModel
 
-    from datagen.stages.models import pose as pm
+    from datagen.stages.models import safe_pt as pm
 
     cases = {
         "eval": (_Reduce(builtins.eval, ("1 + 1",)), r"builtins\.eval"),
@@ -315,14 +318,36 @@ def test_safe_loader_refuses_other_code(tmp_path):
 
 def test_safe_loader_refuses_non_checkpoints(tmp_path):
     from datagen.stages.models import pose as pm
+    from datagen.stages.models import safe_pt
 
     legacy = tmp_path / "legacy.pt"
     legacy.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(pm.UnsafeCheckpoint, match="zip"):
-        pm.safe_torch_load(str(legacy))
+    with pytest.raises(safe_pt.UnsafeCheckpoint, match="zip"):
+        safe_pt.safe_torch_load(str(legacy))
     not_a_model = _hostile(tmp_path / "dict.pt", {"weights": [1, 2]})
-    with pytest.raises(pm.UnsafeCheckpoint, match="not an ultralytics detection model"):
+    with pytest.raises(safe_pt.UnsafeCheckpoint, match="not an ultralytics detection model"):
         pm.load_yolo_checkpoint(not_a_model)
+
+
+def test_the_restricted_reader_is_stdlib_and_the_wrappers_build_tiny_models_lazily():
+    """``common.safe_pt`` (the one restricted pickle reader, training's too) imports no
+    torch; importing every model wrapper imports no random builder (``models.tiny``)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, common.safe_pt\n"
+        "assert 'torch' not in sys.modules, 'common.safe_pt imported torch'\n"
+        "from datagen.stages.models import caption, depth, face, grounding, pose, sam\n"
+        "tiny = sorted(m for m in sys.modules if m.startswith('datagen.stages.models.tiny'))\n"
+        "assert not tiny, tiny\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("which", ["detector_weights", "weights"])

@@ -234,7 +234,7 @@ def test_multiview_writes_views_and_the_cameras_used(mv_fit, scene, tmp_path, ca
 def test_multiview_feeds_the_rays_training_would(mv_fit, scene, tmp_path, monkeypatch):
     """--cameras: the ray views the model sees are ``bucket_rays`` of the normalised rig, the
     trainer's own function, and they stay clean while the images 1.. are generated."""
-    from training.data.datamodule import bucket_rays
+    from training.data.views import bucket_rays
     from training.inference.multiview import sample_multiview_from_checkpoint
 
     gt, _ = normalize_cameras(scene["c2w"])

@@ -11,9 +11,12 @@ from datagen.schema import (
     COMMON_META_KEYS,
     MAP_TASKS,
     PALETTE,
+    SAMPLE_KINDS,
     SCHEMA_VERSION,
     SUBSETS,
+    TASK_FAMILIES,
     TASK_LABELS,
+    TASKS,
     SchemaError,
     color_tag,
     describe,
@@ -305,6 +308,48 @@ def test_task_labels_spelled_as_released():
     assert set(TASK_LABELS) >= MAP_TASKS
     for subset in SUBSETS.values():
         assert set(subset.tasks) <= set(TASK_LABELS), subset.name
+
+
+def test_tasks_table_declares_every_token_and_each_subset_its_kind_and_family():
+    assert tuple(TASKS) == TASK_LABELS
+    assert all(token == task.token for token, task in TASKS.items())
+    assert {token for token, task in TASKS.items() if task.reversible} == MAP_TASKS
+    assert {t.name: t.map_name for t in TASKS.values() if t.reversible} == {
+        "canny2image": "canny",
+        "depth2image": "depth",
+        "hed2img": "hed",
+        "pose2image": "pose",
+        "semanticmap2image": "semanticmap",
+        "boundingbox2image": "boundingbox",
+    }
+    assert {t.token: t.tag_kind for t in TASKS.values() if t.tag_kind} == {
+        "[[semanticmap2image]]": "mask",
+        "[[boundingbox2image]]": "boundingbox",
+    }
+    # released tokens no subset trains yet have no layout
+    assert {t for t, task in TASKS.items() if task.layout is None} == {
+        "[[image_editing]]",
+        "[[subject_driven]]",
+    }
+    assert {s.name: (s.kind, s.family) for s in SUBSETS.values()} == {
+        "t2i": ("single", "text2image"),
+        "i2i": ("pair", "image2image"),
+        "semantic": ("pair", "image2image"),
+        "depth": ("pair", "image2image"),
+        "pose": ("pair", "image2image"),
+        "multiview": ("multiview", "multiview_id"),
+        "faceid": ("faceid", "multiview_id"),
+    }
+    assert {s.kind for s in SUBSETS.values()} == set(SAMPLE_KINDS)
+    assert {s.family for s in SUBSETS.values()} == set(TASK_FAMILIES)
+    for subset in SUBSETS.values():  # every task reads fields its subset stores
+        for token in subset.tasks:
+            assert set(TASKS[token].fields) <= set(subset.field_names()), (subset.name, token)
+
+
+@pytest.mark.parametrize("tasks", [7, "[[text2image]]", None])
+def test_tasks_that_are_not_a_list_are_a_schema_error(tasks):
+    _rejects("t2i", _sample("t2i", meta={"tasks": tasks}), "tasks must be a list")
 
 
 def test_image_marker():

@@ -137,8 +137,8 @@ def test_params_are_checked():
 
 
 def test_loads_checkpoints_saved_in_the_real_formats(tmp_path, tiny):
-    from datagen.stages.models.grounding import save_tiny_grounder
-    from datagen.stages.models.sam import save_tiny_sam
+    from datagen.stages.models.tiny.grounding import save_tiny_grounder
+    from datagen.stages.models.tiny.sam import save_tiny_sam
 
     folder = save_tiny_grounder(tmp_path / "grounding-dino")
     sam = save_tiny_sam(tmp_path / "sam_tiny.pth")

@@ -1,4 +1,5 @@
-"""The segment labeler's models, grounding_model.py and sam_model.py (mechanics only: random weights, MEANINGLESS labels).
+"""The segment labeler's models, models/grounding.py and models/sam.py with their random builds
+in models/tiny/ (mechanics only: random weights, MEANINGLESS labels).
 
 Grounding: prompt building, phrase token spans, NMS and phrase assignment on hand-made
 tensors; the tiny random Grounding DINO on real photographs with different phrase lists
@@ -27,25 +28,15 @@ from datagen.stages.models.grounding import (
     build_prompt,
     clean_phrase,
     cxcywh_to_xyxy,
-    grounder_processor,
     nms,
     phrase_scores,
     phrase_token_spans,
-    save_tiny_grounder,
     select_detections,
-    tiny_vocab,
 )
-from datagen.stages.models.sam import (
-    SAM_ARCHS,
-    TINY_SAM,
-    Segmenter,
-    build_sam,
-    infer_sam_arch,
-    random_sam,
-    read_sam_state_dict,
-    sam_from_state_dict,
-    save_tiny_sam,
-)
+from datagen.stages.models.sam import Segmenter, read_sam_state_dict, sam_from_state_dict
+from datagen.stages.models.sam_arch import SAM_ARCHS, build_sam, infer_sam_arch
+from datagen.stages.models.tiny.grounding import grounder_processor, save_tiny_grounder, tiny_vocab
+from datagen.stages.models.tiny.sam import TINY_SAM, random_sam, save_tiny_sam
 
 THRESH = {"box_threshold": 0.35, "text_threshold": 0.25}
 

@@ -154,12 +154,12 @@ def test_longest_key_and_field_through_every_reader(tmp_path):
 )
 def test_malformed_pax_header_is_a_format_error_not_a_hang(header):
     with pytest.raises(shards.TarFormatError):
-        shards._pax_info(header)
+        shards.tar._pax_info(header)
 
 
 def test_pax_path_reads_tarfile_records():
-    assert shards._pax_info(b"")[0] is None
-    assert shards._pax_info(b"12 path=abc\n15 path=a.b.cd\n13 mtime=0.5\n")[0] == "a.b.cd"
+    assert shards.tar._pax_info(b"")[0] is None
+    assert shards.tar._pax_info(b"12 path=abc\n15 path=a.b.cd\n13 mtime=0.5\n")[0] == "a.b.cd"
 
 
 def _image_file(path: Path, seed: int) -> None:

@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -19,18 +20,13 @@ import pytest
 import torch
 
 from datagen import shards
-from datagen.schema import make_meta, palette_rgb
+from datagen.schema import SchemaError, make_meta, palette_rgb
 from training.data import tasks as T
-from training.data.datamodule import (
-    SKIP_REASONS,
-    DataConfig,
-    OneGenDataModule,
-    OneGenStream,
-    decode_view,
-    load_view,
-    nearest_bucket,
-)
+from training.data.config import DataConfig
+from training.data.datamodule import OneGenDataModule
 from training.data.index import batch_rng, build_subset_index, mix_weights, plan_window
+from training.data.stream import SKIP_REASONS, OneGenStream
+from training.data.views import decode_view, load_view, nearest_bucket
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKETS = [[32, 32], [32, 48], [48, 32]]
@@ -198,6 +194,52 @@ def take(loader, n: int) -> list[dict]:
 
 
 # --- mixing ---------------------------------------------------------------------------------
+
+
+def test_task_tables_derive_from_the_schema():
+    """training.data.tasks restates nothing: its tables come from datagen.schema.TASKS and
+    the subsets' families, and equal what they were when written by hand."""
+    from training.data.layouts import LAYOUTS, layout_of
+
+    assert T.FAMILIES == {
+        "text2image": ("t2i",),
+        "image2image": ("i2i", "semantic", "depth", "pose"),
+        "multiview_id": ("multiview", "faceid"),
+    }
+    assert T.MAP_FIELDS == {
+        "[[canny2image]]": ("canny.png", "canny"),
+        "[[hed2img]]": ("hed.png", "hed"),
+        "[[depth2image]]": ("depth.png", "depth"),
+        "[[pose2image]]": ("pose.png", "pose"),
+        "[[semanticmap2image]]": ("semantic.png", "semanticmap"),
+        "[[boundingbox2image]]": ("boxes.png", "boundingbox"),
+    }
+    assert T.DEGRADATION_FIELDS == {
+        "[[deblurring]]": "blur.jpg",
+        "[[image_inpainting]]": "masked.jpg",
+    }
+    assert T.TAG_KINDS == {
+        "[[semanticmap2image]]": "mask",
+        "[[boundingbox2image]]": "boundingbox",
+    }
+    assert sorted(T.all_task_names()) == sorted(
+        ["text2image", "faceid", "multiview", "camera_pose", "deblurring", "image_inpainting"]
+        + ["canny2image", "image2canny", "hed2img", "image2hed", "depth2image", "image2depth"]
+        + ["pose2image", "image2pose", "semanticmap2image", "image2semanticmap"]
+        + ["boundingbox2image", "image2boundingbox"]
+    )
+    assert T.subset_task_names("i2i") == [
+        "canny2image", "image2canny", "hed2img", "image2hed", "deblurring", "image_inpainting",
+    ]  # fmt: skip
+    assert T.subset_task_names("multiview") == ["multiview", "camera_pose"]
+    assert T.task_spec("image2semanticmap").views == ("semantic.png", "jpg")
+    assert T.task_token("camera_pose") == "[[multiview]]"
+    # the loader's layout follows the subset's sample kind, with its image views per sample
+    assert {s: (layout_of(s).kind, layout_of(s).num_views) for s in T.FAMILIES["image2image"]} == {
+        s: ("pair", 2) for s in T.FAMILIES["image2image"]
+    }
+    assert (layout_of("t2i").num_views, layout_of("faceid").num_views) == (1, None)
+    assert set(LAYOUTS) == {"single", "pair", "faceid", "multiview"}
 
 
 def test_default_mix_is_equal_budget_per_family():
@@ -630,6 +672,48 @@ def test_reads_fsspec_urls(synth):
 def test_task_filter_that_starves_a_subset_is_refused(synth):
     with pytest.raises(ValueError, match="nothing to train"):
         OneGenDataModule(cfg(synth, tasks=["canny2image"])).setup()  # t2i has no canny task
+
+
+@pytest.mark.parametrize("bug", [KeyError, TypeError])
+def test_a_bug_propagates_while_a_sample_missing_a_field_is_skipped(synth, monkeypatch, bug):
+    """Only data problems of a sample are skips: a sample that lacks a field is skipped
+    (reason ``schema``) with or without ``validate``; a KeyError / TypeError raised by our own
+    code (here a layout builder) propagates with its traceback, never counted as a skip."""
+    from training.data import layouts
+    from training.data import stream as stream_module
+
+    def number(key: str) -> int:
+        return int(key.rsplit("_", 1)[1])
+
+    real = stream_module.sample_files
+
+    def lossy(data, key):
+        files = real(data, key)
+        if number(key) % 3 == 0:  # every third sample lacks its metadata or its image
+            del files["json" if number(key) % 2 else "jpg"]
+        return files
+
+    monkeypatch.setattr(stream_module, "sample_files", lossy)
+    for validate in (True, False):
+        stream = OneGenDataModule(cfg(synth, paths={"t2i": synth}, validate=validate)).stream()
+        batches = [stream.make_batch(k) for k in range(6)]
+        reasons: dict[str, int] = {}
+        for b in batches:
+            assert len(b["keys"]) == 4 and all(number(key) % 3 for key in b["keys"])
+            for reason, n in b["skip_reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        assert set(reasons) == {"schema"} and reasons["schema"] > 0, (validate, reasons)
+        assert layouts.SampleFiles({"jpg": b"x"}).get("json") is None
+        with pytest.raises(SchemaError, match="missing field 'json'"):
+            layouts.SampleFiles({"jpg": b"x"})["json"]
+
+    def broken_builder(*args, **kwargs):
+        raise bug("a bug in the layout builder")
+
+    single = layouts.LAYOUTS["single"]
+    monkeypatch.setitem(layouts.LAYOUTS, "single", replace(single, build=broken_builder))
+    with pytest.raises(bug, match="a bug in the layout builder"):
+        OneGenDataModule(cfg(synth, paths={"t2i": synth})).stream().make_batch(0)
 
 
 def test_batch_rng_is_distinct_per_rank_and_step():

@@ -5,7 +5,8 @@ A sharded (torch distributed checkpoint) folder holds ``.metadata``, which torch
 hyper-parameters) that ``DefaultLoadPlanner.load_bytes`` reads with
 ``torch.load(weights_only=False)``: either way a crafted folder is code. Here
 
-* ``.metadata`` goes through ``RestrictedUnpickler``, which resolves only the classes a DCP
+* ``.metadata`` goes through the project's one restricted unpickler
+  (:class:`common.safe_pt.RestrictedUnpickler`), here resolving only the classes a DCP
   ``Metadata`` is made of (the set found by unpickling folders this project's trainer writes
   under FSDP2 and ones ``dcp.save`` writes) and refuses anything else by name;
 * non-tensor items load with ``torch.load(weights_only=True)`` (``SafeLoadPlanner``);
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from common.safe_pt import RestrictedUnpickler, first_line, weights_only_load
 from training.errors import CheckpointError, UnsafeCheckpointError
 
 LIGHTNING_META = "meta.pt"  # lightning.fabric.strategies.model_parallel._METADATA_FILENAME
@@ -74,32 +76,12 @@ def _allowed(module: str, name: str) -> bool:
     return False
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata; any other global is refused with an ``UnsafeCheckpointError``
-    naming it (``find_class`` is the only way a pickle reaches a callable)."""
-
-    def __init__(self, file: IO[bytes], source: str) -> None:
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if _allowed(module, name):
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(
-            f"{self.source} refers to {module}.{name}, which a checkpoint may not contain; "
-            "refusing to load it"
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeCheckpointError(
-            f"{self.source} holds a persistent reference; refusing to load it"
-        )
-
-
 def load_dcp_metadata(stream: IO[bytes], source: str) -> Metadata:
-    """A DCP ``Metadata`` from an open ``.metadata`` stream, through ``RestrictedUnpickler``."""
+    """A DCP ``Metadata`` from an open ``.metadata`` stream, through the restricted
+    unpickler (:class:`common.safe_pt.RestrictedUnpickler`) admitting :func:`_allowed` only:
+    any other global is an ``UnsafeCheckpointError`` naming it."""
     try:
-        metadata = RestrictedUnpickler(stream, source).load()
+        metadata = RestrictedUnpickler(stream, source, _allowed, UnsafeCheckpointError).load()
     except CheckpointError:
         raise
     except Exception as exc:  # truncated / garbled pickle: EOFError, UnpicklingError, ...
@@ -133,7 +115,7 @@ def read_dcp_metadata(folder: str | Path) -> Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """``FileSystemReader`` whose ``read_metadata`` uses ``RestrictedUnpickler``."""
+    """``FileSystemReader`` whose ``read_metadata`` uses the restricted unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
@@ -149,10 +131,10 @@ def _weights_only_load(data: IO[bytes] | Path, source: str, mmap: bool = False) 
     """``torch.load(weights_only=True)``; a pickle that asks for anything but tensors and
     plain data is an ``UnsafeCheckpointError`` naming ``source``."""
     try:
-        return torch.load(data, map_location="cpu", weights_only=True, mmap=mmap or None)
+        return weights_only_load(data, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"{source} holds objects a checkpoint may not contain ({_first_line(exc)}); "
+            f"{source} holds objects a checkpoint may not contain ({first_line(exc)}); "
             "refusing to load it"
         ) from None
 
@@ -198,16 +180,11 @@ def _load_meta_file(path: Path) -> dict:
         raise
     except Exception as exc:
         raise CheckpointError(
-            f"{path} is unreadable ({type(exc).__name__}: {_first_line(exc)}); truncated or corrupt"
+            f"{path} is unreadable ({type(exc).__name__}: {first_line(exc)}); truncated or corrupt"
         ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} holds a {type(meta).__name__}, not a checkpoint dict")
     return meta
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def verify_checkpoint(path: str | Path) -> dict:
@@ -229,7 +206,7 @@ def verify_checkpoint(path: str | Path) -> dict:
             raise
         except Exception as exc:
             raise CheckpointError(
-                f"{p} is unreadable ({type(exc).__name__}: {_first_line(exc)}); truncated or corrupt"
+                f"{p} is unreadable ({type(exc).__name__}: {first_line(exc)}); truncated or corrupt"
             ) from None
         if not isinstance(ck, dict) or "state_dict" not in ck:
             raise CheckpointError(f"{p} is not a Lightning checkpoint (no state_dict)")

@@ -106,14 +106,3 @@ def vae_stride(cfg: DictConfig) -> int:
             f"{folder / 'config.json'}: not a VAE config ({type(exc).__name__}: {exc})"
         ) from None
     return vae_downsample(blocks)
-
-
-def interleave_rays(latents: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
-    """[B, V, C, h, w] image latents and ray views -> [B, 2V, C, h, w], alternating as the
-    released multiview pipeline lays them out."""
-    rays = rays.to(device=latents.device, dtype=latents.dtype)
-    if rays.shape != latents.shape:
-        raise ValueError(
-            f"ray views {list(rays.shape)} do not match the image latents {list(latents.shape)}"
-        )
-    return torch.stack([latents, rays], dim=2).flatten(1, 2)

@@ -41,7 +41,8 @@ from model.flow import flow_matching_loss
 from training.config import model_config, schema
 from training.data import skips
 from training.data.seeding import mix_seed
-from training.encoders import FrozenEncoders, build_encoders, interleave_rays, parse_dtype
+from training.data.views import interleave_rays
+from training.encoders import FrozenEncoders, build_encoders, parse_dtype
 from training.inference.sample import generate, generate_views
 from training.optim import build_optimizer, clip_grad_norm, ema_decay, ema_update
 from training.parallelize import init_sharded, local_tensor, parallelize

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from datagen.shards.layout import MANIFEST, ShardFileError
-from datagen.shards.tar import Entry
 from datagen.shards.reader import ShardReader
+from datagen.shards.tar import Entry
 from training.data.tasks import FAMILIES
 
 # --- seeding ---------------------------------------------------------------------------------

@@ -23,34 +23,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from datagen.schema import MAP_TASKS, PALETTE, SUBSETS, color_tag, image_marker
+from datagen.schema import (
+    MAP_TASKS,
+    PALETTE,
+    SUBSETS,
+    TASK_FAMILIES,
+    TASKS,
+    color_tag,
+    image_marker,
+)
 
-# Task families for the default mixing budget (the paper's equal split).
+# Task families for the default mixing budget (the paper's equal split): the subsets'
+# ``family`` in the schema.
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "text2image": ("t2i",),
-    "image2image": ("i2i", "semantic", "depth", "pose"),
-    "multiview_id": ("multiview", "faceid"),
+    family: tuple(s.name for s in SUBSETS.values() if s.family == family)
+    for family in TASK_FAMILIES
 }
 
 # Map-task token -> the field holding the map, and the short name used in the
 # reverse task's name (``image2<name>``). Degradation tasks have no reverse.
 MAP_FIELDS: dict[str, tuple[str, str]] = {
-    "[[canny2image]]": ("canny.png", "canny"),
-    "[[hed2img]]": ("hed.png", "hed"),
-    "[[depth2image]]": ("depth.png", "depth"),
-    "[[pose2image]]": ("pose.png", "pose"),
-    "[[semanticmap2image]]": ("semantic.png", "semanticmap"),
-    "[[boundingbox2image]]": ("boxes.png", "boundingbox"),
+    t.token: (t.fields[1], t.map_name) for t in TASKS.values() if t.reversible
 }
 DEGRADATION_FIELDS: dict[str, str] = {
-    "[[deblurring]]": "blur.jpg",
-    "[[image_inpainting]]": "masked.jpg",
+    t.token: t.fields[1] for t in TASKS.values() if t.layout == "pair" and not t.reversible
 }
 # Tags attached to the prompt for these tokens: (kind for color_tag).
-TAG_KINDS: dict[str, str] = {
-    "[[semanticmap2image]]": "mask",
-    "[[boundingbox2image]]": "boundingbox",
-}
+TAG_KINDS: dict[str, str] = {t.token: t.tag_kind for t in TASKS.values() if t.tag_kind}
 
 _HEX_TO_NAME = {h.upper(): n for h, n in PALETTE}
 _NAMES = {n for _, n in PALETTE}
@@ -76,20 +75,17 @@ class TaskSpec:
         return [False] + [True] * (len(self.views) - 1)
 
 
-def _stem(token: str) -> str:
-    return token.strip("[]")
+# Sample kinds whose views are fixed by the task (the rest are built per sample).
+FIXED_LAYOUTS: tuple[str, ...] = ("single", "pair")
 
 
 def forward_task(token: str) -> TaskSpec:
-    if token == "[[text2image]]":
-        return TaskSpec("text2image", token, ("jpg",))
-    if token in MAP_FIELDS:
-        return TaskSpec(_stem(token), token, ("jpg", MAP_FIELDS[token][0]))
-    if token in DEGRADATION_FIELDS:
-        return TaskSpec(_stem(token), token, ("jpg", DEGRADATION_FIELDS[token]))
-    raise NotImplementedError(
-        f"task {token} has no fixed two-view layout (faceid/multiview are built per sample)"
-    )
+    task = TASKS.get(token)
+    if task is None or task.layout not in FIXED_LAYOUTS:
+        raise NotImplementedError(
+            f"task {token} has no fixed two-view layout (faceid/multiview are built per sample)"
+        )
+    return TaskSpec(task.name, token, task.fields)
 
 
 def reverse_task(token: str) -> TaskSpec:
@@ -97,6 +93,19 @@ def reverse_task(token: str) -> TaskSpec:
         raise ValueError(f"{token} has no reverse direction")
     field, short = MAP_FIELDS[token]
     return TaskSpec(f"image2{short}", token, (field, "jpg"))
+
+
+def layout_task_names(token: str) -> tuple[str, ...]:
+    """The task names trained under ``token`` (both directions of a map task)."""
+    layout = TASKS[token].layout
+    if layout == "faceid":
+        return ("faceid",)
+    if layout == "multiview":
+        return MULTIVIEW_TASKS
+    if layout in FIXED_LAYOUTS:
+        names = (forward_task(token).name,)
+        return (*names, reverse_task(token).name) if token in MAP_FIELDS else names
+    return ()
 
 
 def faceid_task(num_views: int) -> TaskSpec:
@@ -148,26 +157,13 @@ def multiview_layout(name: str, num_images: int, u: float = 0.0) -> MultiviewLay
 
 def all_task_names() -> list[str]:
     """Every task name this module can produce (for config validation)."""
-    names = ["text2image", "faceid", *MULTIVIEW_TASKS]
-    names += [_stem(t) for t in DEGRADATION_FIELDS]
-    for token, (_, short) in MAP_FIELDS.items():
-        names += [_stem(token), f"image2{short}"]
-    return names
+    return [name for token in TASKS for name in layout_task_names(token)]
 
 
 def task_token(name: str) -> str:
     """The prompt token of a task name: ``image2canny`` -> ``[[canny2image]]``."""
-    if name == "faceid":
-        return "[[faceid]]"
-    if name in MULTIVIEW_TASKS:
-        return "[[multiview]]"
-    if name == "text2image":
-        return "[[text2image]]"
-    for token in DEGRADATION_FIELDS:
-        if name == _stem(token):
-            return token
-    for token, (_, short) in MAP_FIELDS.items():
-        if name in (_stem(token), f"image2{short}"):
+    for token in TASKS:
+        if name in layout_task_names(token):
             return token
     raise KeyError(f"unknown task name {name!r}")
 
@@ -190,17 +186,7 @@ def task_spec(name: str, num_views: int = 2) -> TaskSpec:
 
 def subset_task_names(subset: str) -> list[str]:
     """Every task name a subset can train (both directions of its map tasks)."""
-    names = []
-    for token in SUBSETS[subset].tasks:
-        if token == "[[faceid]]":
-            names.append("faceid")
-        elif token == "[[multiview]]":
-            names.extend(MULTIVIEW_TASKS)
-        else:
-            names.append(forward_task(token).name)
-            if token in MAP_FIELDS:
-                names.append(reverse_task(token).name)
-    return names
+    return [name for token in SUBSETS[subset].tasks for name in layout_task_names(token)]
 
 
 def candidate_tasks(
@@ -222,7 +208,7 @@ def candidate_tasks(
     listed = set(meta.get("tasks") or SUBSETS[subset].tasks)
     out: list[tuple[TaskSpec, TaskSpec | None]] = []
     for token in SUBSETS[subset].tasks:
-        if token not in listed or token in ("[[faceid]]", "[[multiview]]"):
+        if token not in listed or TASKS[token].layout not in FIXED_LAYOUTS:
             continue
         fwd = forward_task(token)
         if not set(fwd.views) <= present:
@@ -274,9 +260,14 @@ def _colour_name(value: Any, index: int) -> str:
 def colour_tags(entities: Sequence[Mapping[str, Any]] | None, kind: str) -> list[str]:
     """``<#FF0000 red mask: cat>`` per entity, in the stored order; an entity
     without a colour gets the palette colour of its position (the datagen
-    painting rule: entities take palette colours in order)."""
+    painting rule: entities take palette colours in order). Entities that are not a list
+    of objects are a ``ValueError`` (the sample's metadata is wrong)."""
+    if entities is not None and not isinstance(entities, list | tuple):
+        raise ValueError(f"entities must be a list, got {type(entities).__name__}")
     tags = []
     for i, entity in enumerate(entities or []):
+        if not isinstance(entity, Mapping):
+            raise ValueError(f"entity {i} must be an object, got {type(entity).__name__}")
         label = str(entity.get("label", "")).strip()
         if not label:
             continue
@@ -297,7 +288,7 @@ def build_prompt(
     parts = [task.token]
     if task.token in TAG_KINDS:
         parts += colour_tags((meta or {}).get("entities"), TAG_KINDS[task.token])
-    if task.token == "[[faceid]]":
+    if TASKS[task.token].layout == "faceid":
         captions = [caption] * task.num_views if isinstance(caption, str) else list(caption)
         if len(captions) < task.num_views:
             captions += [""] * (task.num_views - len(captions))

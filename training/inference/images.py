@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from training.config import ConfigError
-from training.data.datamodule import to_unit
+from training.data.views import to_unit
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

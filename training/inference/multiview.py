@@ -49,14 +49,14 @@ from datagen.cameras import (
     rotation_angle_deg,
 )
 from training.config import ConfigError
-from training.data.datamodule import (
+from training.data.tasks import MULTIVIEW_TASKS, MultiviewLayout, multiview_layout
+from training.data.views import (
     DecodeError,
     bucket_intrinsics,
     decode_view,
     image_size,
     plan_crop,
 )
-from training.data.tasks import MULTIVIEW_TASKS, MultiviewLayout, multiview_layout
 from training.errors import FitError
 from training.inference.grid import camera_pose_row, conditional_row, render_grid, save_grid_image
 from training.inference.images import to_uint8

@@ -29,7 +29,8 @@ from training.checkpoint_io import checkpoint_meta, safe_dcp_load
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
 from training.data.tasks import MULTIVIEW_TASKS, all_task_names, task_spec
 from training.data.tasks import task_token as token_of
-from training.encoders import FrozenEncoders, build_encoders, interleave_rays, vae_stride
+from training.data.views import interleave_rays
+from training.encoders import FrozenEncoders, build_encoders, vae_stride
 from training.errors import CheckpointError
 from training.inference.grid import Panel, Row, render_grid, save_grid_image
 from training.inference.images import load_image, save_view

@@ -19,6 +19,9 @@ from datagen.images import decode_rgb
 from datagen.stages.protocol import ERROR, Failure, Stage
 
 RANDOM_TINY = "random-tiny"
+TINY_SEED = 0  # one random-tiny model everywhere, whatever the DAG's seed
+PERSON = 0  # COCO class id of "person" (also in YAML-built models with numeric names); the
+# class the YOLO detectors keep, so in a one-class face model the face
 T = TypeVar("T")
 
 

@@ -6,9 +6,9 @@ Weights: an official ``.pth`` state dict (``sam_vit_{b,l,h}_*.pth``) read with
 ``torch.load(weights_only=True)`` on CPU (or a ``.safetensors`` file of the same keys).
 The architecture is inferred from the state dict's shapes, so every SAM v1 size, and the
 tiny test model, loads through one path, and the package's builders (which unpickle
-without ``weights_only``) never open a file. ``random-tiny``: a tiny SAM with seeded
-random weights whose masks are MEANINGLESS; :func:`save_tiny_sam` writes it as a real
-``.pth``, :func:`save_random_sam` real architectures with random weights for benches.
+without ``weights_only``) never open a file (the architecture and its builder are
+:mod:`datagen.stages.models.sam_arch`). ``random-tiny``: a tiny SAM with seeded random
+weights whose masks are MEANINGLESS, from :mod:`datagen.stages.models.tiny.sam`.
 SAM pads every image to its square input anyway, so its encoder batches freely.
 """
 
@@ -16,196 +16,37 @@ from __future__ import annotations
 
 # Sets the offline variables before transformers, ultralytics or segment-anything is
 # imported below (they read them at import).
+from datagen.stages.models import offline  # noqa: F401
 
 # isort: split
 
 import pickle
-import re
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.safe_pt import weights_only_load
 from datagen.stages.models.common import (
     RANDOM_TINY,
+    TINY_SEED,
     CheckpointError,
     chunks,
     pick_device,
     pick_dtype,
     weights_id,
 )
-
-TINY_SEED = 0  # one random-tiny model everywhere, whatever the DAG's seed
-MAX_BOXES_PER_CALL = 64  # SAM decodes an image's boxes in calls of at most this many
-
-
-@dataclass(frozen=True)
-class SamArch:
-    """A SAM v1 architecture: what ``segment_anything.build_sam._build_sam`` fixes, plus the
-    numbers it hard-codes, so tiny and real models share one builder. ``decoder_heads`` is
-    the one number a state dict does not record (every released SAM uses 8)."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    img_size: int = 1024
-    patch_size: int = 16
-    window_size: int = 14
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    out_chans: int = 256  # also the prompt embedding / mask decoder width
-    mask_in_chans: int = 16
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 2048
-    decoder_heads: int = 8
-    num_multimask_outputs: int = 3
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 256
-
-
-SAM_ARCHS: dict[str, SamArch] = {  # segment_anything.build_sam's registry
-    "vit_b": SamArch(768, 12, 12, (2, 5, 8, 11)),
-    "vit_l": SamArch(1024, 24, 16, (5, 11, 17, 23)),
-    "vit_h": SamArch(1280, 32, 16, (7, 15, 23, 31)),
-}
-TINY_SAM = SamArch(
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    global_attn_indexes=(1,),
-    img_size=128,
-    window_size=4,
-    out_chans=32,
-    mask_in_chans=8,
-    decoder_mlp_dim=64,
-    iou_head_hidden_dim=32,
+from datagen.stages.models.sam_arch import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    build_sam,
+    infer_sam_arch,
 )
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
-
-def build_sam(arch: SamArch) -> Any:
-    """A ``segment_anything`` Sam of ``arch`` (weights as its modules initialise them)."""
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    grid = arch.img_size // arch.patch_size
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=arch.depth,
-            embed_dim=arch.embed_dim,
-            img_size=arch.img_size,
-            mlp_ratio=arch.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=arch.num_heads,
-            patch_size=arch.patch_size,
-            qkv_bias=arch.qkv_bias,
-            use_rel_pos=True,
-            global_attn_indexes=arch.global_attn_indexes,
-            window_size=arch.window_size,
-            out_chans=arch.out_chans,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=arch.out_chans,
-            image_embedding_size=(grid, grid),
-            input_image_size=(arch.img_size, arch.img_size),
-            mask_in_chans=arch.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=arch.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=arch.decoder_depth,
-                embedding_dim=arch.out_chans,
-                mlp_dim=arch.decoder_mlp_dim,
-                num_heads=arch.decoder_heads,
-            ),
-            transformer_dim=arch.out_chans,
-            iou_head_depth=arch.iou_head_depth,
-            iou_head_hidden_dim=arch.iou_head_hidden_dim,
-        ),
-        pixel_mean=list(SAM_PIXEL_MEAN),
-        pixel_std=list(SAM_PIXEL_STD),
-    )
-    return sam.eval()
-
-
-def _count(state: dict[str, Any], prefix: str) -> int:
-    """How many ``prefix{i}.`` indices the keys hold (0, 1, ... contiguous)."""
-    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
-    n = 0
-    while n in found:
-        n += 1
-    return n
-
-
-def infer_sam_arch(state: dict[str, Any]) -> SamArch:
-    """The architecture a SAM v1 state dict was saved from, read off its shapes:
-    patch embedding -> width and patch size; ``pos_embed`` [1, img/p, img/p, C] -> input
-    size; block count -> depth; ``rel_pos_h`` [2 * n - 1, head_dim] -> heads, and per block
-    global attention (n = img/p) or windowed (n = window); the neck -> output channels;
-    the prompt encoder and mask decoder -> their sizes."""
-    need = (
-        "image_encoder.patch_embed.proj.weight",
-        "image_encoder.pos_embed",
-        "image_encoder.blocks.0.attn.rel_pos_h",
-        "image_encoder.blocks.0.mlp.lin1.weight",
-        "image_encoder.neck.0.weight",
-        "prompt_encoder.mask_downscaling.3.weight",
-        "mask_decoder.mask_tokens.weight",
-        "mask_decoder.transformer.layers.0.mlp.lin1.weight",
-        "mask_decoder.iou_prediction_head.layers.0.weight",
-    )
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise CheckpointError(
-            f"not a SAM (segment_anything v1) state dict: lacks {missing[:3]}"
-            f"{' ...' if len(missing) > 3 else ''}"
-        )
-    shape = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
-    embed_dim, _, patch, _ = shape["image_encoder.patch_embed.proj.weight"]
-    grid = shape["image_encoder.pos_embed"][1]
-    depth = _count(state, "image_encoder.blocks.")
-    head_dim = shape["image_encoder.blocks.0.attn.rel_pos_h"][1]
-    global_idx: list[int] = []
-    windows: set[int] = set()
-    for i in range(depth):
-        n = (shape.get(f"image_encoder.blocks.{i}.attn.rel_pos_h", (0,))[0] + 1) // 2
-        if n == grid:
-            global_idx.append(i)
-        else:
-            windows.add(n)
-    if len(windows) > 1:
-        raise CheckpointError(f"SAM state dict: blocks use different window sizes {windows}")
-    mlp_dim = shape["image_encoder.blocks.0.mlp.lin1.weight"][0]
-    return SamArch(
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=embed_dim // head_dim,
-        global_attn_indexes=tuple(global_idx),
-        img_size=grid * patch,
-        patch_size=patch,
-        window_size=windows.pop() if windows else 0,
-        mlp_ratio=mlp_dim / embed_dim,
-        qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
-        out_chans=shape["image_encoder.neck.0.weight"][0],
-        mask_in_chans=shape["prompt_encoder.mask_downscaling.3.weight"][0],
-        decoder_depth=_count(state, "mask_decoder.transformer.layers."),
-        decoder_mlp_dim=shape["mask_decoder.transformer.layers.0.mlp.lin1.weight"][0],
-        num_multimask_outputs=shape["mask_decoder.mask_tokens.weight"][0] - 1,
-        iou_head_depth=_count(state, "mask_decoder.iou_prediction_head.layers."),
-        iou_head_hidden_dim=shape["mask_decoder.iou_prediction_head.layers.0.weight"][0],
-    )
+MAX_BOXES_PER_CALL = 64  # SAM decodes an image's boxes in calls of at most this many
 
 
 def _few(names: Sequence[str], n: int = 3) -> str:
@@ -237,7 +78,7 @@ def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"SAM weights {str(path)!r}: unreadable safetensors") from exc
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = weights_only_load(path)
         except pickle.UnpicklingError as exc:
             kind = "a torch.save file" if zipfile.is_zipfile(path) else "not a torch.save file"
             raise CheckpointError(
@@ -288,35 +129,6 @@ def sam_from_state_dict(state: dict[str, torch.Tensor], what: str = "SAM weights
     return sam.float().eval()
 
 
-def random_sam(arch: SamArch = TINY_SAM, seed: int = TINY_SEED) -> Any:
-    """A Sam of ``arch`` with seeded random weights (global RNG untouched). MEANINGLESS
-    masks: mechanics only. The relative position tables (zero-initialised) get small
-    random values too, so every weight of the loading path is exercised."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sam = build_sam(arch)
-        with torch.no_grad():
-            for name, param in sam.named_parameters():
-                if "rel_pos" in name:
-                    param.normal_(0.0, 0.02)
-    return sam
-
-
-def save_random_sam(path: str | Path, arch: str | SamArch = "vit_b", seed: int = TINY_SEED) -> Path:
-    """A random SAM written as the official format (``torch.save`` of the state dict), for
-    benches: ``arch`` is ``vit_b`` / ``vit_l`` / ``vit_h`` or a :class:`SamArch`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    spec = SAM_ARCHS[arch] if isinstance(arch, str) else arch
-    torch.save(random_sam(spec, seed).state_dict(), path)
-    return path
-
-
-def save_tiny_sam(path: str | Path) -> Path:
-    """The ``random-tiny`` SAM as a ``.pth`` state dict (same weights as in memory)."""
-    return save_random_sam(path, TINY_SAM)
-
-
 class Segmenter:
     """SAM on one device: RGB images and their xyxy boxes in, one bool mask per box out.
 
@@ -344,6 +156,8 @@ class Segmenter:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
         if weights == RANDOM_TINY:
+            from datagen.stages.models.tiny.sam import TINY_SAM, random_sam
+
             return cls(random_sam(TINY_SAM, seed), dev, dt, RANDOM_TINY)
         what = f"SAM weights {weights!r}"
         sam = sam_from_state_dict(read_sam_state_dict(weights), what)
