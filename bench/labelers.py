@@ -69,7 +69,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cpu_meter import CpuMeter, add_wait_quiet_arg, wait_quiet  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 from workdir import work_folder  # noqa: E402
 
 from datagen import shards  # noqa: E402
@@ -217,7 +216,7 @@ def load_dag(
     out: Path,
     batch_size: int,
     cpus: int,
-) -> DictConfig:
+) -> dag.Dag:
     """The labeler's DAG with the bench's weights, batch size and resources (one actor per
     model stage, no GPU): what both paths build their stages from."""
     overrides = [f"output={out}", "mlflow.enabled=false", f"shards.max_samples={batch_size}"]
@@ -251,20 +250,20 @@ def warm_up(folder: Path, out: Path, n: int) -> None:
     rows = builder.input_rows(
         image_folder(str(folder)).slice(0, n),
         [["t2i"]] * n,
-        [s.name for s in dag.subsets(cfg)],
+        cfg.subset_names,
     )
     for _ in builder.build(cfg, rows, str(out)).iter_rows():
         pass
 
 
 def bare(
-    cfg: DictConfig, name: str, jpgs: list[bytes], columns: dict[str, Any], batch_size: int
+    cfg: dag.Dag, name: str, jpgs: list[bytes], columns: dict[str, Any], batch_size: int
 ) -> tuple[float, int, dict[str, float], list[dict[str, Any]]]:
     """(seconds, rows labelled ok, seconds per stage, metadata of the ok rows): setup, then
     the DAG's model stages one after another over batches, in-process."""
-    specs = [s for s in dag.plan(cfg).stages if s.cls.uses_model]
+    specs = [s for s in cfg.stages if s.cls.uses_model]
     start = time.perf_counter()
-    stages = [(s, s.build(int(cfg.seed))) for s in specs]
+    stages = [(s, s.build(cfg.seed)) for s in specs]
     for _, stage in stages:
         stage.setup()
     ok, metas = 0, []
@@ -291,15 +290,15 @@ def bare(
 
 
 def pipeline(
-    cfg: DictConfig, subset: str, folder: Path, n: int, columns: dict[str, Any]
+    cfg: dag.Dag, subset: str, folder: Path, n: int, columns: dict[str, Any]
 ) -> tuple[float, int, dict[str, float], list[dict[str, Any]]]:
     """(seconds, samples written, seconds per stage, metadata of the samples): the DAG
     over the first ``n`` inputs on local Ray, only ``subset`` to do."""
-    out = str(cfg.output)
+    out = cfg.output
     manifest = image_folder(str(folder)).slice(0, n)
     for column, value in columns.items():
         manifest = manifest.append_column(column, pa.array([value] * manifest.num_rows))
-    names = [s.name for s in dag.subsets(cfg)]
+    names = cfg.subset_names
     rows = builder.input_rows(manifest, [[subset]] * manifest.num_rows, names)
     stage_s: dict[str, float] = {}
     start = time.perf_counter()

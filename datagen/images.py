@@ -12,25 +12,16 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import warnings
 
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from common.pil_open import pil_open
 from datagen.io import BadInput, DecodeParams
 
 # --- decoding ----------------------------------------------------------------------------
-
-
-def pil_open(fp: io.BytesIO) -> Image.Image:
-    """PIL's own ``Image.open``. Importing ultralytics replaces it with a
-    version that tries to pip-install a HEIF plugin whenever a file is not an
-    image; a corrupt input must become a quarantine record, not an install."""
-    patches = sys.modules.get("ultralytics.utils.patches")
-    original = getattr(patches, "_image_open", None)
-    return (original or Image.open)(fp)
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:

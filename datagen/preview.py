@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from datagen.images import pil_open
+from common.pil_open import pil_open
 from datagen.shards.layout import subsets_in
 from datagen.shards.reader import ShardReader
 from datagen.stages.models.common import RANDOM_TINY

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from omegaconf import DictConfig, OmegaConf
 
-from datagen import shards, sources
+from datagen import shards
 from datagen.preview import contact_sheet
 from orchestration import tracking
 from orchestration.errors import DatagenError
@@ -59,7 +58,7 @@ def _absolute(out: str) -> str:
     return out if "://" in out else str(Path(out).resolve())
 
 
-def check_recipe(cfg: DictConfig, out: str) -> dict[str, str]:
+def check_recipe(cfg: dag.Dag, out: str) -> dict[str, str]:
     """Refuse to resume a subset made by a different recipe (the digest of source, seed,
     the stages it needs with their code versions and parameters), unless told to. The
     digests an output was made with are read back as written (the recipe's header, or
@@ -67,7 +66,7 @@ def check_recipe(cfg: DictConfig, out: str) -> dict[str, str]:
     subset this output does not have yet is simply added; subsets this run does not
     make keep their recorded digests."""
     fs, root = shards.filesystem(out)
-    digests = dag.subset_digests(cfg)
+    digests = cfg.subset_digests
     path = f"{root}/{RECIPE}"
     recorded = recorded_digests(fs, path, out) if fs.exists(path) else {}
     changed = [
@@ -75,16 +74,14 @@ def check_recipe(cfg: DictConfig, out: str) -> dict[str, str]:
         for s, d in digests.items()
         if s in recorded and recorded[s] != d
     ]
-    if changed and not cfg.get("allow_recipe_change", False):
+    if changed and not cfg.allow_recipe_change:
         raise DatagenError(
             f"{out} was made by a different recipe for {', '.join(changed)}; use a new "
             "--output, or pass allow_recipe_change=true to mix them knowingly"
         )
     merged = {**{k: v for k, v in recorded.items() if k != ""}, **digests}
     header = "".join(f"{SUBSET_HEADER}{s}: {d}\n" for s, d in sorted(merged.items()))
-    body = f"{DIGEST_HEADER}{dag.config_digest(cfg)}\n{header}" + OmegaConf.to_yaml(
-        cfg, resolve=True
-    )
+    body = f"{DIGEST_HEADER}{cfg.config_digest}\n{header}" + cfg.to_yaml()
     shards.atomic_write(fs, path, body.encode())
     return digests
 
@@ -227,12 +224,12 @@ def work_dir(out: str) -> Iterator[Path]:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def load_inputs(cfg: DictConfig, work: Path) -> pa.Table:
+def load_inputs(cfg: dag.Dag, work: Path) -> pa.Table:
     """The source's inputs; an empty list is an error unless ``allow_empty`` (an empty
     folder or a wrong glob would otherwise "succeed" with nothing made)."""
-    spec = OmegaConf.to_container(cfg.source, resolve=True)
-    manifest = sources.resolve(spec, work_dir=str(work / "_inputs"), seed=int(cfg.seed))
-    if manifest.num_rows == 0 and not cfg.get("allow_empty", False):
+    manifest = cfg.source_cls.rows(cfg.source, str(work / "_inputs"), cfg.seed)
+    if manifest.num_rows == 0 and not cfg.allow_empty:
+        spec = cfg.source_spec
         where = spec.get("path") or spec.get("urls") or ""
         raise DatagenError(
             f"the source lists no inputs: {spec.get('kind')} {where}".rstrip()
@@ -256,7 +253,7 @@ def _progress(
 
 
 def execute(
-    cfg: DictConfig,
+    cfg: dag.Dag,
     out: str,
     pending: pa.Table,
     todo: list[list[str]],
@@ -271,7 +268,7 @@ def execute(
         return totals, stages
     resources = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     check_gpus(cfg, resources)
-    subset_names = list(cfg.subsets)
+    subset_names = cfg.subset_names
     plan = builder.build(cfg, builder.input_rows(pending, todo, subset_names), out)
     done_rows, plan_started = 0, time.time()
     for summary in _unwrapped(plan.iter_rows(), out):
@@ -291,12 +288,12 @@ def execute(
     return totals, stages
 
 
-def check_gpus(cfg: DictConfig, resources: dict[str, Any]) -> None:
+def check_gpus(cfg: dag.Dag, resources: dict[str, Any]) -> None:
     """A stage asking for GPUs on a cluster that has none would wait forever (Ray queues
     the actor without a word): a one-line error instead."""
     if resources.get("GPU", 0):
         return
-    for s in dag.stages(cfg):
+    for s in cfg.stages:
         if s.num_gpus:
             raise DatagenError(
                 f"stages.{s.name}.resources.num_gpus is {s.num_gpus:g} but the Ray cluster has "
@@ -331,12 +328,12 @@ def _unwrapped(rows: Iterator[dict[str, Any]], out: str) -> Iterator[dict[str, A
         raise OSError(code, os.strerror(code), out) from exc
 
 
-def preview(cfg: DictConfig, out: str, work: Path) -> tuple[str | None, Path | None]:
+def preview(cfg: dag.Dag, out: str, work: Path) -> tuple[str | None, Path | None]:
     """(where the contact sheet is for the user, the local file MLflow logs). A URL
     output gets it copied in beside its subsets."""
     try:
         sheet = contact_sheet(
-            out, work / PREVIEW, samples_per_subset=int(cfg.preview.samples_per_subset)
+            out, work / PREVIEW, samples_per_subset=cfg.preview.samples_per_subset
         )
     except FileNotFoundError:
         return None, None
@@ -347,9 +344,9 @@ def preview(cfg: DictConfig, out: str, work: Path) -> tuple[str | None, Path | N
     return f"{out.rstrip('/')}/{PREVIEW}", sheet
 
 
-def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
+def run(cfg: dag.Dag, log: Callable[[str], Any] = print) -> RunResult:
     apply_offline_env()
-    out = _absolute(str(cfg.output))
+    out = _absolute(cfg.output)
     fs, root = shards.filesystem(out)
     fs.makedirs(root, exist_ok=True)
     started = time.time()
@@ -360,9 +357,9 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
                 f"removed {len(removed)} leftovers of an interrupted run (uncommitted, will be redone)"
             )
         digests = check_recipe(cfg, out)
-        digest = dag.config_digest(cfg)
+        digest = cfg.config_digest
         manifest = load_inputs(cfg, work)
-        subset_names = list(cfg.subsets)
+        subset_names = cfg.subset_names
         pending, todo, already = pending_work(manifest, out, subset_names)
         log(
             f"{manifest.num_rows} inputs, {pending.num_rows} with work left this run "
@@ -383,9 +380,9 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
             )
             result.seconds = time.time() - started
             info = {
-                "dag": str(cfg.name),
+                "dag": cfg.name,
                 "packages": package_versions(),
-                "labelers": {s.name: f"{s.name}@{s.cls.version}" for s in dag.stages(cfg)},
+                "labelers": {s.name: f"{s.name}@{s.cls.version}" for s in cfg.stages},
             }
             # One read of every index and quarantine file serves the manifests, the
             # accounting and MLflow (on object storage each read lists and opens them all).
@@ -427,10 +424,10 @@ def run(cfg: DictConfig, log: Callable[[str], Any] = print) -> RunResult:
             )
             if problems:
                 raise DatagenError("accounting failed: " + "; ".join(problems))
-            if result.error_rate > float(cfg.max_error_rate):
+            if result.error_rate > cfg.max_error_rate:
                 raise DatagenError(
                     f"quarantine rate {result.error_rate:.1%} exceeds max_error_rate "
-                    f"{float(cfg.max_error_rate):.1%}; everything was committed, see "
+                    f"{cfg.max_error_rate:.1%}; everything was committed, see "
                     f"{out}/<subset>/quarantine/ for the reasons"
                 )
     return result

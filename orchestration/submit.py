@@ -19,11 +19,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from orchestration.ray_runtime import offline_env
+
+if TYPE_CHECKING:
+    from pipelines.dag import Dag
 
 PACKAGES = ("datagen", "pipelines", "orchestration", "model", "training")
 STAGED_DAG = "dag.yaml"
@@ -53,10 +56,10 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def prepare(cfg: DictConfig) -> DictConfig:
-    """The DAG as the job will run it: every path absolute, and no ``ray.address`` (the
-    job's driver joins the cluster it runs on)."""
-    job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+def prepare(cfg: Dag) -> DictConfig:
+    """The resolved DAG as the job will run it: every path absolute, and no ``ray.address``
+    (the job's driver joins the cluster it runs on)."""
+    job = OmegaConf.create(OmegaConf.to_container(cfg.config, resolve=True))
     job.output = absolute_location(str(job.output))
     source = job.source
     for key in ("path", "urls", "cache_dir"):
@@ -95,7 +98,7 @@ def entrypoint(python: str = "python") -> str:
 
 
 def submit(
-    cfg: DictConfig,
+    cfg: Dag,
     address: str,
     *,
     submission_id: str | None = None,

@@ -28,8 +28,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from common.overrides import flat_params
 from datagen import shards
 from orchestration.submit import absolute_tracking_uri
@@ -40,10 +38,10 @@ RESUME_COUNT = "onegen.resume_count"
 PREVIOUS_RUN = "onegen.previous_run"
 
 
-def store_uri(cfg: DictConfig) -> str:
+def store_uri(cfg: dag.Dag) -> str:
     """The tracking URI as recorded (run file, manifests): a relative sqlite path or
     folder anchored in the working folder, so it names the same store from anywhere."""
-    return absolute_tracking_uri(dag.tracking_uri(cfg.mlflow.get("tracking_uri")))
+    return absolute_tracking_uri(cfg.mlflow.tracking_uri or "")
 
 
 def short_output(out: str) -> str:
@@ -61,7 +59,7 @@ def short_output(out: str) -> str:
     return str(path) if len(path.parts) <= 4 else ".../" + "/".join(path.parts[-2:])
 
 
-def run_name(cfg: DictConfig, out: str, when: float | None = None) -> str:
+def run_name(cfg: dag.Dag, out: str, when: float | None = None) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
     return f"datagen-{cfg.name} -> {short_output(out)} @ {stamp}"
 
@@ -98,9 +96,9 @@ def dataset_source(location: str) -> Any:
 
 
 class DatagenTracking:
-    def __init__(self, cfg: DictConfig, out: str, digest: str):
+    def __init__(self, cfg: dag.Dag, out: str, digest: str):
         self.cfg, self.out, self.digest = cfg, out, digest
-        self.enabled = bool(cfg.mlflow.enabled)
+        self.enabled = cfg.mlflow.enabled
         self.run_id: str | None = None
         self.resume_count = 0
         if not self.enabled:
@@ -112,7 +110,7 @@ class DatagenTracking:
 
         self.mlflow = mlflow
         self.uri = store_uri(cfg)
-        self.experiment = str(cfg.mlflow.experiment)
+        self.experiment = cfg.mlflow.experiment
         mlflow.set_tracking_uri(self.uri)
         experiment_id = mlflow.set_experiment(self.experiment).experiment_id
         self.client = mlflow.MlflowClient(self.uri)
@@ -163,11 +161,11 @@ class DatagenTracking:
         change one): new keys are added, changed ones named in ``onegen.changed_on_resume``
         (they are outside the recipe: the config digest is the same)."""
         mlflow, cfg = self.mlflow, self.cfg
-        params = flat_params(cfg)
+        params = flat_params(cfg.config)
         items = [(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
-        yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
+        yaml_text = cfg.to_yaml()
         if self.resume_count:
             changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
             if changed:
@@ -274,5 +272,5 @@ class DatagenTracking:
             mlflow.log_artifact(str(path))
 
 
-def datagen_run(cfg: DictConfig, out: str, digest: str) -> DatagenTracking:
+def datagen_run(cfg: dag.Dag, out: str, digest: str) -> DatagenTracking:
     return DatagenTracking(cfg, out, digest)

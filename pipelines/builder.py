@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray.data
-from omegaconf import DictConfig
 
 from datagen.stages.decode import images_from_jpg
 from datagen.stages.models.common import set_cpu_threads
@@ -36,7 +35,7 @@ class PlannedStage:
     subsets: tuple[str, ...]  # a row runs this stage only if one of these is still to do
 
 
-def planned_stages(what: dag.Plan) -> list[PlannedStage]:
+def planned_stages(what: dag.Dag) -> list[PlannedStage]:
     return [
         PlannedStage(s, tuple(sub.name for sub in what.subsets if s.name in sub.needs))
         for s in what.stages
@@ -121,14 +120,14 @@ class StageActor:
         return to_numpy(run_stages(self.stages, batch))
 
 
-def sink_kwargs(cfg: DictConfig, what: dag.Plan, out: str) -> dict[str, Any]:
-    """:func:`write_batch`'s arguments, resolved once from the DAG."""
+def sink_kwargs(what: dag.Dag, out: str) -> dict[str, Any]:
+    """:func:`write_batch`'s arguments, from the DAG."""
     return {
         "out": out,
-        "subsets": what.subsets,
+        "subsets": list(what.subsets),
         "stage_names": [s.name for s in what.stages],
-        "max_samples": int(cfg.shards.max_samples),
-        "max_bytes": int(cfg.shards.max_bytes),
+        "max_samples": what.shards.max_samples,
+        "max_bytes": what.shards.max_bytes,
     }
 
 
@@ -152,14 +151,12 @@ def _groups(stages: list[PlannedStage], max_samples: int) -> list[list[PlannedSt
     return groups
 
 
-def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
+def build(what: dag.Dag, rows_table: pa.Table, out: str) -> ray.data.Dataset:
     """The whole plan; iterate it to run. ``out`` must be absolute (workers'
     working folders differ from the driver's)."""
-    max_samples = int(cfg.shards.max_samples)
-    seed = int(cfg.seed)
-    what = dag.plan(cfg)
+    max_samples, seed = what.shards.max_samples, what.seed
     stages = planned_stages(what)
-    sink = sink_kwargs(cfg, what, out)
+    sink = sink_kwargs(what, out)
     ds = process_rows(rows_table, max_samples)
     groups = _groups(stages, max_samples)
     sink_done = False
@@ -212,16 +209,15 @@ def build(cfg: DictConfig, rows_table: pa.Table, out: str) -> ray.data.Dataset:
     return ds
 
 
-def run_in_process(cfg: DictConfig, rows_table: pa.Table, out: str) -> list[dict[str, Any]]:
+def run_in_process(what: dag.Dag, rows_table: pa.Table, out: str) -> list[dict[str, Any]]:
     """The same plan without Ray: one process, block by block, the same per-row
     work as :func:`build`. The baseline of ``bench/datagen_throughput.py`` and
     a debugging aid (pdb works here)."""
-    max_samples = int(cfg.shards.max_samples)
-    what = dag.plan(cfg)
-    built = _built(planned_stages(what), int(cfg.seed))
+    max_samples = what.shards.max_samples
+    built = _built(planned_stages(what), what.seed)
     for stage, _ in built:
         stage.setup()
-    sink = sink_kwargs(cfg, what, out)
+    sink = sink_kwargs(what, out)
     summaries: list[dict[str, Any]] = []
     for start in range(0, rows_table.num_rows, max_samples):
         block = rows_table.slice(start, max_samples).to_pydict()

@@ -7,10 +7,15 @@ name), a stage parameter its labeler does not take, a wrong type, a stage whose
 needs are missing, a subset no stage can fill. The validated config is written back
 complete (every stage's parameters with their defaults), so the resolved DAG logged
 to MLflow and recorded beside the shards shows every knob.
+
+:func:`load` (and :func:`validate`) return a :class:`Dag`: typed once, it is what the
+job, the builder, the sink and tracking read (no one re-derives the plan or casts a
+config value again).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -24,11 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from common import overrides as common_overrides
 from common.overrides import did_you_mean
 from datagen import params as P
+from datagen import sources
 from datagen.schema import COMMON_META_KEYS, SCHEMA_VERSION, SUBSETS
-from datagen.sources import GROUP_SOURCE_KINDS
+from datagen.sources import base as source_base
+from datagen.sources.base import Source
 from datagen.sources.groups import GROUP_COLUMNS
-from datagen.sources.identities import DemoIdentitiesSource, IdentitiesSource
-from datagen.sources.scenes.manifest import ProceduralScenesSource, ScenesSource
 from datagen.stages import LABELERS, labeler
 from datagen.stages.models.common import RANDOM_TINY, weight_params
 from datagen.stages.protocol import SOURCE_COLUMNS, Stage, column_for
@@ -95,44 +100,6 @@ class StageSection:
 
 
 @dataclass(frozen=True)
-class FolderSource:
-    kind: Literal["folder"]
-    path: str
-
-
-@dataclass(frozen=True)
-class ParquetSource:
-    kind: Literal["parquet"]
-    path: str
-
-
-@dataclass(frozen=True)
-class WebDatasetSource:
-    kind: Literal["webdataset"]
-    urls: str | list[str]
-
-
-@dataclass(frozen=True)
-class DemoSource:
-    kind: Literal["demo"]
-    n: int = 48
-    max_side: int = 512
-    cache_dir: str | None = None
-
-
-SOURCES: dict[str, type] = {
-    "folder": FolderSource,
-    "parquet": ParquetSource,
-    "webdataset": WebDatasetSource,
-    "demo": DemoSource,
-    "scenes": ScenesSource,
-    "procedural_scenes": ProceduralScenesSource,
-    "identities": IdentitiesSource,
-    "demo_identities": DemoIdentitiesSource,
-}
-
-
-@dataclass(frozen=True)
 class DagSection:
     name: str = "unnamed"
     description: str = ""
@@ -178,12 +145,55 @@ class SubsetSpec:
     needs: tuple[str, ...]  # the stages (in run order) whose outputs its samples hold
 
 
+@dataclass(frozen=True)
+class Dag:
+    """A validated DAG, typed once: what a run does and the record of it.
+
+    ``stages``: what runs, the stages some chosen subset needs, in run order
+    (``subsets=[i2i]`` leaves a DAG's model stages out, their weights unloaded);
+    ``subsets``: the chosen subsets with the stages each needs; ``subset_digests`` /
+    ``config_digest``: the recipe (:func:`subset_digests`). ``config`` is the resolved
+    DAG, complete and read-only: MLflow's params and ``dag.yaml``, the ``_dag.yaml``
+    beside the shards, a submitted job's ``dag.yaml``. ``source`` is the source's typed
+    ``Params`` (``source_cls`` its :class:`~datagen.sources.base.Source`),
+    ``source_spec`` the ``source`` section as written (what the digests hash)."""
+
+    config: DictConfig
+    name: str
+    description: str
+    output: str
+    seed: int
+    weights: str | None
+    max_error_rate: float
+    allow_empty: bool
+    allow_recipe_change: bool
+    source: Any
+    source_cls: type[Source]
+    source_spec: dict[str, Any]
+    shards: ShardsSection
+    ray: RaySection
+    mlflow: MlflowSection
+    preview: PreviewSection
+    stages: tuple[StageSpec, ...]
+    subsets: tuple[SubsetSpec, ...]
+    subset_digests: dict[str, str]
+    config_digest: str
+
+    @property
+    def subset_names(self) -> list[str]:
+        return [s.name for s in self.subsets]
+
+    def to_yaml(self) -> str:
+        """The resolved DAG as YAML text (``_dag.yaml``, MLflow's ``dag.yaml``)."""
+        return OmegaConf.to_yaml(self.config, resolve=True)
+
+
 def load(
     path: str | Path,
     overrides: list[str] | None = None,
     source: dict[str, Any] | None = None,
     local_weights: bool = True,
-) -> DictConfig:
+) -> Dag:
     """Resolved and validated DAG: defaults <- YAML file <- dotted overrides (<- ``source``,
     the CLI's ``--input``), ``mlflow.tracking_uri`` filled in by :func:`tracking_uri`.
     ``local_weights``: model weights load on this machine (false for a DAG submitted to a
@@ -208,11 +218,7 @@ def load(
     apply_overrides(cfg, overrides or [])
     if source is not None:
         cfg.source = OmegaConf.create(source)
-    validate(cfg, local_weights)
-    # Resolved here, where the user runs or submits the DAG: the resolved DAG names its
-    # store (``submit`` anchors a relative sqlite path there). Not part of any digest.
-    cfg.mlflow.tracking_uri = tracking_uri(cfg.mlflow.tracking_uri)
-    return cfg
+    return validate(cfg, local_weights)
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
@@ -412,10 +418,10 @@ def _subset_needs(ordered: list[StageSpec], subset: str) -> tuple[str, ...]:
     return tuple(s.name for s in ordered if s.name in needed)
 
 
-def _check_weights(cfg: DictConfig, specs: list[StageSpec]) -> None:
+def _check_weights(ray: RaySection, specs: list[StageSpec]) -> None:
     """A local run loads weights from this machine: a missing path fails now, naming the
     key (on a cluster the workers' paths are checked where they load)."""
-    if cfg.ray.address:
+    if ray.address:
         return
     for s in specs:
         for key in weight_params(type(s.params)):
@@ -430,43 +436,48 @@ def _check_weights(cfg: DictConfig, specs: list[StageSpec]) -> None:
 def _check_source_fits(kind: str, subset: str) -> None:
     """Group subsets come from group sources (a scene's views, an identity's photos), item
     subsets from item sources: anything else could only fail every row."""
-    group_subset = GROUP_SOURCE_KINDS.get(kind)
+    group_subset = sources.source(kind).subset
     if group_subset is not None and subset != group_subset:
         raise DagError(
             f"subsets: source.kind {kind} gives {group_subset} samples (groups of views), "
             f"not {subset!r}"
         )
     if group_subset is None and SUBSETS[subset].min_views > 1:
-        kinds = sorted(k for k, s in GROUP_SOURCE_KINDS.items() if s == subset)
+        kinds = sorted(k for k in sources.SOURCES if sources.source(k).subset == subset)
         raise DagError(
             f"subsets: {subset!r} samples are groups of views: source.kind must be one of "
             f"{kinds}, not {kind}"
         )
 
 
-def validate(cfg: DictConfig, local_weights: bool = True) -> None:
-    """Everything checked at once, before anything runs (see the module docstring)."""
+def validate(cfg: DictConfig, local_weights: bool = True) -> Dag:
+    """Everything checked at once, before anything runs (see the module docstring); ``cfg``
+    is completed in place (every stage's parameters, ``mlflow.tracking_uri``) and the
+    :class:`Dag` built from it."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(plain.get("subsets"), list):
         raise DagError(
             f"subsets: a list of subset names, e.g. [t2i, i2i]; got {plain.get('subsets')!r}"
         )
     top = _check(P.build, DagSection, plain, "")
-    source = top.source
-    kind = source.get("kind") if isinstance(source, dict) else None
-    if kind not in SOURCES:
+    spec = top.source
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in sources.SOURCES:
         raise DagError(
-            f"source.kind: {kind!r} is not a source{did_you_mean(str(kind), SOURCES)}"
-            f" (sources: {', '.join(SOURCES)})"
+            f"source.kind: {kind!r} is not a source{did_you_mean(str(kind), sources.SOURCES)}"
+            f" (sources: {', '.join(sources.SOURCES)})"
         )
+    source_cls = sources.source(kind)
     # Keys another source kind takes (``n`` of the demo after ``source.kind=folder``) are
     # left behind by an override of the kind, not typos: dropped. Any other key is refused.
-    own = {f.name for f in dataclasses.fields(SOURCES[kind])}
-    other = {f.name for c in SOURCES.values() for f in dataclasses.fields(c)} - own
-    for key in [k for k in source if k in other]:
+    own = {f.name for f in dataclasses.fields(source_cls.Params)}
+    other = {
+        f.name for k in sources.SOURCES for f in dataclasses.fields(sources.source(k).Params)
+    } - own
+    for key in [k for k in spec if k in other]:
         del cfg.source[key]
-        del source[key]
-    _check(P.build, SOURCES[kind], source, "source")
+        del spec[key]
+    source_params = _check(source_cls.params, spec, "source")
     specs = _stage_specs(cfg, plain)
     ordered = _in_run_order(specs)
     _check_reads(ordered)
@@ -486,7 +497,8 @@ def validate(cfg: DictConfig, local_weights: bool = True) -> None:
         raise DagError("max_error_rate: must be within [0, 1]")
     if top.shards.max_samples < 1 or top.shards.max_bytes < 1:
         raise DagError("shards.max_samples and shards.max_bytes: must be positive")
-    needed = {n for name in top.subsets for n in _subset_needs(ordered, name)}
+    chosen = tuple(SubsetSpec(name, _subset_needs(ordered, name)) for name in top.subsets)
+    needed = {n for s in chosen for n in s.needs}
     by_name = {s.name: s for s in ordered}
     for s in ordered:
         if s.name not in needed:
@@ -496,36 +508,37 @@ def validate(cfg: DictConfig, local_weights: bool = True) -> None:
         except P.ParamError as exc:
             raise DagError(f"stages.{s.name}: {exc}") from None
     if local_weights:
-        _check_weights(cfg, [s for s in specs if s.name in needed])
-
-
-def _all_stages(cfg: DictConfig) -> list[StageSpec]:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    return _in_run_order(_stage_specs(cfg.copy(), plain))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run does: the stages some chosen subset needs, in run order (``subsets=[i2i]``
-    leaves a DAG's model stages out, their weights unloaded), and what each subset needs."""
-
-    stages: list[StageSpec]
-    subsets: list[SubsetSpec]
-
-
-def plan(cfg: DictConfig) -> Plan:
-    ordered = _all_stages(cfg)
-    chosen = [SubsetSpec(name, _subset_needs(ordered, name)) for name in cfg.subsets]
-    needed = {n for s in chosen for n in s.needs}
-    return Plan([s for s in ordered if s.name in needed], chosen)
-
-
-def stages(cfg: DictConfig) -> list[StageSpec]:
-    return plan(cfg).stages
-
-
-def subsets(cfg: DictConfig) -> list[SubsetSpec]:
-    return plan(cfg).subsets
+        _check_weights(top.ray, [s for s in specs if s.name in needed])
+    # Resolved here, where the user runs or submits the DAG: the resolved DAG names its
+    # store (``submit`` anchors a relative sqlite path there). Not part of any digest.
+    cfg.mlflow.tracking_uri = tracking_uri(cfg.mlflow.tracking_uri)
+    stages = tuple(s for s in ordered if s.name in needed)
+    source_spec = OmegaConf.to_container(cfg.source, resolve=True)
+    digests = subset_digests(source_spec, top.seed, stages, chosen)
+    config = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(config, True)
+    return Dag(
+        config=config,
+        name=top.name,
+        description=top.description,
+        output=top.output,
+        seed=top.seed,
+        weights=top.weights,
+        max_error_rate=top.max_error_rate,
+        allow_empty=top.allow_empty,
+        allow_recipe_change=top.allow_recipe_change,
+        source=source_params,
+        source_cls=source_cls,
+        source_spec=source_spec,
+        shards=top.shards,
+        ray=top.ray,
+        mlflow=dataclasses.replace(top.mlflow, tracking_uri=str(cfg.mlflow.tracking_uri)),
+        preview=top.preview,
+        stages=stages,
+        subsets=chosen,
+        subset_digests=digests,
+        config_digest=_digest(digests),
+    )
 
 
 def _digest(content: Any) -> str:
@@ -533,24 +546,27 @@ def _digest(content: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def subset_digests(cfg: DictConfig) -> dict[str, str]:
+def subset_digests(
+    source_spec: dict[str, Any],
+    seed: int,
+    stages: tuple[StageSpec, ...],
+    subsets: tuple[SubsetSpec, ...],
+) -> dict[str, str]:
     """Per subset, the digest of what determines its samples' content (not where or how
     fast they are made): schema and key scheme, source, seed, and the stages it needs
     with their code ``version`` and complete parameters. Resume refuses to mix two
-    recipes in one subset; adding a subset to an output does not touch the others."""
-    from datagen.sources.base import KEY_SCHEME_VERSION
-
-    what = plan(cfg)
-    by_name = {s.name: s for s in what.stages}
-    source = OmegaConf.to_container(cfg.source, resolve=True)
+    recipes in one subset; adding a subset to an output does not touch the others.
+    The config digest (:attr:`Dag.config_digest`) is the digest of these: one for the
+    whole recipe."""
+    by_name = {s.name: s for s in stages}
     return {
         spec.name: _digest(
             {
                 "schema_version": SCHEMA_VERSION,
-                "key_scheme": KEY_SCHEME_VERSION,
+                "key_scheme": source_base.KEY_SCHEME_VERSION,
                 "subset": spec.name,
-                "source": source,
-                "seed": int(cfg.seed),
+                "source": source_spec,
+                "seed": seed,
                 "stages": [
                     {
                         "name": n,
@@ -561,10 +577,5 @@ def subset_digests(cfg: DictConfig) -> dict[str, str]:
                 ],
             }
         )
-        for spec in what.subsets
+        for spec in subsets
     }
-
-
-def config_digest(cfg: DictConfig) -> str:
-    """One digest of the whole recipe (every subset's)."""
-    return _digest(subset_digests(cfg))

@@ -82,9 +82,8 @@ def test_chained_stages_skip_failed_rows_and_account_exactly(tmp_path):
             "shards.max_samples=4",
         ],
     )
-    what = dag.plan(cfg)
-    assert [s.name for s in what.stages] == ["decode", "caption", "segment"]
-    built = [(p.spec.build(0), p) for p in builder.planned_stages(what)]
+    assert [s.name for s in cfg.stages] == ["decode", "caption", "segment"]
+    built = [(p.spec.build(0), p) for p in builder.planned_stages(cfg)]
     for stage, _ in built:
         if isinstance(stage, CaptionStage):
             stage.model = ScriptedVLM()
@@ -93,10 +92,10 @@ def test_chained_stages_skip_failed_rows_and_account_exactly(tmp_path):
     segment = next(s for s, _ in built if isinstance(s, SegmentStage))
     segment.grounder = SeenByGrounder(segment.grounder)
 
-    manifest = sources.resolve(dict(cfg.source))
-    names = [s.name for s in what.subsets]
+    manifest = sources.resolve(cfg.source_spec)
+    names = [s.name for s in cfg.subsets]
     rows = builder.input_rows(manifest, [names] * manifest.num_rows, names)
-    sink = builder.sink_kwargs(cfg, what, str(out))
+    sink = builder.sink_kwargs(cfg, str(out))
     for start in range(0, rows.num_rows, 4):  # blocks of 4 rows, as Ray would batch them
         block = rows.slice(start, 4).to_pydict()
         write_batch(

@@ -26,12 +26,12 @@ def test_demo_dag_resolves_with_overrides():
         ],
     )
     assert cfg.shards.max_samples == 3
-    stages = {s.name: s for s in dag.stages(cfg)}
+    stages = {s.name: s for s in cfg.stages}
     assert list(stages) == ["decode", "degrade", "caption", "segment", "depth", "pose"]
     assert stages["degrade"].params.canny_low == 50 and stages["degrade"].params.canny_high == 90
     assert stages["depth"].actors == (1, 1) and stages["decode"].actors is None
     # Derived from what stages produce: the caption stage makes every subset's caption.
-    assert {s.name: s.needs for s in dag.subsets(cfg)} == {
+    assert {s.name: s.needs for s in cfg.subsets} == {
         "t2i": ("decode", "caption"),
         "i2i": ("decode", "degrade", "caption"),
         "semantic": ("decode", "caption", "segment"),
@@ -39,7 +39,7 @@ def test_demo_dag_resolves_with_overrides():
         "pose": ("decode", "caption", "pose"),
     }
     # The resolved DAG shows every parameter, defaults included, and the switch's effect.
-    assert cfg.stages[1].params.jpeg_quality == 95
+    assert cfg.config.stages[1].params.jpeg_quality == 95
     assert stages["caption"].params.weights == "random-tiny"
     assert stages["segment"].params.detector_weights == "random-tiny"
     assert stages["segment"].params.weights == "random-tiny"
@@ -49,10 +49,10 @@ def test_demo_dag_resolves_with_overrides():
 
 def test_choosing_subsets_runs_only_the_stages_they_need():
     cfg = dag.load(DEMO, [*TINY, "subsets=[i2i]"])
-    assert [s.name for s in dag.stages(cfg)] == ["decode", "degrade", "caption"]
-    assert [s.name for s in dag.subsets(cfg)] == ["i2i"]
+    assert [s.name for s in cfg.stages] == ["decode", "degrade", "caption"]
+    assert [s.name for s in cfg.subsets] == ["i2i"]
     cfg = dag.load(CAPTIONED, ["subsets=[i2i]"])  # no weights needed: no model stage
-    assert [s.name for s in dag.stages(cfg)] == ["decode", "degrade"]
+    assert [s.name for s in cfg.stages] == ["decode", "degrade"]
 
 
 def test_segment_refuses_a_caption_stage_that_lists_no_entities():
@@ -62,7 +62,7 @@ def test_segment_refuses_a_caption_stage_that_lists_no_entities():
         dag.load(DEMO, [*TINY, "stages.caption.params.entity_prompt=null"])
     # without the semantic subset the segment stage does not run: nothing to refuse
     cfg = dag.load(DEMO, [*TINY, "stages.caption.params.entity_prompt=null", "subsets=[t2i]"])
-    assert [s.name for s in dag.stages(cfg)] == ["decode", "caption"]
+    assert [s.name for s in cfg.stages] == ["decode", "caption"]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -154,51 +154,48 @@ def test_missing_weights_are_named_and_the_switch_runs_tiny_models():
     with pytest.raises(dag.DagError, match="stages.caption.params.weights: .* does not exist"):
         dag.load(DEMO)
     cfg = dag.load(DEMO, ["ray.address=auto"])  # on a cluster the workers check their paths
-    assert {s.name: s for s in dag.stages(cfg)}["depth"].params.weights == (
+    assert {s.name: s for s in cfg.stages}["depth"].params.weights == (
         "models/depth-anything-v2-small"
     )
 
 
 def test_recipe_digest_tracks_content_not_placement():
-    base = dag.subset_digests(dag.load(DEMO, TINY))
+    base = dag.load(DEMO, TINY).subset_digests
     assert (
-        dag.subset_digests(
-            dag.load(
-                DEMO,
-                [
-                    *TINY,
-                    "output=/elsewhere",
-                    "stages.0.resources.num_cpus=0.5",
-                    "stages.depth.resources.actors=[1,3]",
-                    "ray.num_cpus=8",
-                    "shards.max_samples=7",
-                ],
-            )
-        )
+        dag.load(
+            DEMO,
+            [
+                *TINY,
+                "output=/elsewhere",
+                "stages.0.resources.num_cpus=0.5",
+                "stages.depth.resources.actors=[1,3]",
+                "ray.num_cpus=8",
+                "shards.max_samples=7",
+            ],
+        ).subset_digests
         == base
     )
-    assert dag.subset_digests(dag.load(DEMO, [*TINY, "seed=1"])) != base
-    changed = dag.subset_digests(dag.load(DEMO, [*TINY, "stages.1.params.canny_high=150"]))
+    assert dag.load(DEMO, [*TINY, "seed=1"]).subset_digests != base
+    changed = dag.load(DEMO, [*TINY, "stages.1.params.canny_high=150"]).subset_digests
     assert changed["i2i"] != base["i2i"]
     assert {s: changed[s] for s in ("t2i", "depth", "pose")} == {
         s: base[s] for s in ("t2i", "depth", "pose")
     }
     # Choosing subsets does not change the recipe of those chosen.
-    assert dag.subset_digests(dag.load(DEMO, [*TINY, "subsets=[i2i]"])) == {"i2i": base["i2i"]}
+    assert dag.load(DEMO, [*TINY, "subsets=[i2i]"]).subset_digests == {"i2i": base["i2i"]}
 
 
 def test_recipe_digest_tracks_code_versions(monkeypatch):
     from datagen.sources import base as source_base
     from datagen.stages.degrade import DegradeStage
 
-    cfg = dag.load(DEMO, TINY)
-    base = dag.subset_digests(cfg)
+    base = dag.load(DEMO, TINY).subset_digests
     monkeypatch.setattr(DegradeStage, "version", "999")
-    bumped = dag.subset_digests(cfg)
+    bumped = dag.load(DEMO, TINY).subset_digests
     assert bumped["i2i"] != base["i2i"] and bumped["t2i"] == base["t2i"]
     monkeypatch.undo()
     monkeypatch.setattr(source_base, "KEY_SCHEME_VERSION", "999")
-    assert dag.subset_digests(cfg)["t2i"] != base["t2i"]
+    assert dag.load(DEMO, TINY).subset_digests["t2i"] != base["t2i"]
 
 
 def test_resume_refuses_a_subset_made_by_older_code(tmp_path, monkeypatch):
@@ -218,10 +215,11 @@ def test_resume_refuses_a_subset_made_by_older_code(tmp_path, monkeypatch):
     assert digests["t2i"] == first["t2i"]
     assert f"# subset_digest i2i: {digests['i2i']}" in (out / RECIPE).read_text()
     assert check_recipe(t2i_only, str(out)) == first  # t2i alone still resumes
-    monkeypatch.setattr(DegradeStage, "version", "999")
+    monkeypatch.setattr(DegradeStage, "version", "999")  # the recipes as loaded from now on
+    t2i_only = dag.load(CAPTIONED, [f"output={out}", "subsets=[t2i]"])
     assert check_recipe(t2i_only, str(out))  # t2i does not need degrade
     with pytest.raises(DatagenError, match=f"for i2i \\(digest {digests['i2i']}, now"):
-        check_recipe(both, str(out))
+        check_recipe(dag.load(CAPTIONED, [f"output={out}", "subsets=[t2i,i2i]"]), str(out))
     # An output from before per-subset digests: one digest for all its subsets.
     (out / RECIPE).write_text("# config_digest: 0123abcd\nname: old\n")
     (out / "t2i").mkdir()
@@ -248,18 +246,18 @@ def test_optional_needs_follow_the_stages_the_dag_has():
     """identity runs after face and caption when the DAG has them; switched off
     (``stages.<name>.enabled=false``) they leave the DAG, the run order and the recipe."""
     full = dag.load(FACEID, TINY)
-    assert {s.name: s.needs for s in dag.subsets(full)} == {
+    assert {s.name: s.needs for s in full.subsets} == {
         "faceid": ("decode", "face", "caption", "identity")
     }
-    assert dict((s.name, s.needs) for s in dag.stages(full))["identity"] == (
+    assert dict((s.name, s.needs) for s in full.stages)["identity"] == (
         "decode",
         "face",
         "caption",
     )
     bare = dag.load(FACEID, [*TINY, "stages.face.enabled=false", "stages.caption.enabled=false"])
-    assert [s.name for s in dag.stages(bare)] == ["decode", "identity"]
-    assert dag.subset_digests(bare) != dag.subset_digests(full)
-    assert bare.stages[1].enabled is False  # the resolved DAG still shows it, switched off
+    assert [s.name for s in bare.stages] == ["decode", "identity"]
+    assert bare.subset_digests != full.subset_digests
+    assert bare.config.stages[1].enabled is False  # the resolved DAG still shows it, switched off
     with pytest.raises(dag.DagError, match="stages.face: needs stage 'decode', which is disabled"):
         dag.load(FACEID, [*TINY, "stages.decode.enabled=false"])
 
@@ -270,4 +268,26 @@ def test_group_sources_and_group_subsets_go_together():
     with pytest.raises(dag.DagError, match="'faceid' samples are groups of views"):
         dag.load(CAPTIONED, ["subsets=[faceid]"])
     mv = dag.load(MULTIVIEW, TINY)
-    assert [s.name for s in dag.subsets(mv)] == ["multiview"]
+    assert [s.name for s in mv.subsets] == ["multiview"]
+
+
+def test_the_dag_is_typed_once():
+    """``load`` returns one frozen, typed object: sections as dataclasses, the source as its
+    Params, the plan and the digests computed; the resolved YAML beside it is read-only."""
+    import dataclasses
+
+    from omegaconf.errors import ReadonlyConfigError
+
+    from datagen.sources.demo import DemoParams, DemoSource
+
+    d = dag.load(DEMO, [*TINY, "shards.max_samples=3", "seed=2"])
+    assert d.shards == dag.ShardsSection(max_samples=3, max_bytes=d.shards.max_bytes)
+    assert d.seed == 2 and d.mlflow.tracking_uri == d.config.mlflow.tracking_uri
+    assert d.source_cls is DemoSource and d.source == DemoParams("demo", 48, 512, None)
+    assert d.source_spec == {"kind": "demo", "n": 48, "max_side": 512}
+    assert d.subset_names == ["t2i", "i2i", "semantic", "depth", "pose"]
+    assert set(d.subset_digests) == set(d.subset_names) and len(d.config_digest) == 16
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.seed = 3  # type: ignore[misc]
+    with pytest.raises(ReadonlyConfigError):
+        d.config.seed = 3

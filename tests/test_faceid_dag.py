@@ -142,21 +142,20 @@ def test_an_item_row_is_not_an_identity():
 
 def test_faceid_dag_validates_and_orders_its_stages():
     cfg = dag.load(FACEID_YAML, ["weights=random-tiny"])
-    plan = dag.plan(cfg)
-    assert [(s.name, s.needs) for s in plan.stages] == [
+    assert [(s.name, s.needs) for s in cfg.stages] == [
         ("decode", ()),
         ("face", ("decode",)),
         ("caption", ("decode", "face")),  # photos the face check rejects are not captioned
         ("identity", ("decode", "face", "caption")),
     ]
-    assert [(s.name, s.needs) for s in plan.subsets] == [
+    assert [(s.name, s.needs) for s in cfg.subsets] == [
         ("faceid", ("decode", "face", "caption", "identity"))
     ]
     # the documented override to a user's manifest validates (demo keys are dropped)
     cfg = dag.load(
         FACEID_YAML, ["weights=random-tiny", "source.kind=identities", "source.path=people.csv"]
     )
-    assert dict(cfg.source) == {
+    assert cfg.source_spec == {
         "kind": "identities",
         "path": "people.csv",
         "min_images": 4,

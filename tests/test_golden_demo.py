@@ -49,7 +49,7 @@ def test_decode_and_degrade_outputs_are_byte_identical_to_before(tmp_path):
             "subsets=[t2i,i2i]",
         ],
     )
-    manifest = sources.resolve(dict(cfg.source), work_dir=str(tmp_path / "inputs"))
+    manifest = sources.resolve(cfg.source_spec, work_dir=str(tmp_path / "inputs"))
     rows = builder.input_rows(manifest, [["t2i", "i2i"]] * manifest.num_rows, ["t2i", "i2i"])
     builder.run_in_process(cfg, rows, str(tmp_path / "out"))
     assert _digests(tmp_path / "out") == json.loads(GOLDEN.read_text())

@@ -325,5 +325,5 @@ def test_demo_cache_default_place_and_parameters(tmp_path):
 
 
 def test_identities_source_params_are_typed():
-    source = IdentitiesSource("identities", "m.parquet")
+    source = IdentitiesSource.Params("identities", "m.parquet")
     assert source.views == (2, 5) and source.min_images == 4

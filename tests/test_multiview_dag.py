@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from datagen import shards, sources
 from datagen.images import decode_rgb
@@ -53,8 +52,7 @@ def run_dag(tmp_path: Path, out: Path, *extra: str) -> list[str]:
     overrides = small(tmp_path, *extra)
     assert cli(["datagen", "run", str(DAG), "--output", str(out), *overrides]) == 0
     cfg = dag.load(DAG, [f"output={out}", *overrides])
-    spec = OmegaConf.to_container(cfg.source, resolve=True)
-    manifest = sources.resolve(spec, work_dir=str(out / "_inputs"), seed=int(cfg.seed))
+    manifest = sources.resolve(cfg.source_spec, work_dir=str(out / "_inputs"), seed=cfg.seed)
     return manifest.column("key").to_pylist()
 
 

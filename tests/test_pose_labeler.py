@@ -362,4 +362,4 @@ def test_pose_dag_validates_with_random_tiny():
 
     repo = Path(__file__).resolve().parents[1]
     cfg = dag.load(repo / "pipelines" / "pose.yaml", ["weights=random-tiny"])
-    assert list(cfg.subsets) == ["pose"]
+    assert cfg.subset_names == ["pose"]

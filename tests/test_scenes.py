@@ -454,10 +454,10 @@ def test_missing_path_and_bad_params(tmp_path):
         ({"vews": [2, 4]}, "vews"),
     ]:
         with pytest.raises(ParamError, match=key):
-            build(ScenesSource, {"kind": "scenes", "path": "x", **spec}, "source")
+            build(ScenesSource.Params, {"kind": "scenes", "path": "x", **spec}, "source")
     for spec, key in [({"n": 0}, "n"), ({"size": 4}, "size"), ({"frames": 0}, "frames")]:
         with pytest.raises(ParamError, match=key):
-            build(ProceduralScenesSource, {"kind": "procedural_scenes", **spec}, "source")
+            build(ProceduralScenesSource.Params, {"kind": "procedural_scenes", **spec}, "source")
 
 
 # --- the procedural source end to end ------------------------------------------------------

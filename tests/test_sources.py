@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import json
 import tarfile
@@ -18,15 +17,13 @@ from PIL import Image
 from datagen.images import decode_image
 from datagen.io import read_bytes
 from datagen.schema import KEY_PATTERN
+from datagen.sources import demo as demo_source
 from datagen.sources import guess_spec, resolve
 from datagen.sources.base import MANIFEST_SCHEMA, SourceError, key_from_path
 from datagen.sources.demo import demo
 from datagen.sources.folders import image_folder
 from datagen.sources.parquet import parquet_manifest
 from datagen.sources.webdataset import webdataset_shards
-
-# The module (the package binds the name `demo` to the function).
-demo_source = importlib.import_module("datagen.sources.demo")
 
 
 def _jpeg(colour=(200, 100, 50), size=(80, 64)) -> bytes:
@@ -440,6 +437,29 @@ def test_resolve(tmp_path, image_tree):
     assert resolve({"kind": "folder", "path": str(root)}).equals(image_folder(str(root)))
     with pytest.raises(SourceError, match="unknown source kind"):
         resolve({"kind": "ftp"})
+
+
+def test_every_registered_source_follows_the_protocol():
+    """One registry: each kind names a Source class of that ``kind`` whose Params start with
+    ``kind``; group sources say which subset their rows are samples of."""
+    import dataclasses
+    import types
+
+    from datagen.sources import SOURCES, source
+    from datagen.sources.base import Source
+
+    for kind in SOURCES:
+        cls = source(kind)
+        assert issubclass(cls, Source) and cls.kind == kind
+        assert dataclasses.fields(cls.Params)[0].name == "kind"
+    assert {k: source(k).subset for k in SOURCES if source(k).subset} == {
+        "scenes": "multiview",
+        "procedural_scenes": "multiview",
+        "identities": "faceid",
+        "demo_identities": "faceid",
+    }
+    # the package binds no name over a submodule: ``datagen.sources.demo`` is the module
+    assert isinstance(demo_source, types.ModuleType) and demo_source.demo is demo
 
 
 def test_webdataset_shards_with_the_same_name_in_two_folders_do_not_collide(shard, tmp_path):

@@ -284,7 +284,7 @@ def test_three_stages_middle_one_failing_keep_exact_accounting(ray_local, toy_la
     from pipelines import dag
 
     cfg = dag.load(_toy_dag(tmp_path))
-    assert [s.needs for s in dag.subsets(cfg)] == [
+    assert [s.needs for s in cfg.subsets] == [
         ("decode",),
         ("decode", "toy_middle", "toy_last"),
     ]

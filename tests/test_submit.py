@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from orchestration.submit import absolute_location, absolute_tracking_uri, prepare
 from pipelines import dag
@@ -55,8 +54,8 @@ def test_prepare_resolves_the_dag_for_the_cluster(tmp_path, monkeypatch):
     cfg = dag.load(
         ROOT / "pipelines" / "demo.yaml",
         ["output=data/x", "ray.address=auto", "ray.num_cpus=8", "weights=random-tiny"],
+        source={"kind": "folder", "path": "images"},
     )
-    cfg.source = OmegaConf.create({"kind": "folder", "path": "images"})
     job = prepare(cfg)
     assert job.output == str(tmp_path / "data" / "x")
     assert job.source.path == str(tmp_path / "images")

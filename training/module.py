@@ -43,7 +43,7 @@ from training.data import skips
 from training.data.seeding import mix_seed
 from training.data.views import interleave_rays
 from training.encoders import FrozenEncoders, build_encoders, parse_dtype
-from training.inference.sample import generate, generate_views
+from training.inference.generate import SamplerSettings, generate, generate_views
 from training.optim import build_optimizer, clip_grad_norm, ema_decay, ema_update
 from training.parallelize import init_sharded, local_tensor, parallelize
 from training.run.folders import log_line
@@ -410,19 +410,12 @@ class OneGenModule(pl.LightningModule):
 
         With ``cond_rays`` [B, V, C, h, w] (a multiview batch: ``cond_pixels`` its V images,
         ``cond_mask`` [B, 2V] over img0, ray0, img1, ...) the result is a
-        ``training.inference.sample.MultiviewSample``: the decoded images and the final ray
+        ``training.inference.generate.MultiviewSample``: the decoded images and the final ray
         views. Under FSDP every rank must call this with the same number of prompts-free
         forward calls (the sampler does ``steps`` forwards), because each forward all-gathers.
         """
-        scfg = self.cfg.samples
         net = self.ema if use_ema else self.model
-        settings = {
-            "steps": int(scfg.steps),
-            "guidance": float(scfg.guidance),
-            "shift": float(scfg.shift if scfg.shift is not None else self.cfg.loss.shift),
-            "seed": seed,
-            "device": self.device,
-        }
+        settings = SamplerSettings.from_config(self.cfg, seed=seed)
         if cond_rays is not None:
             if cond_pixels is None or cond_mask is None:
                 raise ValueError("cond_rays needs cond_pixels and cond_mask")
@@ -430,20 +423,22 @@ class OneGenModule(pl.LightningModule):
                 self.denoiser(net),
                 self.frozen,
                 prompts,
+                settings,
                 cond_pixels=cond_pixels,
                 cond_rays=cond_rays,
                 cond_mask=cond_mask,
-                **settings,
+                device=self.device,
             )
         return generate(
             self.denoiser(net),
             self.frozen,
             prompts,
+            settings,
             views=views,
             size=size,
             cond_pixels=cond_pixels,
             cond_mask=cond_mask,
-            **settings,
+            device=self.device,
         )
 
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from datagen import params as P
 from datagen.io import BadInput, read_bytes
 from datagen.schema import KEY_PATTERN
 
@@ -49,6 +51,34 @@ KEY_SCHEME_VERSION = "2"
 
 class SourceError(ValueError):
     """A manifest that cannot be used as given; the message says how to fix it."""
+
+
+class Source:
+    """The protocol every source kind follows, as :class:`datagen.stages.protocol.Stage`
+    is every labeler's: ``kind`` (the DAG's ``source.kind``), ``Params`` (a frozen
+    dataclass checked by :func:`datagen.params.build`, its first field ``kind``), the
+    group ``subset`` its rows are samples of (``multiview``, ``faceid``; None for an
+    item source, one input a row) and :meth:`rows`. Registered in
+    :data:`datagen.sources.SOURCES`; the class is read on the driver to validate a DAG,
+    so a source module imports only light things at its top."""
+
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type]
+    subset: ClassVar[str | None] = None
+
+    @classmethod
+    def params(cls, spec: Mapping[str, Any], where: str = "source") -> Any:
+        """``spec`` (a DAG's ``source`` section) as this source's Params; a
+        :class:`datagen.params.ParamError` naming the key otherwise."""
+        return P.build(cls.Params, spec, where)
+
+    @classmethod
+    def rows(cls, params: Any, work_dir: str, seed: int) -> pa.Table:
+        """The manifest (:data:`MANIFEST_SCHEMA`, or the group schema of
+        :mod:`datagen.sources.groups` for a group source): one row per input, or per
+        sample of a group, chosen from ``seed``. ``work_dir``: where a generated source
+        (the demo) caches what it makes unless its params name a folder."""
+        raise NotImplementedError
 
 
 def utf8_bytes(text: str) -> bytes:

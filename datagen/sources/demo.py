@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
-from datagen.sources.base import SourceError, check_manifest, conform, manifest_table
+from datagen.sources.base import Source, SourceError, check_manifest, conform, manifest_table
 
 # --- the built-in demo source ------------------------------------------------------------
 
@@ -105,3 +107,23 @@ def demo(cache_dir: str, n: int = 48, max_side: int = 512) -> pa.Table:
     table = manifest_table(rows)
     pq.write_table(table, manifest)
     return table
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    kind: Literal["demo"]
+    n: int = 48
+    max_side: int = 512
+    cache_dir: str | None = None  # None: <work_dir>/demo_inputs
+
+
+class DemoSource(Source):
+    """``source: {kind: demo}``: :func:`demo`, cached under ``cache_dir``."""
+
+    kind: ClassVar[str] = "demo"
+    Params: ClassVar[type] = DemoParams
+
+    @classmethod
+    def rows(cls, params: DemoParams, work_dir: str, seed: int) -> pa.Table:
+        cache = params.cache_dir or str(Path(work_dir) / "demo_inputs")
+        return demo(cache, n=params.n, max_side=params.max_side)

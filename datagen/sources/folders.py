@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import fsspec
 import pyarrow as pa
 
 from datagen.sources.base import (
     IMAGE_EXTENSIONS,
+    Source,
     SourceError,
     dedupe_keys,
     key_from_path,
@@ -52,3 +54,20 @@ def image_folder(root: str) -> pa.Table:
         uri = path if local else f"{protocol}://{path}"
         rows.append(_folder_row(path, relative, uri, local))
     return manifest_table(dedupe_keys(rows))
+
+
+@dataclass(frozen=True)
+class FolderParams:
+    kind: Literal["folder"]
+    path: str
+
+
+class FolderSource(Source):
+    """``source: {kind: folder, path: ...}``: :func:`image_folder`."""
+
+    kind: ClassVar[str] = "folder"
+    Params: ClassVar[type] = FolderParams
+
+    @classmethod
+    def rows(cls, params: FolderParams, work_dir: str, seed: int) -> pa.Table:
+        return image_folder(params.path)

@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import fsspec
 import numpy as np
@@ -36,10 +36,9 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageEnhance
 
-from datagen import params as P
 from datagen.io import BadInput, read_bytes
 from datagen.params import ParamError
-from datagen.sources.base import SourceError
+from datagen.sources.base import Source, SourceError
 from datagen.sources.demo import base_demo_images
 from datagen.sources.groups import group_rng, group_row, group_table
 
@@ -63,7 +62,7 @@ def _check_sampling(min_images: int, views: tuple[int, int], samples: int) -> No
 
 
 @dataclass(frozen=True)
-class IdentitiesSource:
+class IdentitiesParams:
     """An identity manifest (parquet, jsonl or csv: ``uri``, ``identity``, optional
     ``caption``); identities with fewer than ``min_images`` images are filtered."""
 
@@ -80,7 +79,7 @@ class IdentitiesSource:
 
 
 @dataclass(frozen=True)
-class DemoIdentitiesSource:
+class DemoIdentitiesParams:
     """Augmented crops of the people photos shipped with ultralytics and scikit-image, one
     identity per person (:data:`DEMO_PEOPLE`: zidane.jpg and bus.jpg hold two each), for
     tests and the demo."""
@@ -101,23 +100,49 @@ class DemoIdentitiesSource:
             raise ParamError(f"max_side: must be >= 64 (decode's min_side), got {self.max_side}")
 
 
+class IdentitiesSource(Source):
+    """``source: {kind: identities, path: ...}``: faceid group rows of a manifest."""
+
+    kind: ClassVar[str] = "identities"
+    Params: ClassVar[type] = IdentitiesParams
+    subset: ClassVar[str | None] = "faceid"
+
+    @classmethod
+    def rows(cls, params: IdentitiesParams, work_dir: str, seed: int) -> pa.Table:
+        return group_table(identity_rows(params, seed))
+
+
+class DemoIdentitiesSource(Source):
+    """``source: {kind: demo_identities}``: the demo's photos, made once under ``cache_dir``
+    (default ``<work_dir>/demo_identities``), then read as an ``identities`` manifest."""
+
+    kind: ClassVar[str] = "demo_identities"
+    Params: ClassVar[type] = DemoIdentitiesParams
+    subset: ClassVar[str | None] = "faceid"
+
+    @classmethod
+    def rows(cls, params: DemoIdentitiesParams, work_dir: str, seed: int) -> pa.Table:
+        cache = params.cache_dir or str(Path(work_dir) / "demo_identities")
+        path = demo_identity_photos(cache, params.images_per_identity, params.max_side)
+        manifest = IdentitiesParams(
+            "identities", path, params.min_images, params.views, params.samples_per_identity
+        )
+        return IdentitiesSource.rows(manifest, work_dir, seed)
+
+
+IDENTITY_SOURCES: dict[str, type[Source]] = {
+    "identities": IdentitiesSource,
+    "demo_identities": DemoIdentitiesSource,
+}
+
+
 def identity_manifest(spec: dict, work_dir: str, seed: int = 0) -> pa.Table:
     """The group rows (:data:`datagen.sources.groups.GROUP_MANIFEST_SCHEMA`) of an ``identities`` or
-    ``demo_identities`` source spec; the demo's photos are made once under ``cache_dir``
-    (default ``<work_dir>/demo_identities``)."""
-    kind = spec.get("kind")
-    if kind == "demo_identities":
-        demo = P.build(DemoIdentitiesSource, spec, "source")
-        cache = demo.cache_dir or str(Path(work_dir) / "demo_identities")
-        path = demo_identity_photos(cache, demo.images_per_identity, demo.max_side)
-        source = IdentitiesSource(
-            "identities", path, demo.min_images, demo.views, demo.samples_per_identity
-        )
-    elif kind == "identities":
-        source = P.build(IdentitiesSource, spec, "source")
-    else:
-        raise SourceError(f"not an identity source kind: {kind!r}")
-    return group_table(identity_rows(source, seed))
+    ``demo_identities`` source spec."""
+    cls = IDENTITY_SOURCES.get(spec.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise SourceError(f"not an identity source kind: {spec.get('kind')!r}")
+    return cls.rows(cls.params(spec), work_dir, seed)
 
 
 # -- reading a manifest ----------------------------------------------------------------------
@@ -307,7 +332,7 @@ def _bad_row(photo: Photo, path: str) -> dict[str, Any]:
 
 
 def _sample_rows(
-    identity: str, photos: list[Photo], source: IdentitiesSource, seed: int
+    identity: str, photos: list[Photo], source: IdentitiesParams, seed: int
 ) -> list[dict[str, Any]]:
     base, where = identity_key(identity), f"{source.path}#{identity}"
     if len(photos) < source.min_images:
@@ -343,7 +368,7 @@ def _sample_rows(
     return rows
 
 
-def identity_rows(source: IdentitiesSource, seed: int = 0) -> list[dict[str, Any]]:
+def identity_rows(source: IdentitiesParams, seed: int = 0) -> list[dict[str, Any]]:
     """The group rows of a manifest: samples of each kept identity, one filtered row per
     identity with too few photos, one error row per unusable manifest row."""
     by_identity, bad = _grouped(read_photos(source.path))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datagen.sources.base import SourceError, manifest_table
+from datagen.sources.base import Source, SourceError, manifest_table
 
 # --- parquet manifests ---------------------------------------------------------------------
 
@@ -71,3 +72,20 @@ def parquet_manifest(path: str) -> pa.Table:
         raise SourceError(
             f"{path}: manifest values do not fit: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+@dataclass(frozen=True)
+class ParquetParams:
+    kind: Literal["parquet"]
+    path: str
+
+
+class ParquetSource(Source):
+    """``source: {kind: parquet, path: ...}``: :func:`parquet_manifest`."""
+
+    kind: ClassVar[str] = "parquet"
+    Params: ClassVar[type] = ParquetParams
+
+    @classmethod
+    def rows(cls, params: ParquetParams, work_dir: str, seed: int) -> pa.Table:
+        return parquet_manifest(params.path)

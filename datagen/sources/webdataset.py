@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import fsspec
 import pyarrow as pa
@@ -17,6 +17,7 @@ from datagen.shards.tar import TarFormatError, TarMember, iter_members, member_d
 from datagen.sources.base import (
     MAX_CAPTION_BYTES,
     MAX_KEY_LENGTH,
+    Source,
     SourceError,
     decode_caption,
     dedupe_keys,
@@ -242,3 +243,20 @@ def webdataset_shards(
     for url in _expand(urls):
         rows.extend(_tar_rows(url, _shard_prefix(url), _scan_tar(url, image_exts)))
     return manifest_table(dedupe_keys(rows))
+
+
+@dataclass(frozen=True)
+class WebDatasetParams:
+    kind: Literal["webdataset"]
+    urls: str | list[str]
+
+
+class WebDatasetSource(Source):
+    """``source: {kind: webdataset, urls: ...}``: :func:`webdataset_shards`."""
+
+    kind: ClassVar[str] = "webdataset"
+    Params: ClassVar[type] = WebDatasetParams
+
+    @classmethod
+    def rows(cls, params: WebDatasetParams, work_dir: str, seed: int) -> pa.Table:
+        return webdataset_shards(params.urls)

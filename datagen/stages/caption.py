@@ -9,7 +9,7 @@ fewer than ``min_words`` words is ``filtered`` (``ShortCaption``): nothing else
 about the row is wrong. An empty entity list is not a failure here (the t2i sample
 is fine without entities); the segment stage filters that row.
 
-Model code is in ``caption_model.py``, imported in :meth:`CaptionStage.setup`.
+Model code is in ``datagen.stages.models.caption``, imported in :meth:`CaptionStage.setup`.
 """
 
 from __future__ import annotations

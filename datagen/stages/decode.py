@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from common.pil_open import pil_open
 from datagen.images import check_min_side, decode_image, decode_rgb, encode_jpeg
 from datagen.io import BadInput, DecodeParams, read_bytes
 from datagen.stages.protocol import RowStage, is_view_list, parse_failure
@@ -34,7 +34,7 @@ def _keep_original_jpeg(data: bytes, image: np.ndarray) -> bool:
     """True when the input file already is the upright RGB JPEG we would write."""
     if data[:3] != b"\xff\xd8\xff":
         return False
-    with Image.open(io.BytesIO(data)) as im:
+    with pil_open(io.BytesIO(data)) as im:
         orientation = im.getexif().get(0x0112, 1)
         return im.mode == "RGB" and orientation == 1 and im.size == (image.shape[1], image.shape[0])
 

@@ -3,7 +3,7 @@ stored as a 16-bit PNG min-max scaled per image, near = bright, at the image's s
 
 It reads the stored ``jpg`` (decoded again here) rather than the in-memory image, so
 the labels match the exact pixels training will see, and it can run in an actor pool
-apart from the decode stage. Model code is in ``depth_model.py``, imported in
+apart from the decode stage. Model code is in ``datagen.stages.models.depth``, imported in
 :meth:`DepthStage.setup` only: this module stays light for the driver.
 """
 

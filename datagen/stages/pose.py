@@ -5,7 +5,7 @@ Batched twice: the detector sees every image of the batch, ViTPose every person 
 every image (in sub-batches of ``micro_batch``). An image without a person is
 ``filtered`` (an expected non-sample), not an error. Models load in ``setup()`` from
 local paths, or ``random-tiny`` for the mechanics: the random detector scores every
-box about 0.88 as a person (``pose_model.RANDOM_PERSON_LOGIT``), so a DAG's real
+box about 0.88 as a person (``models.tiny.pose.RANDOM_PERSON_LOGIT``), so a DAG's real
 ``person_conf`` (up to ~0.85) runs unchanged on it, and ``person_conf >= 0.9`` finds
 nobody.
 """

@@ -9,7 +9,7 @@ Entities the detector does not find, or whose masks are empty, are dropped and
 listed in ``entities_dropped``; a row left with none is ``filtered``
 (``NoEntityFound``), as is a row whose caption listed none (``NoEntities``).
 
-Model code is in ``grounding_model.py`` and ``sam_model.py``, imported in
+Model code is in ``datagen.stages.models.grounding`` and ``.sam``, imported in
 :meth:`SegmentStage.setup`.
 """
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
+from common.pil_open import pil_open
 from datagen.cameras import cameras_to_plucker, crop_intrinsics, resize_intrinsics
 
 _REDUCED = {
@@ -64,7 +64,7 @@ def image_size(data: bytes) -> tuple[int, int]:
             return size
     if data[:8] == _PNG_SIGNATURE and len(data) >= 24:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    with Image.open(io.BytesIO(data)) as im:
+    with pil_open(io.BytesIO(data)) as im:
         return im.size
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.pil_open import pil_open
 from training.config import ConfigError
 from training.data.views import to_unit
 
@@ -30,7 +31,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 1
     if not Path(path).is_file():  # missing, a folder, a FIFO or a device: never opened
         raise ConfigError(f"--image {path} is not a readable image file")
     try:
-        with Image.open(path) as opened:
+        with pil_open(path) as opened:  # PIL's own, even after ultralytics patched it
             opened.load()
             wide = opened.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I")
             img = opened.copy() if wide else opened.convert("RGB")
@@ -40,7 +41,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None, multiple: int = 1
         w, h = img.size
         size = (max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple))
     # Native pixels (uint16 gray or uint8 RGB), resized in their own type, then the training
-    # reader's own mapping to [-1, 1] (``training.data.datamodule.to_unit``): one mapping, not two.
+    # reader's own mapping to [-1, 1] (``training.data.views.to_unit``): one mapping, not two.
     arr = np.asarray(img).clip(0, 65535).astype(np.uint16) if wide else np.asarray(img)
     if arr.shape[:2] != size:
         arr = cv2.resize(arr, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)

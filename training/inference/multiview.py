@@ -12,7 +12,7 @@ Both tasks run the released ``[[multiview]]`` layout, image and Plücker ray vie
 
 Rigs are normalised as the trainer saw them (camera 0 the identity, ``normalize_cameras``),
 images centre-cropped to a square exactly as the training reader crops them
-(``training.data.datamodule.decode_view``), and each ray view computed for that crop.
+(``training.data.views.decode_view``), and each ray view computed for that crop.
 
     onegen sample --checkpoint run.ckpt --task multiview --image front.jpg \\
         --azimuths 0,30,60,90 --elevations 0,0,0,0 --out views/
@@ -58,18 +58,17 @@ from training.data.views import (
     plan_crop,
 )
 from training.errors import FitError
+from training.inference.generate import SamplerSettings, generate_views
 from training.inference.grid import camera_pose_row, conditional_row, render_grid, save_grid_image
 from training.inference.images import to_uint8
 from training.inference.sample import (
     SampleUsageError,
     check_options,
     check_size,
-    generate_views,
     load_model,
     normalise_task,
     read_config,
     resolve_device,
-    sampler_settings,
 )
 
 # The released demo's camera: focal 1.3887 x the image side, principal point at the centre.
@@ -427,11 +426,10 @@ def sample_multiview_from_checkpoint(
         lambda x, t, txt, m: net(x, t, txt, m),
         frozen,
         [f"[[multiview]] {prompt}".strip()],
+        SamplerSettings.from_config(cfg, steps=steps, guidance=guidance, seed=seed),
         cond_pixels=pixels[None],
         cond_rays=rays_t[None],
         cond_mask=cond_mask,
-        **sampler_settings(cfg, steps, guidance),
-        seed=seed,
         device=torch.device(device),
     )
     gen_pixels, gen_rays = out.pixels[0].cpu(), out.rays[0].float().cpu()

@@ -5,7 +5,8 @@ them out (view 0 the target, view 1 the condition), each view written in its fie
         --image photo.jpg --out samples/
 
 The multiview tasks (image and ray views interleaved) are in ``training.inference.multiview``,
-built on this module's checks, checkpoint reading and :func:`denoise`.
+built on this module's checks and checkpoint reading; the sampler loop is
+``training.inference.generate``.
 """
 
 from __future__ import annotations
@@ -13,154 +14,23 @@ from __future__ import annotations
 import math
 import tempfile
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model import NextDiT
-from model.flow import sample
 from training.checkpoint_io import checkpoint_meta, safe_dcp_load
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
 from training.data.tasks import MULTIVIEW_TASKS, all_task_names, task_spec
 from training.data.tasks import task_token as token_of
-from training.data.views import interleave_rays
 from training.encoders import FrozenEncoders, build_encoders, vae_stride
 from training.errors import CheckpointError
+from training.inference.generate import SamplerSettings, generate
 from training.inference.grid import Panel, Row, render_grid, save_grid_image
 from training.inference.images import load_image, save_view
-
-
-@torch.no_grad()
-def generate(
-    denoiser: Any,
-    frozen: FrozenEncoders,
-    prompts: Sequence[str],
-    *,
-    views: int,
-    size: tuple[int, int],
-    cond_pixels: Tensor | None,
-    cond_mask: Tensor | None,
-    steps: int,
-    guidance: float,
-    shift: float,
-    seed: int,
-    device: torch.device,
-) -> Tensor:
-    """Encode prompts and condition views, Euler-sample the targets, decode every view."""
-    if cond_pixels is not None:
-        views, size = cond_pixels.shape[1], tuple(cond_pixels.shape[-2:])
-    cond_latents = None
-    if cond_pixels is not None and cond_mask is not None and bool(cond_mask.any()):
-        cond_latents = frozen.vae.encode(cond_pixels.to(device))
-    latents = denoise(
-        denoiser,
-        frozen,
-        prompts,
-        views=views,
-        size=size,
-        cond_latents=cond_latents,
-        cond_mask=cond_mask,
-        steps=steps,
-        guidance=guidance,
-        shift=shift,
-        seed=seed,
-        device=device,
-    )
-    return frozen.vae.decode(latents).clamp(-1, 1)
-
-
-@dataclass(frozen=True)
-class MultiviewSample:
-    pixels: Tensor  # [B, V, 3, H, W] in [-1, 1]: the image views, decoded
-    rays: Tensor  # [B, V, C, h, w]: the ray views as sampled (latent form)
-
-
-@torch.no_grad()
-def generate_views(
-    denoiser: Any,
-    frozen: FrozenEncoders,
-    prompts: Sequence[str],
-    *,
-    cond_pixels: Tensor,
-    cond_rays: Tensor,
-    cond_mask: Tensor,
-    steps: int,
-    guidance: float,
-    shift: float,
-    seed: int,
-    device: torch.device,
-) -> MultiviewSample:
-    """Sample the interleaved 2V views of a multiview batch: ``cond_pixels`` [B, V, 3, H, W]
-    and ``cond_rays`` [B, V, C, h, w] give the clean views (others are ignored), ``cond_mask``
-    [B, 2V] says which of img0, ray0, img1, ... are held clean."""
-    b, v = cond_pixels.shape[:2]
-    if tuple(cond_mask.shape) != (b, 2 * v):
-        raise ValueError(f"cond_mask {list(cond_mask.shape)}: expected [{b}, {2 * v}]")
-    latents = frozen.vae.encode(cond_pixels.to(device))
-    out = denoise(
-        denoiser,
-        frozen,
-        prompts,
-        views=2 * v,
-        size=tuple(cond_pixels.shape[-2:]),
-        cond_latents=interleave_rays(latents, cond_rays),
-        cond_mask=cond_mask,
-        steps=steps,
-        guidance=guidance,
-        shift=shift,
-        seed=seed,
-        device=device,
-    )
-    return MultiviewSample(frozen.vae.decode(out[:, 0::2]).clamp(-1, 1), out[:, 1::2])
-
-
-@torch.no_grad()
-def denoise(
-    denoiser: Any,
-    frozen: FrozenEncoders,
-    prompts: Sequence[str],
-    *,
-    views: int,
-    size: tuple[int, int],
-    cond_latents: Tensor | None,
-    cond_mask: Tensor | None,
-    steps: int,
-    guidance: float,
-    shift: float,
-    seed: int,
-    device: torch.device,
-) -> Tensor:
-    """The sampler on latents [B, views, C, h, w] of (H, W) ``size`` pixels: noise drawn on
-    the CPU from ``seed`` (the same sample on any device), the ``cond_mask`` views [B, views]
-    held at ``cond_latents``; shared by image-only and multiview (image + ray) sampling."""
-    b = len(prompts)
-    down = frozen.vae.downsample
-    h, w = size[0] // down, size[1] // down
-    text, text_mask = frozen.text(list(prompts))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(b, views, frozen.vae.latent_channels, h, w, generator=gen).to(device)
-    kwargs: dict[str, Any] = {}
-    if cond_latents is not None and cond_mask is not None and bool(cond_mask.any()):
-        kwargs["cond_latents"] = cond_latents.to(device)
-        kwargs["cond_mask"] = cond_mask.to(device).bool()
-    if guidance != 1.0:
-        kwargs["uncond_text"], kwargs["uncond_text_mask"] = frozen.text([""] * b)
-    return sample(
-        denoiser,
-        noise,
-        text,
-        text_mask,
-        steps=steps,
-        shift=shift,
-        guidance_scale=guidance,
-        **kwargs,
-    )
 
 
 def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> None:
@@ -359,17 +229,6 @@ def load_model(
     return net, frozen
 
 
-def sampler_settings(cfg: DictConfig, steps: int | None, guidance: float | None) -> dict[str, Any]:
-    """``steps``, ``guidance``, ``shift`` for :func:`generate`: the request's, else the
-    config's ``samples`` section (shift: ``loss.shift`` when unset)."""
-    scfg = cfg.samples
-    return {
-        "steps": int(steps or scfg.steps),
-        "guidance": float(guidance if guidance is not None else scfg.guidance),
-        "shift": float(scfg.shift if scfg.shift is not None else cfg.loss.shift),
-    }
-
-
 def sample_from_checkpoint(
     checkpoint: str | Path,
     task: str,
@@ -417,12 +276,11 @@ def sample_from_checkpoint(
         lambda x, t, txt, m: net(x, t, txt, m),
         frozen,
         [f"{token} {prompt}"],
+        SamplerSettings.from_config(cfg, steps=steps, guidance=guidance, seed=seed),
         views=views,
         size=(side, side),
         cond_pixels=cond_pixels,
         cond_mask=cond_mask,
-        **sampler_settings(cfg, steps, guidance),
-        seed=seed,
         device=torch.device(device),
     )[0]
     out = Path(out_dir)

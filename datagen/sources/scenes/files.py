@@ -24,6 +24,7 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.pil_open import pil_open
 from datagen.cameras import (
     CameraValueError,
     focal_from_angle,
@@ -31,7 +32,6 @@ from datagen.cameras import (
     json_pose,
     json_side,
 )
-from datagen.images import pil_open
 from datagen.io import BadInput, open_regular, read_bytes, run_with_timeout
 from datagen.sources.base import SourceError
 

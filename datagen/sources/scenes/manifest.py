@@ -17,13 +17,13 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from datagen.params import ParamError, build
-from datagen.sources.base import SourceError
+from datagen.params import ParamError
+from datagen.sources.base import Source, SourceError
 from datagen.sources.groups import group_rng, group_row, group_table
 from datagen.sources.scenes.files import Scene, SceneFrame, Store
 from datagen.sources.scenes.formats import (
@@ -39,7 +39,7 @@ MAX_NAME_CHARS = 150  # of the readable part of a key
 
 
 @dataclass(frozen=True)
-class ScenesSource:
+class ScenesParams:
     """A folder of scenes in one format; every scene gives ``samples_per_scene`` samples of
     ``views`` (min, max) views, consecutive views ``stride`` frames apart."""
 
@@ -62,7 +62,7 @@ class ScenesSource:
 
 
 @dataclass(frozen=True)
-class ProceduralScenesSource:
+class ProceduralScenesParams:
     """Scenes rendered by datagen.sources.scenes.procedural into ``cache_dir`` (tests, the demo),
     then read as nerfstudio scenes."""
 
@@ -179,9 +179,9 @@ def scene_rows(
     ]
 
 
-def load_scenes(source: ScenesSource | ProceduralScenesSource, work_dir: str) -> list[Scene]:
+def load_scenes(source: ScenesParams | ProceduralScenesParams, work_dir: str) -> list[Scene]:
     """The scenes of a source (the procedural ones rendered into their cache first)."""
-    if isinstance(source, ProceduralScenesSource):
+    if isinstance(source, ProceduralScenesParams):
         cache = source.cache_dir or str(Path(work_dir) / "procedural_scenes")
         folders = procedural_scenes(cache, source.n, source.frames, source.size)
         store = Store(cache)
@@ -196,19 +196,55 @@ def load_scenes(source: ScenesSource | ProceduralScenesSource, work_dir: str) ->
     return nerfstudio_scenes(source.path, source.images)
 
 
-def scene_manifest(spec: dict, work_dir: str, seed: int = 0) -> pa.Table:
-    """A ``scenes`` or ``procedural_scenes`` source spec -> a group table
-    (:data:`datagen.sources.groups.GROUP_MANIFEST_SCHEMA`), one row per sample."""
-    kinds = {"scenes": ScenesSource, "procedural_scenes": ProceduralScenesSource}
-    cls = kinds.get(spec.get("kind"))  # type: ignore[arg-type]
-    if cls is None:
-        raise SourceError(
-            f"scene_manifest: kind {spec.get('kind')!r} is not scenes or procedural_scenes"
-        )
-    source = build(cls, spec, "source")
+def scene_table(
+    source: ScenesParams | ProceduralScenesParams, work_dir: str, seed: int
+) -> pa.Table:
+    """A group table (:data:`datagen.sources.groups.GROUP_MANIFEST_SCHEMA`), one row per
+    sample of every scene of ``source``."""
     rows = [
         row
         for scene in load_scenes(source, work_dir)
         for row in scene_rows(scene, source.views, source.samples_per_scene, source.stride, seed)
     ]
     return group_table(rows)
+
+
+class ScenesSource(Source):
+    """``source: {kind: scenes, path: ..., format: ...}``: multiview group rows."""
+
+    kind: ClassVar[str] = "scenes"
+    Params: ClassVar[type] = ScenesParams
+    subset: ClassVar[str | None] = "multiview"
+
+    @classmethod
+    def rows(cls, params: ScenesParams, work_dir: str, seed: int) -> pa.Table:
+        return scene_table(params, work_dir, seed)
+
+
+class ProceduralScenesSource(Source):
+    """``source: {kind: procedural_scenes}``: scenes rendered into ``cache_dir`` (default
+    ``<work_dir>/procedural_scenes``), then read as nerfstudio scenes."""
+
+    kind: ClassVar[str] = "procedural_scenes"
+    Params: ClassVar[type] = ProceduralScenesParams
+    subset: ClassVar[str | None] = "multiview"
+
+    @classmethod
+    def rows(cls, params: ProceduralScenesParams, work_dir: str, seed: int) -> pa.Table:
+        return scene_table(params, work_dir, seed)
+
+
+SCENE_SOURCES: dict[str, type[Source]] = {
+    "scenes": ScenesSource,
+    "procedural_scenes": ProceduralScenesSource,
+}
+
+
+def scene_manifest(spec: dict, work_dir: str, seed: int = 0) -> pa.Table:
+    """A ``scenes`` or ``procedural_scenes`` source spec -> its group table."""
+    cls = SCENE_SOURCES.get(spec.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise SourceError(
+            f"scene_manifest: kind {spec.get('kind')!r} is not scenes or procedural_scenes"
+        )
+    return cls.rows(cls.params(spec), work_dir, seed)
