@@ -6,7 +6,7 @@ Three FLOPs figures per config (``model/flops.py``):
 - executed, the matmuls the model really runs (text k/v on caption tokens, attention over
   S + T, adaLN per view, first layers without input gradients);
 - torch count, ``torch.utils.flop_counter`` over one forward + backward on the meta device,
-  which the executed formula must equal (``tests/test_flops.py`` holds it to that).
+  which the executed formula must equal (``tests/model/test_flops.py`` holds it to that).
 
     .venv/bin/python bench/model_flops.py                   # table; MFU if CUDA is present
     .venv/bin/python bench/model_flops.py --views 2 --image 1024 --precision autocast

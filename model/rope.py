@@ -72,7 +72,7 @@ def rope_cos_sin(
     """cos and sin of the rotation angles, each [N, head_dim / 2] float32.
 
     ``positions`` is [N, 3] (view, row, col); it may be fractional or offset (the angles only
-    ever enter attention through differences, see ``tests/test_rope.py``).
+    ever enter attention through differences, see ``tests/model/test_rope.py``).
     """
     scaling = scaling or RopeScaling()
     angles = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -19,10 +18,9 @@ for _key, _value in {
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # No telemetry or cloud probes either (Ray usage stats, MLflow): what `onegen` sets itself.
 from common.offline import apply_offline_env  # noqa: E402
+from tests.helpers import MLFLOW_PROCESS_ENV, REPO  # noqa: E402
 
 apply_offline_env()
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -35,28 +33,6 @@ def ray_local():
     init_ray(num_cpus=4, quiet=True)
     yield ray
     ray.shutdown()
-
-
-def small_run_args(
-    tmp_path: Path, output: Path | str, *extra: str, dag: str = "captioned"
-) -> list[str]:
-    """``onegen`` arguments of a 4-input run of ``pipelines/<dag>.yaml`` (default: the
-    no-model t2i + i2i DAG) into ``output`` (CLI and subprocess tests)."""
-    return [
-        "datagen",
-        "run",
-        str(REPO / "pipelines" / f"{dag}.yaml"),
-        "--output",
-        str(output),
-        "source.n=4",
-        f"source.cache_dir={tmp_path / 'inputs'}",
-        "source.max_side=96",
-        "shards.max_samples=4",
-        "subsets=[t2i,i2i]",
-        "ray.num_cpus=2",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *extra,
-    ]
 
 
 @pytest.fixture
@@ -81,17 +57,6 @@ def cheap_cfg(tmp_path):
         )
 
     return make
-
-
-# MLflow writes the active experiment and tracking URI into os.environ
-# (``mlflow.set_experiment``, ``mlflow.set_tracking_uri``); a later test's subprocess
-# would inherit another test's store and experiment id.
-MLFLOW_PROCESS_ENV = (
-    "MLFLOW_EXPERIMENT_ID",
-    "MLFLOW_EXPERIMENT_NAME",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_RUN_ID",
-)
 
 
 # What the session started with: every test ends with it again, including after a

@@ -1,0 +1,1 @@
+"""Where a fit runs and what it leaves: run folders, the cluster environment, MLflow."""
