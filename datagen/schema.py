@@ -1,4 +1,7 @@
-"""The One-Gen sample contract: the only module both datagen and training import.
+"""The One-Gen sample contract: what datagen writes and training reads (training imports
+only this, ``datagen.shards`` and ``datagen.cameras`` from datagen). Its tables say what
+the rest derives: fields and codecs, ``TASKS`` (token -> layout, fields, reversible, tag
+kind), ``SUBSETS`` with their family and sample kind, prompts and the palette.
 
 A sample is one WebDataset group: files ``<key>.<field>`` stored together in a
 tar. ``<field>`` is a name plus a codec extension (``depth.png``), because
