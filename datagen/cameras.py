@@ -14,8 +14,12 @@ set of conventions:
   Plücker ``[d, o x d]`` (6 channels, direction then moment), channel-first.
 * Latent form, as the released OneDiffusion inference feeds them: ``[r, r, r[:4]] * 1.658``
   (6 -> 16 channels; any count: the 6 channels tiled and cut).
-* Normalised rigs: camera 0 is the identity, and it sits ``DEFAULT_DISTANCE`` from the
-  least-squares intersection of the optical axes (see :func:`normalize_cameras`).
+* Normalised rigs live in the released loader's world: camera 0's PyTorch3D view frame (x
+  left, y up, z forward; ``_cameras_from_opencv_projection`` then ``first_camera_transform``),
+  so camera 0's OpenCV c2w is :data:`CAMERA0` = diag(-1, -1, 1, 1), a 180° turn about its
+  optical axis from the identity. Camera 0 sits ``DEFAULT_DISTANCE`` from the least-squares
+  intersection of the optical axes (see :func:`normalize_cameras`). :data:`CAMERA_FRAME`
+  names this frame in the shards' manifests, so a fit never mixes it with another.
 
 Arrays that reach these functions from files (transforms.json, CO3D annotations) are checked:
 a wrong shape or a NaN / inf is a ``ValueError`` naming the argument.
@@ -38,6 +42,9 @@ RAY_SCALE = 1.658
 DEFAULT_DISTANCE = 1.7
 
 _FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
+# Camera 0 after normalisation, as an OpenCV c2w: the identity in PyTorch3D's view frame.
+CAMERA0 = np.diag([-1.0, -1.0, 1.0, 1.0])
+CAMERA_FRAME = "pytorch3d-camera0"  # the world normalised rigs (and their rays) are in
 _FLIP_XY = np.diag([-1.0, -1.0, 1.0])
 MAX_IMAGE_SIDE = 1 << 16  # pixels: a w or h beyond this is not a camera
 
@@ -302,19 +309,18 @@ def normalize_cameras(
 ) -> tuple[np.ndarray, float]:
     """A rig in the frame the model was trained on: returns (c2w [V, 4, 4], scale).
 
-    Every camera is first expressed in camera 0's frame (camera 0 becomes the identity), then
-    translations are multiplied by ``scale`` so camera 0 is ``distance`` from the least-squares
+    Every camera is first expressed in camera 0's frame (:func:`relative_to_camera0`: camera 0
+    becomes :data:`CAMERA0`, the identity in PyTorch3D's view frame), then translations are
+    multiplied by ``scale`` so camera 0 is ``distance`` from the least-squares
     intersection of the optical axes (the lines through each centre along its z axis), which
     fixes the scene's unknown metric scale. Fallback, when that intersection is not usable
     (a single camera; axes nearly parallel: the normal matrix' smallest eigenvalue < 1e-6 of
     its largest; or the point not in front of camera 0): scale so the mean distance from
     camera 0 to the other centres is ``distance``; scale 1 when all centres coincide.
     """
-    poses = _poses(c2w)
     if not (np.isfinite(distance) and distance > 0):
         raise ValueError(f"distance: expected a positive number, got {distance}")
-    rel = np.linalg.inv(poses[0]) @ poses
-    rel[0] = np.eye(4)
+    rel = relative_to_camera0(c2w)
     centres, axes = rel[:, :3, 3], rel[:, :3, 2]
     scale = 1.0
     point = None
@@ -334,6 +340,15 @@ def normalize_cameras(
             scale = float(distance / mean)
     rel[:, :3, 3] *= scale
     return rel, scale
+
+
+def relative_to_camera0(c2w: np.ndarray) -> np.ndarray:
+    """Cameras [V, 4, 4] re-anchored in the released loader's world: camera 0's PyTorch3D
+    view frame (x left, y up, z forward), where camera 0 is exactly :data:`CAMERA0`."""
+    poses = _poses(c2w)
+    rel = CAMERA0 @ np.linalg.inv(poses[0]) @ poses
+    rel[0] = CAMERA0
+    return rel
 
 
 # --------------------------------------------------------------------------- conventions

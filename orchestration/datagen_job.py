@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from datagen import shards
 from datagen.preview import contact_sheet
+from datagen.shards.frames import frame_problem
 from orchestration import tracking
 from orchestration.errors import DatagenError
 from orchestration.ray_runtime import apply_offline_env, init_ray
@@ -74,6 +75,11 @@ def check_recipe(cfg: dag.Dag, out: str) -> dict[str, str]:
         for s, d in digests.items()
         if s in recorded and recorded[s] != d
     ]
+    for subset in digests:  # never mixed, even knowingly: a fit could not tell them apart
+        old = shards.read_manifest(out, subset)
+        problem = frame_problem(old, subset) if old and old.get("written") else None
+        if problem:
+            raise DatagenError(f"{out}/{subset} cannot be resumed: {problem}")
     if changed and not cfg.allow_recipe_change:
         raise DatagenError(
             f"{out} was made by a different recipe for {', '.join(changed)}; use a new "

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen.schema import SCHEMA_VERSION
+from datagen.shards.frames import frame_fields
 from datagen.shards.index import (
     filtered_count,
     previous_datagen_runs,
@@ -209,6 +210,7 @@ def write_manifest(
         "shards": sorted(shards.values(), key=lambda s: s["name"]),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info,
+        **frame_fields(subset),
         DATAGEN_RUNS: runs,
     }
     atomic_write(

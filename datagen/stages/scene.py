@@ -6,8 +6,11 @@ trained on square views only. The intrinsics follow every step (the manifest's i
 the decoded file -> decode's ``max_side`` resize -> the crop -> the resize), because training
 and sampling recompute the Plücker rays from the stored cameras at whatever resolution they
 use: the stored K must describe the stored pixels exactly, or every ray is off by the error.
-The cameras are expressed in camera 0's frame (camera 0 = identity) and scaled so camera 0 is
-``distance`` from the optical axes' intersection; the scale goes into ``camera_scale``.
+The cameras are expressed in the released loader's world (camera 0 the identity in PyTorch3D's
+view frame, ``datagen.cameras.CAMERA0``; version 2: version 1 used OpenCV's, turned 180° about
+camera 0's axis) and scaled so camera 0 is ``distance`` from the optical axes' intersection;
+the scale goes into ``camera_scale``. The subset's manifest names the frame
+(``datagen.shards.frames``).
 
 The stage sees the whole group row (``per_view = False``): the decode stage's per-view lists
 and, when the DAG has a caption stage run with ``group_views: first``, that stage's caption of
@@ -143,7 +146,7 @@ def square_view(image: np.ndarray, k: np.ndarray, side: int) -> tuple[np.ndarray
 
 class SceneStage(RowStage):
     name: ClassVar[str] = "scene"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: cameras in the released loader's world (CAMERA0)
     needs: ClassVar[tuple[str, ...]] = ("decode",)
     optional_needs: ClassVar[tuple[str, ...]] = ("caption",)
     per_view: ClassVar[bool] = False

@@ -226,13 +226,13 @@ def test_crop_and_resize_intrinsics_keep_the_rays():
 # --------------------------------------------------------------------------- normalisation
 
 
-def test_normalize_puts_camera_0_at_identity_and_the_look_at_point_at_the_distance():
+def test_normalize_puts_camera_0_at_camera0_and_the_look_at_point_at_the_distance():
     target = np.array([0.5, -1.0, 2.0])
     rig = C.orbit_cameras([30, 100, 170, 250], [20, 10, 40, -5], [4.0, 5.0, 3.0, 6.0], target)
     out, scale = C.normalize_cameras(rig)
-    np.testing.assert_allclose(out[0], np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(out[0], C.CAMERA0, atol=1e-12)
     np.testing.assert_allclose(scale, C.DEFAULT_DISTANCE / 4.0)
-    moved = scale * (np.linalg.inv(rig[0]) @ np.append(target, 1.0))[:3]
+    moved = scale * (C.CAMERA0 @ np.linalg.inv(rig[0]) @ np.append(target, 1.0))[:3]
     np.testing.assert_allclose(np.linalg.norm(moved), 1.7)
     np.testing.assert_allclose(moved, [0, 0, 1.7], atol=1e-12)  # on camera 0's axis
     for cam in out:  # every camera still looks at the (moved) target
@@ -245,11 +245,11 @@ def test_normalize_is_a_similarity_of_the_rays():
     rig = C.orbit_cameras(rng.uniform(0, 360, 3), rng.uniform(-30, 60, 3), 3.0, [1, 1, 0])
     K = C.intrinsics_from_focal(40.0, (32, 32))
     out, s = C.normalize_cameras(rig, distance=2.5)
-    r0, t0 = rig[0, :3, :3], rig[0, :3, 3]
+    r0, t0 = rig[0, :3, :3] @ C.CAMERA0[:3, :3], rig[0, :3, 3]
     before = C.plucker_rays(rig, K, (32, 32)).astype(np.float64)
     after = C.plucker_rays(out, K, (32, 32)).astype(np.float64)
     d, m = before[:, :3], before[:, 3:]
-    # X' = s R0^T (X - t0): d' = R0^T d, m' = s R0^T (m - t0 x d)
+    # X' = s F R0^T (X - t0), F = CAMERA0's rotation: d' = F R0^T d, m' = s F R0^T (m - t0 x d)
     d_want = np.einsum("ba,vbhw->vahw", r0, d)
     m_new = m - np.cross(t0[None, :, None, None], d, axis=1)
     m_want = s * np.einsum("ba,vbhw->vahw", r0, m_new)
@@ -263,7 +263,7 @@ def test_normalize_fallbacks():
     rig[:, :3, 3] = [[0, 0, 0], [1, 0, 0], [3, 0, 0]]
     out, scale = C.normalize_cameras(rig)
     np.testing.assert_allclose(scale, 1.7 / 2.0)
-    np.testing.assert_allclose(out[2, :3, 3], [3 * 0.85, 0, 0])
+    np.testing.assert_allclose(out[2, :3, 3], [-3 * 0.85, 0, 0])  # x left in CAMERA0's world
     # axes meeting behind camera 0: the same fallback
     behind = np.stack([C.look_at([0, 0, 0], [0, 0, 1]), C.look_at([2, 0, -2], [0, 0, -4])])
     _, scale = C.normalize_cameras(behind)
@@ -272,7 +272,7 @@ def test_normalize_fallbacks():
     one = C.look_at([1, 2, 3], [0, 0, 0])
     out, scale = C.normalize_cameras(one)
     assert scale == 1.0 and out.shape == (1, 4, 4)
-    np.testing.assert_allclose(out[0], np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(out[0], C.CAMERA0, atol=1e-12)
     spin = np.stack([np.eye(4), np.eye(4)])
     spin[1, :3, :3] = rotation("z", 40.0)
     assert C.normalize_cameras(spin)[1] == 1.0

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from datagen import shards, sources
+from datagen.cameras import CAMERA0
 from datagen.images import decode_rgb
 from datagen.schema import validate_sample
 from datagen.shards.reader import ShardReader
@@ -100,20 +101,20 @@ def project(c2w: np.ndarray, k: np.ndarray, points: np.ndarray) -> np.ndarray:
 def check_geometry(files: dict[str, bytes], meta: dict) -> None:
     """The stored rig against the generator's: intrinsics = the rendered K after the
     (here: whole-image) crop and the resize; cameras = the rendered ones in camera 0's frame
-    scaled by camera_scale; and a surface point seen at a pixel of the rendered frame
+    turned to CAMERA0 and scaled by camera_scale; and a surface point seen at a pixel of the rendered frame
     projects, through the stored camera, onto the same place and colour of the stored view
     (colours catch a wrong, swapped or flipped view; sub-pixel accuracy of the stored K on
-    real pixels is tests/test_scene_stage.py's)."""
+    real pixels is tests/datagen/stages/test_scene_stage.py's)."""
     views = meta["num_views"]
     c2w, k = load_npy(files["cameras.npy"]), load_npy(files["intrinsics.npy"])
     assert c2w.shape == (views, 4, 4) and k.shape == (views, 3, 3)
     assert c2w.dtype == k.dtype == np.float32
-    np.testing.assert_allclose(c2w[0], np.eye(4), atol=1e-6)
+    np.testing.assert_allclose(c2w[0], CAMERA0, atol=1e-6)
     render = render_scene(scene_seed(meta["scene"]), FRAMES, RENDER)
     frames = meta["frames"]
     assert len(frames) == views and len(set(frames)) == views
     s = STORED / RENDER
-    to_stored = np.linalg.inv(render.c2w[frames[0]])
+    to_stored = CAMERA0 @ np.linalg.inv(render.c2w[frames[0]])
     scale = meta["camera_scale"]
     for v, f in enumerate(frames):
         expected_k = render.K[f].copy()

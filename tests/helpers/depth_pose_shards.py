@@ -180,7 +180,7 @@ FACE_VIEWS = 3
 
 def multiview_cameras(i: int) -> tuple[np.ndarray, np.ndarray]:
     """(c2w [V, 4, 4], K [V, 3, 3]) of multiview sample ``i``: an orbit 25 degrees apart,
-    normalised (camera 0 the identity, 1.7 from the axes' intersection)."""
+    normalised (camera 0 ``CAMERA0``, 1.7 from the axes' intersection)."""
     from datagen.cameras import intrinsics_from_focal, normalize_cameras, orbit_cameras
 
     az = [10.0 * i + 25.0 * v for v in range(MV_VIEWS)]

@@ -2,7 +2,7 @@
 server found in seconds, ``resume=last`` / ``auto`` without a checkpoint.
 
 The skip tests run real single-process fits on real shards (``datagen.shards.commit_shard``,
-as in ``tests/test_training_data.py``) in which some samples are corrupt, tracked in a real
+as in ``tests/helpers/training_shards.py``) in which some samples are corrupt, tracked in a real
 sqlite MLflow store.
 """
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from datagen.shards.frames import frame_problem
 from datagen.shards.layout import MANIFEST, ShardFileError
 from datagen.shards.reader import ShardReader
 from datagen.shards.tar import Entry
@@ -153,6 +154,9 @@ def build_subset_index(roots: Sequence[str], subset: str, threads: int = 8) -> S
                 f"{reader.directory(subset)}/{MANIFEST} describes subset "
                 f"{manifest['subset']!r}, not {subset!r}"
             )
+        problem = frame_problem(manifest, subset)
+        if problem:
+            raise ShardFileError(f"{reader.directory(subset)}/{MANIFEST}: {problem}")
         jobs += [(reader, s["name"]) for s in manifest["shards"]]
     if not jobs:
         raise ValueError(f"subset {subset!r}: the manifests under {list(roots)} list no shards")

@@ -191,7 +191,7 @@ def camera_pose_row(
     target_rays: torch.Tensor | None = None,
 ) -> Row:
     """The given images [V, 3, H, W], then each estimated camera v >= 1 as its ray
-    directions (``rays`` [V, C, h, w]; ray 0 is the given identity camera), then the true
+    directions (``rays`` [V, C, h, w]; ray 0 is the given camera 0, ``CAMERA0``), then the true
     ones when ``target_rays`` are known."""
     panels = [Panel(images[v], f"image {v}") for v in range(images.shape[0])]
     panels += [Panel(ray_pixels(rays[v]), f"rays {v}") for v in range(1, rays.shape[0])]

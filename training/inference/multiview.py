@@ -6,11 +6,12 @@ Both tasks run the released ``[[multiview]]`` layout, image and Plücker ray vie
 * ``multiview``: the given images and every camera are held clean, the other images are
   generated. Cameras come from an orbit (``--azimuths``/``--elevations``/``--distance``,
   the released demo's defaults) or a nerfstudio ``transforms.json`` (``--cameras``).
-* ``camera_pose``: every image and ray 0 (the identity camera) are held clean, rays 1.. are
+* ``camera_pose``: every image and ray 0 (camera 0, ``CAMERA0``) are held clean, rays 1.. are
   generated and turned back into cameras (``datagen.cameras.plucker_to_cameras``, focal
   recovered too); ``--cameras`` then names the ground truth to score them against.
 
-Rigs are normalised as the trainer saw them (camera 0 the identity, ``normalize_cameras``),
+Rigs are normalised as the trainer saw them (``normalize_cameras``: the released loader's world,
+camera 0 the identity in PyTorch3D's view frame, ``datagen.cameras.CAMERA0``),
 images centre-cropped to a square exactly as the training reader crops them
 (``training.data.views.decode_view``), and each ray view computed for that crop.
 
@@ -35,6 +36,7 @@ from PIL import Image
 from torch import Tensor
 
 from datagen.cameras import (
+    CAMERA0,
     DEFAULT_DISTANCE,
     cameras_to_plucker,
     crop_intrinsics,
@@ -45,6 +47,7 @@ from datagen.cameras import (
     orbit_cameras,
     plucker_to_cameras,
     pose_metrics,
+    relative_to_camera0,
     resize_intrinsics,
     rotation_angle_deg,
 )
@@ -273,7 +276,7 @@ def default_intrinsics(side: int) -> np.ndarray:
 
 
 def request_rig(req: CameraRequest, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """(c2w [V, 4, 4] normalised so camera 0 is the identity, K [V, 3, 3] of the square
+    """(c2w [V, 4, 4] normalised as the trainer saw them, K [V, 3, 3] of the square
     ``side`` crop) of a multiview request."""
     if req.transforms is not None:
         t = req.transforms
@@ -287,14 +290,13 @@ def request_rig(req: CameraRequest, side: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def recover_cameras(rays: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cameras (c2w re-anchored so camera 0 is exactly the identity, K of the square crop)
+    """Cameras (c2w re-anchored so camera 0 is exactly ``CAMERA0``, K of the square crop)
     of sampled ray views [V, C, h, w]; a FitError when they describe no camera."""
     try:
         c2w, K = plucker_to_cameras(np.asarray(rays, np.float64), (side, side))
-        rel = np.linalg.inv(c2w[0]) @ c2w
+        rel = relative_to_camera0(c2w)
     except (ValueError, np.linalg.LinAlgError) as exc:
         raise FitError(f"the generated ray views give no cameras ({exc})") from None
-    rel[0] = np.eye(4)
     if not (np.isfinite(rel).all() and np.isfinite(K).all()):
         raise FitError("the generated ray views give non-finite cameras")
     return rel, K
@@ -409,7 +411,7 @@ def sample_multiview_from_checkpoint(
             raise SampleUsageError(f"the cameras asked for: {exc}") from None
         layout = MultiviewLayout("multiview", len(c2w), len(images))
     else:
-        c2w = np.tile(np.eye(4), (len(images), 1, 1))
+        c2w = np.tile(CAMERA0, (len(images), 1, 1))  # only camera 0's rays are given
         K = np.stack([default_intrinsics(side)] * len(images))
         layout = multiview_layout("camera_pose", len(images))
     views = layout.num_images
@@ -421,7 +423,7 @@ def sample_multiview_from_checkpoint(
     cond_mask = torch.tensor([layout.cond_mask])
     rays_t = torch.from_numpy(rays)
     if task == "camera_pose":
-        rays_t[1:] = 0.0  # generated: only camera 0 (the identity) is given
+        rays_t[1:] = 0.0  # generated: only camera 0 (CAMERA0) is given
     out = generate_views(
         lambda x, t, txt, m: net(x, t, txt, m),
         frozen,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from datagen import params as P
-from datagen.cameras import orbit_cameras
+from datagen.cameras import CAMERA0, orbit_cameras
 from datagen.images import decode_rgb
 from datagen.params import ParamError
 from datagen.schema import validate_sample
@@ -165,10 +165,11 @@ def arrays(files: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
 def reprojection_errors(files: dict[str, bytes], meta: dict, views: int = 3) -> np.ndarray:
     """|found - projected| in stored pixels of each point in each view: where the disc drawn
     in the original view is found in the stored one, against where the stored camera and K
-    project the point (the stored world is camera 0's frame, scaled by camera_scale)."""
+    project the point (the stored world is camera 0's frame turned to CAMERA0, scaled by
+    camera_scale)."""
     c2w, k = arrays(files)
     original, _ = rig(views)
-    to_stored = np.linalg.inv(original[0])
+    to_stored = CAMERA0 @ np.linalg.inv(original[0])
     errors = []
     for v in range(views):
         stored = decode_rgb(files[f"img{v}.jpg"])
@@ -207,11 +208,11 @@ def test_sizes_missing_means_the_files_own_size(tmp_path):
     np.testing.assert_allclose(k_stored, k_ref, rtol=1e-6)
 
 
-def test_cameras_normalised_camera_zero_identity_at_distance(tmp_path):
+def test_cameras_normalised_camera_zero_at_camera0_at_distance(tmp_path):
     batch, needs = run_scene([scene_row(tmp_path, "s0", views=3)], SceneParams(size=64))
     files, meta = sample(batch, needs, 0)
     c2w, _ = arrays(files)
-    np.testing.assert_allclose(c2w[0], np.eye(4), atol=1e-6)
+    np.testing.assert_allclose(c2w[0], CAMERA0, atol=1e-6)
     # Orbit cameras all look at TARGET from DISTANCE: the axes meet there.
     assert meta["camera_scale"] == pytest.approx(1.7 / DISTANCE, rel=1e-6)
     c2w = c2w.astype(np.float64)
@@ -222,7 +223,7 @@ def test_cameras_normalised_camera_zero_identity_at_distance(tmp_path):
     np.testing.assert_allclose(meet, [0, 0, 1.7], atol=1e-5)  # straight ahead of camera 0
     # Relative rotations are those of the rig.
     original, _ = rig()
-    rel = np.linalg.inv(original[0]) @ original[2]
+    rel = CAMERA0 @ np.linalg.inv(original[0]) @ original[2]
     np.testing.assert_allclose(c2w[2][:3, :3], rel[:3, :3], atol=1e-6)
     for m in c2w:
         np.testing.assert_allclose(m[:3, :3].T @ m[:3, :3], np.eye(3), atol=1e-5)

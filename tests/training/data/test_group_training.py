@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen.cameras import cameras_to_plucker, resize_intrinsics
+from datagen.cameras import CAMERA0, cameras_to_plucker, resize_intrinsics
 from tests.helpers import REPO, depth_pose_shards as S
 
 SUBSETS = ("t2i", "depth", "multiview", "faceid")
@@ -91,7 +91,7 @@ def test_multiview_batches_alternate_images_and_ray_views(shards_dir):
 
 def test_ray_views_are_the_stored_cameras_at_the_bucket_grid(shards_dir):
     """At a 64 px bucket the 32 px views are doubled, so the intrinsics double and the ray
-    views are the cameras' rays on the 8 x 8 latent grid; view 0 is the identity camera."""
+    views are the cameras' rays on the 8 x 8 latent grid; view 0 is camera 0 (CAMERA0)."""
     stream = _stream(
         shards_dir, paths={"multiview": shards_dir}, buckets=[[64, 64]], multiview_max_views=3
     )
@@ -102,7 +102,7 @@ def test_ray_views_are_the_stored_cameras_at_the_bucket_grid(shards_dir):
     want = cameras_to_plucker(c2w, resize_intrinsics(K, 2.0, 2.0), (64, 64), (8, 8))
     got = batch["rays"][0].numpy()
     np.testing.assert_allclose(got, want, atol=2e-5)
-    np.testing.assert_allclose(c2w[0], np.eye(4), atol=1e-6)
+    np.testing.assert_allclose(c2w[0], CAMERA0, atol=1e-6)
     # camera 0 at the origin: the moments of its rays vanish
     assert np.abs(got[0, 3:6]).max() < 1e-5
 

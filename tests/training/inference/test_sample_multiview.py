@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from datagen.cameras import (
+    CAMERA0,
     cameras_to_plucker,
     intrinsics_from_focal,
     normalize_cameras,
@@ -123,7 +124,7 @@ def test_camera_pose_writes_cameras_nerfstudio_reads_back(mv_fit, scene, tmp_pat
     wrote = [ln.removeprefix("wrote ") for ln in stdout.splitlines() if ln.startswith("wrote ")]
     assert sorted(os.listdir(out)) == sorted(Path(p).name for p in wrote)
     assert sorted(os.listdir(out)) == ["camera_pose_grid.png", "metrics.json", "transforms.json"]
-    # The cameras, printed and written: V x 4 x 4, camera 0 the identity, all finite.
+    # The cameras, printed and written: V x 4 x 4, camera 0 CAMERA0, all finite.
     assert [ln.split(":")[0] for ln in stdout.splitlines() if ln.startswith("camera ")] == [
         "camera 0",
         "camera 1",
@@ -131,12 +132,12 @@ def test_camera_pose_writes_cameras_nerfstudio_reads_back(mv_fit, scene, tmp_pat
     ]
     got = read_transforms(out / "transforms.json")
     assert got.c2w.shape == (3, 4, 4) and np.isfinite(got.c2w).all() and np.isfinite(got.K).all()
-    np.testing.assert_allclose(got.c2w[0], np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(got.c2w[0], CAMERA0, atol=1e-12)
     assert got.frames == [FRAME] * 3
     assert got.file_paths == [str(p.resolve()) for p in scene["images"]]
     doc = json.loads((out / "transforms.json").read_text())
     gl = np.array([f["transform_matrix"] for f in doc["frames"]])
-    np.testing.assert_allclose(gl[0], np.diag([1.0, -1.0, -1.0, 1.0]))  # OpenGL identity
+    np.testing.assert_allclose(gl[0], np.diag([-1.0, 1.0, -1.0, 1.0]))  # CAMERA0, OpenGL axes
     np.testing.assert_allclose(opencv_to_opengl(got.c2w), gl)
     # Metrics: on stdout and in metrics.json, the three keys of pose_metrics.
     metrics = json.loads((out / "metrics.json").read_text())
@@ -223,7 +224,7 @@ def test_multiview_writes_views_and_the_cameras_used(mv_fit, scene, tmp_path, ca
         assert Image.open(out / name).size == (32, 32)
     got = read_transforms(out / "transforms.json")
     assert got.file_paths == names[1:4] and got.frames == [(32, 32)] * 3
-    np.testing.assert_allclose(got.c2w[0], np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(got.c2w[0], CAMERA0, atol=1e-12)
     angles = rotation_angle_deg(got.c2w[:1, :3, :3], got.c2w[:, :3, :3])
     assert abs(angles[1] - 30.0) < 1e-6 and angles[2] > 60.0
     np.testing.assert_allclose(got.K[:, 0, 0], DEFAULT_FOCAL * 32)
