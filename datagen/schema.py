@@ -107,6 +107,38 @@ def image_marker(index: int) -> str:
     return f"[[img{index}]]"
 
 
+# Prompt control syntax: task tokens and image markers (``[[depth2image]]``, ``[[img1]]``)
+# and colour tags (``<#FF0000 red mask: cat>``). In a caption (a VLM's answer, a user's
+# .txt, web alt text) they would teach the model a task token or a colour binding the
+# sample does not have.
+_CONTROL_TOKEN = re.compile(r"\[\[\s*([^\[\]]{0,64}?)\s*\]\]")
+_COLOUR_TAG = re.compile(r"<\s*#[0-9A-Fa-f]{3,8}\b([^<>]{0,200})>")
+_STRAY_BRACKETS = re.compile(r"\[\[|\]\]")
+
+
+def neutralise_controls(text: str) -> tuple[str, int]:
+    """``text`` with the prompt control syntax made plain words, and how many pieces were
+    changed: ``[[faceid]]`` -> ``faceid``, ``<#FF0000 red mask: cat>`` -> ``cat`` (the
+    label; the colour words when there is none), a stray ``[[`` / ``]]`` -> ``[`` / ``]``.
+    What a caption says stays; only the syntax the prompt builder owns goes."""
+    count = 0
+
+    def token(m: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        return m.group(1)
+
+    def tag(m: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        body = m.group(1)
+        return (body.split(":", 1)[1] if ":" in body else body).strip()
+
+    text = _COLOUR_TAG.sub(tag, _CONTROL_TOKEN.sub(token, text))
+    text, stray = _STRAY_BRACKETS.subn(lambda m: m.group(0)[0], text)
+    return re.sub(r"[ \t]{2,}", " ", text).strip() if count + stray else text, count + stray
+
+
 # The released model's named colour palette (its PROMPT_GUIDE), in its order. Each
 # entity of a sample gets a distinct colour drawn at random from it, deterministic
 # from key and seed (datagen.stages.segment_render.entity_colours), as the paper
@@ -203,7 +235,12 @@ COMMON_META_KEYS: tuple[str, ...] = ("key", "subset", "schema_version", "source"
 _IMAGE = Field("jpg", "the target RGB image (JPEG)")
 # With a caption stage, ``caption`` (and ``txt``) hold the VLM's caption and these say
 # where it came from; ``source_caption`` is the input's own caption, when it had one.
-CAPTION_META_KEYS: tuple[str, ...] = ("caption_model", "source_caption", "entity_names")
+CAPTION_META_KEYS: tuple[str, ...] = (
+    "caption_model",
+    "source_caption",
+    "entity_names",
+    "controls_removed",  # prompt control syntax taken out of the captions (neutralise_controls)
+)
 _JSON = Field("json", "metadata: COMMON_META_KEYS plus the subset's meta_keys")
 
 SUBSETS: dict[str, Subset] = {

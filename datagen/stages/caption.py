@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from datagen.params import ParamError
-from datagen.stages.entities import MAX_ENTITIES, clean_caption, parse_entities
+from datagen.stages.entities import MAX_ENTITIES, clean_caption, parse_entities, plain_captions
 from datagen.stages.models.common import ModelStage, check_weights_path, decode_stored
 from datagen.stages.protocol import Batch, Filtered, batch_len, failure_from
 
@@ -169,6 +169,7 @@ class CaptionStage(ModelStage):
         meta: dict[str, Any] = {"caption": caption, "caption_model": self.model.model_id}
         if isinstance(source, str) and source.strip():
             meta["source_caption"] = source
+        plain_captions(meta, "caption", "source_caption")
         if answer is not None:
             meta["entity_names"] = parse_entities(answer, self.params.max_entities)
-        return caption.encode("utf-8"), meta
+        return meta["caption"].encode("utf-8"), meta

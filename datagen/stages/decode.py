@@ -14,6 +14,7 @@ import numpy as np
 from common.pil_open import pil_open
 from datagen.images import check_min_side, decode_image, decode_rgb, encode_jpeg
 from datagen.io import BadInput, DecodeParams, read_bytes
+from datagen.stages.entities import plain_captions
 from datagen.stages.protocol import RowStage, is_view_list, parse_failure
 
 _D = DecodeParams()
@@ -129,19 +130,17 @@ class DecodeStage(RowStage):
             if not resized and _keep_original_jpeg(data, image)
             else encode_jpeg(image, self.params.jpeg_quality)
         )
-        caption = row.get("caption") or ""
-        return {
-            "image": image,
-            "jpg": jpg,
-            "txt": caption.encode("utf-8"),
-            "meta": {
-                "caption": caption,
+        meta = plain_captions(
+            {
+                "caption": row.get("caption") or "",
                 "width": int(image.shape[1]),
                 "height": int(image.shape[0]),
                 "source_width": int(full.shape[1]),
                 "source_height": int(full.shape[0]),
             },
-        }
+            "caption",
+        )
+        return {"image": image, "jpg": jpg, "txt": meta["caption"].encode("utf-8"), "meta": meta}
 
 
 def _image_from_jpg(jpg: Any) -> np.ndarray | None:

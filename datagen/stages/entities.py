@@ -12,6 +12,9 @@ row may end with no entity at all: the segment stage filters it.
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from datagen.schema import neutralise_controls
 
 MAX_ENTITIES = 10
 MAX_ENTITY_WORDS = 4
@@ -81,3 +84,22 @@ def clean_caption(text: str) -> str:
     if end >= len(text) // 2:
         return text[: end + 1]
     return text
+
+
+def plain_captions(meta: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``meta`` with the captions under ``keys`` (strings, or lists of them) stripped of
+    prompt control syntax (:func:`datagen.schema.neutralise_controls`); how many pieces
+    were changed is added as ``controls_removed`` when any was."""
+    removed = 0
+    for key in keys:
+        value = meta.get(key)
+        if isinstance(value, str):
+            meta[key], n = neutralise_controls(value)
+            removed += n
+        elif isinstance(value, list):
+            cleaned = [neutralise_controls(v) if isinstance(v, str) else (v, 0) for v in value]
+            meta[key] = [v for v, _ in cleaned]
+            removed += sum(n for _, n in cleaned)
+    if removed:
+        meta["controls_removed"] = meta.get("controls_removed", 0) + removed
+    return meta

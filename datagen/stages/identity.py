@@ -24,6 +24,7 @@ from datagen.images import encode_jpeg
 from datagen.io import BadInput
 from datagen.params import ParamError
 from datagen.stages.caption import require_group_views
+from datagen.stages.entities import plain_captions
 from datagen.stages.protocol import Filtered, RowStage, is_view_list, view_values
 
 
@@ -155,7 +156,7 @@ class IdentityStage(RowStage):
         models = _caption_models(row.get("caption_model"))
         if models:
             meta["caption_model"] = models
-        return {"img_jpg": jpgs, "meta": meta}
+        return {"img_jpg": jpgs, "meta": plain_captions(meta, "captions")}
 
 
 def _caption_models(value: Any) -> str:

@@ -38,6 +38,7 @@ from datagen.io import BadInput
 from datagen.params import ParamError
 from datagen.schema import SUBSETS
 from datagen.stages.caption import require_group_views
+from datagen.stages.entities import plain_captions
 from datagen.stages.protocol import Filtered, RowStage, view_values
 
 MIN_VIEWS = SUBSETS["multiview"].min_views
@@ -240,16 +241,22 @@ class SceneStage(RowStage):
         else:
             caption = group_caption if self.params.source_caption else ""
         frames = row.get("frames")
-        return {
-            **meta,
-            "scene": str(row.get("group") or ""),
-            "caption": caption,
-            "captions": [
-                c if isinstance(c, str) else "" for c in view_values(row.get("view_caption"), views)
-            ],
-            "num_views": views,
-            "width": side,
-            "height": side,
-            "frames": [int(f) for f in frames] if frames is not None else list(range(views)),
-            "camera_scale": float(scale),
-        }
+        return plain_captions(
+            {
+                **meta,
+                "scene": str(row.get("group") or ""),
+                "caption": caption,
+                "captions": [
+                    c if isinstance(c, str) else ""
+                    for c in view_values(row.get("view_caption"), views)
+                ],
+                "num_views": views,
+                "width": side,
+                "height": side,
+                "frames": [int(f) for f in frames] if frames is not None else list(range(views)),
+                "camera_scale": float(scale),
+            },
+            "caption",
+            "captions",
+            "source_caption",
+        )

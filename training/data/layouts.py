@@ -192,7 +192,7 @@ def build_multiview(
     fields = [f"img{i}.jpg" for i in range(num_views)]
     views = [load_view(files[f], f, bucket, frame) for f in fields]
     rays = bucket_rays(c2w, K, frame, bucket, cfg.latent_stride, cfg.latent_channels)
-    caption = "" if sample.drop_caption(cfg) else str(meta.get("caption") or "").strip()
+    caption = "" if sample.drop_caption(cfg) else T.plain_text(str(meta.get("caption") or ""))
     prompt = f"[[multiview]] {caption}".strip()
     return Built(sample.key, layout.name, views, prompt, layout.cond_mask, bucket, rays)
 

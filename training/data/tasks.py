@@ -31,6 +31,7 @@ from datagen.schema import (
     TASKS,
     color_tag,
     image_marker,
+    neutralise_controls,
 )
 
 # Task families for the default mixing budget (the paper's equal split): the subsets'
@@ -275,6 +276,11 @@ def colour_tags(entities: Sequence[Mapping[str, Any]] | None, kind: str) -> list
     return tags
 
 
+def plain_text(text: str) -> str:
+    """A caption without prompt control syntax (``datagen.schema.neutralise_controls``)."""
+    return neutralise_controls(text)[0]
+
+
 def build_prompt(
     task: TaskSpec,
     caption: str | Sequence[str],
@@ -285,6 +291,11 @@ def build_prompt(
     per view for multi-image tasks. Caption dropout empties the caption(s) but
     keeps the task token, the image markers and the colour tags (the tags say
     which colour means what, which both directions need)."""
+    # Shards made before datagen neutralised captions (or by other tools) may still carry
+    # control syntax in a caption: only the builder writes tokens, markers and tags.
+    caption = (
+        plain_text(caption) if isinstance(caption, str) else [plain_text(c) for c in caption]
+    )
     parts = [task.token]
     if task.token in TAG_KINDS:
         parts += colour_tags((meta or {}).get("entities"), TAG_KINDS[task.token])
