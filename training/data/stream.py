@@ -34,6 +34,7 @@ from training.data.index import (
     SubsetIndex,
     batch_rng,
     choose_subset,
+    schedule_point,
     plan_window,
     worker_batches,
 )
@@ -113,13 +114,15 @@ class OneGenStream(IterableDataset):
     # -- the pure per-batch functions --
 
     def plan_subset(self, k: int) -> str:
-        """The subset batch ``k`` comes from (the first draw of its generator)."""
-        return choose_subset(batch_rng(self.cfg.seed, self.rank, k), self.names, self.probs)
+        """The subset batch ``k`` comes from: its point on the low-discrepancy schedule."""
+        u = schedule_point(self.cfg.seed, self.rank, k)
+        return choose_subset(u, self.names, self.probs)
 
     def make_batch(self, k: int) -> dict[str, Any]:
         cfg = self.cfg
         rng = batch_rng(cfg.seed, self.rank, k)
-        subset = choose_subset(rng, self.names, self.probs)
+        rng.random()  # the draw that once chose the subset: the batch's other draws stay
+        subset = self.plan_subset(k)
         index = self.indexes[subset]
         bsz = cfg.batch_size
         bucket_u = rng.random()
