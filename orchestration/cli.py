@@ -239,8 +239,20 @@ def _task_name(text: str) -> str:
     return normalise_task(text)
 
 
+def version() -> str:
+    """The installed distribution's version (an editable install: pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("onegen")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onegen", description="One-Gen datagen and training")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     top = p.add_subparsers(dest="command", required=True)
     datagen = top.add_parser(
         "datagen", help="build One-Gen WebDataset shards with Ray"
