@@ -24,6 +24,15 @@ with OpenCV camera-to-world matrices and pixel intrinsics (``K`` of an image of 
   ``fx``, ``fy`` (default fx), ``cx``, ``cy`` (default the centre) in pixels, or a horizontal
   field of view ``fov`` (radians) / ``fov_deg`` with square pixels; ``width`` / ``height``
   (else read from the image header). Images without a json are ignored.
+* **Zero123 / allenai objaverse-rendering renders** (same ``format``, detected per folder: one
+  with ``NNN.npy`` files and no ``NNN.json``): views ``NNN.png`` (RGBA; decode composites
+  them on white, as Zero123's loader does) and ``NNN.npy``, the float 3x4 (or 4x4)
+  ``get_3x4_RT_matrix_from_blender`` wrote: world-to-camera in Blender's camera axes (OpenGL:
+  y up, looking down -z), inverted and flipped to OpenCV here. There is no intrinsics file:
+  fx = fy = ``focal_mm`` / ``sensor_mm`` * max(W, H) (Blender's AUTO sensor fit; Zero123
+  renders with lens 35 mm on a 32 mm sensor), the principal point at the centre, (W, H) read
+  once per folder from the first image's header. A png without its npy makes the folder
+  a ``BadSceneFile``; an npy without its png keeps the view with a ``MissingFile``.
 
 A scene file that cannot be read or parsed becomes a scene with an ``error``
 ``BadSceneFile: <path>: <reason>`` (one row downstream); NaN, non-rigid or singular cameras
@@ -44,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from datagen.cameras import nerfstudio_camera, pytorch3d_to_opencv
+from datagen.cameras import json_pose, nerfstudio_camera, pytorch3d_to_opencv
 from datagen.sources.base import SourceError
 from datagen.sources.scenes.files import (
     Scene,
@@ -74,6 +83,9 @@ VIEW_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MAX_SCENE_FILE_BYTES = 64 << 20  # one transforms.json (DL3DV: ~300 frames, ~200 KB)
 MAX_VIEW_FILE_BYTES = 1 << 20  # one Objaverse-style per-view json
 MAX_ANNOTATION_BYTES = 1 << 30  # CO3D frame_annotations.jgz, compressed and unpacked
+MAX_POSE_FILE_BYTES = 4096  # one Zero123 NNN.npy: a 128-byte header + 16 float64
+ZERO123_FOCAL_MM = 35.0  # the Blender lens of Zero123's / objaverse-rendering's script
+ZERO123_SENSOR_MM = 32.0  # ... and its sensor width (Blender's default)
 _FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenGL <-> OpenCV camera axes
 
 
@@ -396,8 +408,151 @@ def read_objaverse(store: Store, folder: str, files: Sequence[str]) -> Scene:
     return scene
 
 
-def objaverse_scenes(path: str) -> list[Scene]:
-    """Every object folder (one holding ``NNN.json`` view files) under ``path``."""
+# --------------------------------------------------------------------------- Zero123 renders
+
+_VIEW_NPY = re.compile(r"^(\d+)\.npy$", re.ASCII)
+_VIEW_IMAGE = re.compile(r"^(\d+)(\.png|\.jpg|\.jpeg|\.webp)$", re.ASCII)
+_NPY_SHAPES = ((3, 4), (4, 4))
+
+
+def _stem_order(stem: str) -> tuple[int, str]:
+    return int(stem), stem
+
+
+def _npy_matrix(data: bytes, uri: str) -> np.ndarray:
+    """The float64 3x4 / 4x4 of a ``.npy`` file's bytes. The header is checked before any
+    data is read: numpy would allocate whatever shape a hostile header claims, and would
+    unpickle an object array."""
+    fh = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise SceneProblem(f"BadSceneFile: {uri}: not a .npy array ({reason})") from None
+    if dtype.hasobject:
+        raise SceneProblem(f"BadSceneFile: {uri}: an object array (pickled data is not read)")
+    if dtype.kind not in "fiu":
+        raise SceneProblem(f"BadSceneFile: {uri}: dtype {dtype} is not a real number type")
+    if tuple(shape) not in _NPY_SHAPES:
+        raise SceneProblem(
+            f"BadSceneFile: {uri}: expected a 3x4 or 4x4 world-to-camera, got shape {tuple(shape)}"
+        )
+    count = int(np.prod(shape))
+    raw = data[fh.tell() :]
+    if len(raw) < count * dtype.itemsize:
+        raise SceneProblem(f"BadSceneFile: {uri}: truncated ({len(raw)} data bytes)")
+    values = np.frombuffer(raw, dtype=dtype, count=count)
+    return values.reshape(shape, order="F" if fortran else "C").astype(np.float64)
+
+
+def _zero123_camera(store: Store, path: str) -> np.ndarray:
+    """The OpenCV camera-to-world of one ``NNN.npy`` Blender world-to-camera [R | t]."""
+    uri = printable(store.uri(path))
+    w2c = camera_checked(
+        json_pose, _npy_matrix(read_file(store, path, MAX_POSE_FILE_BYTES), uri), uri
+    )
+    rot, t = w2c[:3, :3], w2c[:3, 3]
+    c2w = np.eye(4)
+    c2w[:3, :3], c2w[:3, 3] = rot.T, -rot.T @ t  # what Zero123's loader computes
+    return c2w @ _FLIP_YZ  # Blender camera axes are OpenGL's
+
+
+def _zero123_frames(
+    store: Store, folder: str, files: Sequence[str], focal_mm: float, sensor_mm: float
+) -> list[SceneFrame]:
+    where = printable(store.uri(folder))
+    poses = sorted((m.group(1) for f in files if (m := _VIEW_NPY.match(f))), key=_stem_order)
+    images: dict[str, str] = {}
+    for ext in VIEW_IMAGE_EXTENSIONS:  # NNN.png before NNN.jpg ...
+        for f in files:
+            if (m := _VIEW_IMAGE.match(f)) and m.group(2) == ext:
+                images.setdefault(m.group(1), f)
+    orphans = sorted(set(images) - set(poses), key=_stem_order)
+    if orphans:
+        more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
+        raise SceneProblem(
+            f"BadSceneFile: {where}: {printable(images[orphans[0]])} has no "
+            f"{printable(orphans[0])}.npy camera{more}"
+        )
+    first = next((images[s] for s in poses if s in images), None)
+    if first is None:
+        raise SceneProblem(f"BadSceneFile: {where}: NNN.npy cameras but no NNN.png image")
+    size = image_size(store.uri(posixpath.join(folder, first)))
+    if size is None:
+        raise SceneProblem(
+            f"BadSceneFile: {where}: the size of {printable(first)} cannot be read from its image"
+        )
+    w, h = size
+    fx = focal_mm / sensor_mm * max(w, h)  # Blender's AUTO fit: the sensor spans the larger side
+    K = pinhole(fx, fx, w / 2.0, h / 2.0, where)
+    out = []
+    for stem in poses:
+        image = images.get(stem, f"{stem}.png")
+        path = posixpath.join(folder, image)
+        out.append(
+            SceneFrame(
+                uri=printable(store.uri(path)),
+                c2w=_zero123_camera(store, posixpath.join(folder, f"{stem}.npy")),
+                K=K.copy(),
+                size=size,
+                error=view_error(store, path, image, folder),
+            )
+        )
+    return out
+
+
+def read_zero123(
+    store: Store,
+    folder: str,
+    files: Sequence[str],
+    focal_mm: float = ZERO123_FOCAL_MM,
+    sensor_mm: float = ZERO123_SENSOR_MM,
+) -> Scene:
+    """The views of one Zero123 / objaverse-rendering folder, in view-number order."""
+    scene = Scene(
+        name=printable(store.relative(folder)),
+        source=printable(store.uri(folder)),
+        source_id=store.source_id(folder),
+    )
+    try:
+        scene.frames = _zero123_frames(store, folder, files, focal_mm, sensor_mm)
+    except SceneProblem as exc:
+        scene.frames, scene.error = [], str(exc)
+    return scene
+
+
+def objaverse_scenes(
+    path: str, focal_mm: float = ZERO123_FOCAL_MM, sensor_mm: float = ZERO123_SENSOR_MM
+) -> list[Scene]:
+    """Every object folder under ``path``: one holding ``NNN.json`` view files, else one
+    holding ``NNN.npy`` Zero123 cameras (``focal_mm`` / ``sensor_mm``: their lens)."""
     store = open_store(path)
-    found = store.walk(lambda folder, files: any(_VIEW_JSON.match(f) for f in files))
-    return [read_objaverse(store, folder, files) for folder, files in found]
+    found = store.walk(
+        lambda folder, files: any(_VIEW_JSON.match(f) or _VIEW_NPY.match(f) for f in files)
+    )
+    return [
+        read_objaverse(store, folder, files)
+        if any(_VIEW_JSON.match(f) for f in files)
+        else read_zero123(store, folder, files, focal_mm, sensor_mm)
+        for folder, files in found
+    ]
+
+
+# What each format's reader looks for under a source path: the error of a source without scenes.
+LOOKED_FOR = {
+    "nerfstudio": "transforms.json in it or in any folder below (nerfstudio / DL3DV)",
+    "co3d": (
+        "<category>/frame_annotations.jgz (or frame_annotations.jgz in it) holding at least "
+        "one sequence (CO3D v2)"
+    ),
+    "objaverse": (
+        "object folders of NNN.json + NNN.png views, or of NNN.png + NNN.npy Blender "
+        "world-to-camera renders (Zero123 / objaverse-rendering)"
+    ),
+}

@@ -1,9 +1,12 @@
 """Scene sources: multi-view captures -> group rows (datagen.sources.groups), cameras in OpenCV.
 
 A ``scenes`` source names a folder of scenes in one format (nerfstudio / DL3DV, CO3D v2 or
-Objaverse-style renders, read by :mod:`datagen.sources.scenes.formats` on the safe file helpers of
+Objaverse-style renders: per-view json, or Zero123's NNN.png + NNN.npy, read by
+:mod:`datagen.sources.scenes.formats` on the safe file helpers of
 :mod:`datagen.sources.scenes.files`); a ``procedural_scenes`` source renders nerfstudio scenes first.
-A scene that cannot be used becomes ONE row with its ``group_error``.
+A scene that cannot be used becomes ONE row with its ``group_error``; a source folder holding no
+scene at all is a :class:`SourceError` naming what was looked for (a wrong ``format`` or path
+must not pass as an empty dataset).
 
 Each scene gives ``samples_per_scene`` samples (rows), its views chosen by
 :func:`sample_frames`, a pure function of (scene, sample index, seed). Paths may be local or
@@ -13,6 +16,7 @@ fsspec URLs.
 from __future__ import annotations
 
 import hashlib
+import math
 import posixpath
 import re
 from dataclasses import dataclass
@@ -25,9 +29,12 @@ import pyarrow as pa
 from datagen.params import ParamError
 from datagen.sources.base import Source, SourceError
 from datagen.sources.groups import group_rng, group_row, group_table
-from datagen.sources.scenes.files import Scene, SceneFrame, Store
+from datagen.sources.scenes.files import Scene, SceneFrame, Store, printable
 from datagen.sources.scenes.formats import (
     IMAGE_FOLDERS,
+    LOOKED_FOR,
+    ZERO123_FOCAL_MM,
+    ZERO123_SENSOR_MM,
     co3d_scenes,
     nerfstudio_scenes,
     objaverse_scenes,
@@ -41,7 +48,9 @@ MAX_NAME_CHARS = 150  # of the readable part of a key
 @dataclass(frozen=True)
 class ScenesParams:
     """A folder of scenes in one format; every scene gives ``samples_per_scene`` samples of
-    ``views`` (min, max) views, consecutive views ``stride`` frames apart."""
+    ``views`` (min, max) views, consecutive views ``stride`` frames apart. ``focal_mm`` /
+    ``sensor_mm``: the Blender lens of ``objaverse`` folders in the Zero123 layout (NNN.npy
+    cameras carry no intrinsics; Zero123 renders at 35 mm on a 32 mm sensor)."""
 
     kind: Literal["scenes"]
     path: str
@@ -50,10 +59,16 @@ class ScenesParams:
     views: tuple[int, int] = (2, 12)
     samples_per_scene: int = 1
     stride: int = 1
+    focal_mm: float = ZERO123_FOCAL_MM
+    sensor_mm: float = ZERO123_SENSOR_MM
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ParamError("path: must name a folder of scenes")
+        for key in ("focal_mm", "sensor_mm"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ParamError(f"{key}: must be a positive number of millimetres, got {value}")
         if self.images not in IMAGE_FOLDERS:
             raise ParamError(
                 f"images: must be one of {', '.join(IMAGE_FOLDERS)}, got {self.images!r}"
@@ -190,10 +205,17 @@ def load_scenes(source: ScenesParams | ProceduralScenesParams, work_dir: str) ->
             for f in folders
         ]
     if source.format == "co3d":
-        return co3d_scenes(source.path)
-    if source.format == "objaverse":
-        return objaverse_scenes(source.path)
-    return nerfstudio_scenes(source.path, source.images)
+        scenes = co3d_scenes(source.path)
+    elif source.format == "objaverse":
+        scenes = objaverse_scenes(source.path, source.focal_mm, source.sensor_mm)
+    else:
+        scenes = nerfstudio_scenes(source.path, source.images)
+    if not scenes:
+        raise SourceError(
+            f"no scene under {printable(source.path)} (format {source.format}): looked for "
+            f"{LOOKED_FOR[source.format]}; source.format picks {', '.join(LOOKED_FOR)}"
+        )
+    return scenes
 
 
 def scene_table(
