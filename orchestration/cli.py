@@ -34,14 +34,20 @@ def _os_error(exc: OSError, where: str) -> str:
 
 
 def _datagen_run(args: argparse.Namespace) -> int:
+    """Exit code 2: a DAG that does not validate (nothing started, nothing written);
+    1: a run that failed."""
     from orchestration.datagen_job import DatagenError, run, subset_summary
+    from pipelines.dag import DagError
 
     where = str(args.output or args.pipeline)
     try:
         cfg = _load_dag(args, args.address)
         where = str(cfg.output)
         result = run(cfg)
-    except (DatagenError, ValueError) as exc:  # DagError, SourceError, ShardFileError
+    except DagError as exc:  # raised by validation, before Ray or the output
+        print(f"onegen datagen run: error: {exc}", file=sys.stderr)
+        return 2
+    except (DatagenError, ValueError) as exc:  # SourceError, ShardFileError
         print(f"onegen datagen run: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # unwritable output, full disk, missing file: the user's to fix
@@ -68,12 +74,16 @@ def _datagen_submit(args: argparse.Namespace) -> int:
     from ray.exceptions import RayError
 
     from orchestration.submit import follow, submit
+    from pipelines.dag import DagError
 
     try:
         cfg = _load_dag(args, local=False)
         job_id, job_cfg = submit(
             cfg, args.address, submission_id=args.submission_id, python=args.python
         )
+    except DagError as exc:  # as for run: a usage error, nothing submitted
+        print(f"onegen datagen submit: error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError, RayError) as exc:
         print(f"onegen datagen submit: error: {exc}", file=sys.stderr)
         return 1

@@ -299,12 +299,9 @@ def check_gpus(cfg: dag.Dag, resources: dict[str, Any]) -> None:
     the actor without a word): a one-line error instead."""
     if resources.get("GPU", 0):
         return
-    for s in cfg.stages:
-        if s.num_gpus:
-            raise DatagenError(
-                f"stages.{s.name}.resources.num_gpus is {s.num_gpus:g} but the Ray cluster has "
-                f"no GPU; pass stages.{s.name}.resources.num_gpus=0 to run it on CPUs"
-            )
+    msg = dag.gpu_less_error(cfg)
+    if msg:
+        raise DatagenError(msg)
 
 
 # Errors of the machine, not of the code: a stage hitting one fails the run with a

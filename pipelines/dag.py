@@ -35,7 +35,7 @@ from datagen.sources import base as source_base
 from datagen.sources.base import Source
 from datagen.sources.groups import GROUP_COLUMNS
 from datagen.stages import LABELERS, labeler
-from datagen.stages.models.common import RANDOM_TINY, weight_params
+from datagen.stages.models.common import RANDOM_TINY, CheckpointError, ModelStage, weight_params
 from datagen.stages.protocol import SOURCE_COLUMNS, Stage, column_for
 
 
@@ -108,6 +108,9 @@ class DagSection:
     seed: int = 0
     # random-tiny: every model stage on its tiny random model (mechanics only, labels meaningless)
     weights: Literal["random-tiny"] | None = None
+    # 0: every stage on CPU, whatever its resources.num_gpus says (a machine without a GPU);
+    # null: each stage's own resources.num_gpus
+    num_gpus: Literal[0] | None = None
     max_error_rate: float = 0.05
     allow_empty: bool = False  # a source listing no inputs is an error unless true
     allow_recipe_change: bool = False  # resume an output made by another recipe
@@ -289,6 +292,8 @@ def _stage_specs(cfg: DictConfig, plain: dict[str, Any]) -> list[StageSpec]:
             raw_params.update({k: RANDOM_TINY for k in weight_params(cls.Params)})
         params = _check(P.build, cls.Params, raw_params, f"{where}.params")
         res = section.resources
+        if plain["num_gpus"] is not None:
+            res = dataclasses.replace(res, num_gpus=float(plain["num_gpus"]))
         if res.num_cpus < 0 or res.num_gpus < 0:
             raise DagError(f"{where}.resources: num_cpus and num_gpus must be >= 0")
         if res.batch_size is not None and res.batch_size < 1:
@@ -419,8 +424,11 @@ def _subset_needs(ordered: list[StageSpec], subset: str) -> tuple[str, ...]:
 
 
 def _check_weights(ray: RaySection, specs: list[StageSpec]) -> None:
-    """A local run loads weights from this machine: a missing path fails now, naming the
-    key (on a cluster the workers' paths are checked where they load)."""
+    """A local run loads weights from this machine: each path is read now as its stage's
+    wrapper will load it (layout, config, safetensors headers, pickle scans; no tensor
+    loaded), so a missing or broken checkpoint is one line naming the key before Ray
+    starts or the output is touched (on a cluster the workers' paths are checked where
+    they load)."""
     if ray.address:
         return
     for s in specs:
@@ -431,6 +439,25 @@ def _check_weights(ray: RaySection, specs: list[StageSpec]) -> None:
                     f"stages.{s.name}.params.{key}: {value!r} does not exist (weights load "
                     f"offline from a local path); weights={RANDOM_TINY} runs tiny random models"
                 )
+        if issubclass(s.cls, ModelStage):
+            try:
+                s.cls.check_weights(s.params)
+            except CheckpointError as exc:
+                raise DagError(f"stages.{s.name}.params.{exc}") from None
+
+
+def gpu_less_error(dag: Dag) -> str | None:
+    """The one line for running ``dag`` on a Ray cluster without GPUs (Ray would queue a
+    GPU stage's actors forever, without a word), naming the stage and the override that
+    puts every stage on CPU; None when no stage asks for a GPU."""
+    for s in dag.stages:
+        if s.num_gpus:
+            return (
+                f"stages.{s.name}.resources.num_gpus is {s.num_gpus:g} but the Ray cluster has "
+                f"no GPU; pass num_gpus=0 to run every stage on CPU (or "
+                f"stages.{s.name}.resources.num_gpus=0 for this one)"
+            )
+    return None
 
 
 def _check_source_fits(kind: str, subset: str) -> None:

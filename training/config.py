@@ -239,6 +239,8 @@ def config_from_args(args: argparse.Namespace, prog: str) -> DictConfig | int:
     0 after ``--print-config``. Light (no torch, no Lightning): a bad key costs no imports."""
     try:
         cfg = load_config(args.config, list(args.overrides))
+        if not args.print_config:
+            check_encoder_weights(cfg)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -323,6 +325,48 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"data.synthetic.tasks: unknown task {unknown[0]!r}")
     if cfg.data.kind == "onegen":
         DataConfig.from_any(cfg.data)
+
+
+def check_encoder_weights(cfg: DictConfig) -> None:
+    """``encoders.kind=pretrained``: the VAE and T5 folders read as their loaders will
+    (layout, ``config.json`` naming the model, every weights file's header or pickle scan;
+    no tensor loaded), so a broken folder is a one-line ``ConfigError`` naming the key
+    before anything is built. Run where the fit runs (``onegen train fit``), not by
+    :func:`load_config`: a config is also read where its weights are not."""
+    enc = cfg.encoders
+    if enc.kind != "pretrained":
+        return
+    from common.safe_pt import first_line
+    from datagen.stages.models.weights_check import READ_ERRORS, PretrainedFolder
+    from model.encoders import local_folder  # the loaders' flat-or-pipeline-root rule
+
+    folders = {
+        "vae_path": (
+            "vae",
+            PretrainedFolder(
+                "vae",
+                "AutoencoderKL",
+                ("AutoencoderKL",),
+                config_key="_class_name",
+                stem="diffusion_pytorch_model",
+                pickled_ok=True,
+            ),
+        ),
+        "text_path": (
+            "text_encoder",
+            PretrainedFolder("text encoder", "T5EncoderModel", ("t5",), pickled_ok=True),
+        ),
+    }
+    for key, (subfolder, check_folder) in folders.items():
+        path = enc.get(key)
+        if not path:
+            raise ConfigError(f"encoders.{key}: encoders.kind=pretrained needs a local folder")
+        try:
+            check_folder(local_folder(str(path), subfolder, "config.json"))
+            if key == "text_path":
+                local_folder(str(path), "tokenizer", "tokenizer_config.json")
+        except READ_ERRORS as exc:
+            raise ConfigError(f"encoders.{key}: {first_line(exc)}") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

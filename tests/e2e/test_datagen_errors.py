@@ -118,6 +118,51 @@ def test_missing_input_folder_as_a_subprocess(tmp_path):
     _one_error_line(proc.stderr, str(missing))
 
 
+def test_lying_weights_fail_before_ray_as_a_subprocess(tmp_path):
+    """A header-lying safetensors file as ``stages.depth.params.weights``: one line naming
+    the key and the file, exit 2, fast, no Ray started and no output folder made."""
+    import struct
+    import time
+
+    from datagen.stages.models.tiny.depth import save_tiny
+
+    weights = save_tiny(tmp_path / "depth")
+    st = weights / "model.safetensors"
+    size = st.stat().st_size
+    st.write_bytes(struct.pack("<Q", size) + st.read_bytes()[8:])
+    out = tmp_path / "out"
+    args = [
+        "datagen",
+        "run",
+        str(REPO / "pipelines" / "depth.yaml"),
+        "--output",
+        str(out),
+        f"source.cache_dir={tmp_path / 'inputs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"stages.depth.params.weights={weights}",
+    ]
+    ray_tmp = tmp_path / "ray"  # where a started Ray would make its session folder
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "RAY_TMPDIR": str(ray_tmp),
+    }
+    started = time.monotonic()
+    proc = subprocess.run(
+        [ONEGEN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"onegen datagen run: error: stages.depth.params.weights: {st}: safetensors header "
+        f"length {size} runs past the end of the file ({size} bytes)"
+    ]
+    assert proc.stdout == "" and "Ray" not in proc.stderr and not ray_tmp.exists()
+    assert not out.exists() and not (tmp_path / "inputs").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def _mount_tmpfs(where: Path, size: str) -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False

@@ -291,3 +291,66 @@ def test_the_dag_is_typed_once():
         d.seed = 3  # type: ignore[misc]
     with pytest.raises(ReadonlyConfigError):
         d.config.seed = 3
+
+
+ONEGEN = REPO / "pipelines" / "onegen.yaml"
+DEPTH = REPO / "pipelines" / "depth.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_folder(tmp_path_factory) -> Path:
+    from datagen.stages.models.tiny.depth import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("weights") / "depth")
+
+
+def test_weights_are_read_before_anything_runs(tiny_depth_folder, tmp_path):
+    """A lying safetensors header fails validation in one line naming the stage, the key,
+    the file and what is wrong; a submitted DAG (``local_weights=False``) or one run on a
+    cluster (``ray.address``) leaves the paths to the workers."""
+    import shutil
+    import struct
+
+    good = [f"stages.depth.params.weights={tiny_depth_folder}"]
+    assert dag.load(DEPTH, good).stages[-1].params.weights == str(tiny_depth_folder)
+    bad = Path(shutil.copytree(tiny_depth_folder, tmp_path / "depth"))
+    st = bad / "model.safetensors"
+    size = st.stat().st_size
+    st.write_bytes(struct.pack("<Q", size) + st.read_bytes()[8:])
+    overrides = [f"stages.depth.params.weights={bad}"]
+    with pytest.raises(dag.DagError) as err:
+        dag.load(DEPTH, overrides)
+    assert str(err.value) == (
+        f"stages.depth.params.weights: {st}: safetensors header length {size} runs past the "
+        f"end of the file ({size} bytes)"
+    )
+    dag.load(DEPTH, overrides, local_weights=False)
+    dag.load(DEPTH, [*overrides, "ray.address=auto"])
+
+
+def test_num_gpus_0_puts_every_stage_on_cpu():
+    cfg = dag.load(ONEGEN, ["num_gpus=0", *TINY])
+    assert len(cfg.stages) == 6 and {s.num_gpus for s in cfg.stages} == {0.0}
+    assert {st.resources.num_gpus for st in cfg.config.stages} == {0.0}  # the resolved DAG
+    assert cfg.config.num_gpus == 0
+    default = dag.load(ONEGEN, TINY)
+    assert {s.name: s.num_gpus for s in default.stages}["caption"] == 1.0
+    assert default.config.num_gpus is None
+    assert dag.gpu_less_error(cfg) is None
+    semantic = dag.load(REPO / "pipelines" / "semantic.yaml", ["num_gpus=0", *TINY])
+    assert {s.num_gpus for s in semantic.stages} == {0.0}
+
+
+def test_the_gpu_less_error_names_the_override():
+    line = dag.gpu_less_error(dag.load(ONEGEN, TINY))
+    assert line == (
+        "stages.caption.resources.num_gpus is 1 but the Ray cluster has no GPU; pass "
+        "num_gpus=0 to run every stage on CPU (or stages.caption.resources.num_gpus=0 for "
+        "this one)"
+    )
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "abc", "true", "[0]"])
+def test_num_gpus_takes_only_0_or_null(value):
+    with pytest.raises(dag.DagError, match=r"^num_gpus: expected 0 \| null, got "):
+        dag.load(ONEGEN, [f"num_gpus={value}", *TINY])

@@ -205,3 +205,63 @@ def test_text_missing_path_is_a_clear_error(tmp_path, no_network):
     (tmp_path / "only_model" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         FrozenTextEncoder.from_pretrained(tmp_path / "only_model")
+
+
+# --- the pretrained folders, checked before a fit builds anything ----------------------
+
+
+def _pretrained(tmp_path, vae, text_encoder) -> list[str]:
+    """Overrides of a fit on the tiny VAE and T5 saved as real folders: a pipeline root
+    (``vae/``) and a flat text encoder folder."""
+    vae.save_pretrained(tmp_path / "root" / "vae")
+    text_encoder.save_pretrained(tmp_path / "t5")
+    return [
+        "encoders.kind=pretrained",
+        f"encoders.vae_path={tmp_path / 'root'}",
+        f"encoders.text_path={tmp_path / 't5'}",
+    ]
+
+
+def _fit_args(overrides: list[str]):
+    import argparse
+
+    return argparse.Namespace(config=None, overrides=overrides, print_config=False)
+
+
+def test_pretrained_encoder_folders_are_checked_when_a_fit_starts(
+    vae, text_encoder, tmp_path, capsys
+):
+    import json
+    import struct
+
+    from training.config import ConfigError, check_encoder_weights, config_from_args, load_config
+
+    overrides = _pretrained(tmp_path, vae, text_encoder)
+    check_encoder_weights(load_config(None, overrides))  # genuine folders pass
+
+    st = tmp_path / "root" / "vae" / "diffusion_pytorch_model.safetensors"
+    size = st.stat().st_size
+    st.write_bytes(struct.pack("<Q", size) + st.read_bytes()[8:])
+    capsys.readouterr()  # the saves' progress bars
+    assert config_from_args(_fit_args(overrides), "onegen train fit") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"onegen train fit: error: encoders.vae_path: {st}: safetensors header length {size} "
+        f"runs past the end of the file ({size} bytes)"
+    ]
+    printed = _fit_args(overrides)
+    printed.print_config = True  # printing a config reads no weights
+    assert config_from_args(printed, "onegen train fit") == 0
+    capsys.readouterr()
+
+    vae.save_pretrained(tmp_path / "root" / "vae")
+    config = tmp_path / "t5" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "bert"}))
+    with pytest.raises(ConfigError) as err:
+        check_encoder_weights(load_config(None, overrides))
+    assert str(err.value).startswith(f"encoders.text_path: {config}: model_type is 'bert'")
+    assert "T5EncoderModel, which needs model_type 't5'" in str(err.value)
+    config.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"^encoders\.text_path: .*config\.json: not JSON"):
+        check_encoder_weights(load_config(None, overrides))
+    with pytest.raises(ConfigError, match=r"^encoders\.vae_path: .*needs a local folder"):
+        check_encoder_weights(load_config(None, ["encoders.kind=pretrained"]))

@@ -5,17 +5,29 @@ dtype it runs in, how many CPU threads it may use, and sub-batched inference.
 ``random-tiny``: a tiny model built from a config with random weights, so the
 mechanics (shapes, batching, rendering, the pipeline) run anywhere while the
 labels mean nothing. The DAG-level ``weights=random-tiny`` switch sets every
-``weights`` / ``*_weights`` parameter of a DAG's model stages to it.
+``weights`` / ``*_weights`` parameter of a DAG's model stages to it. Before Ray
+starts, the driver reads every local weights path as its wrapper will load it, no
+tensor loaded (:meth:`ModelStage.check_weights`, the formats in ``weights_check``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from common.safe_pt import first_line
 from datagen.images import decode_rgb
+from datagen.stages.models.weights_check import (  # stdlib only: training uses them too
+    PROCESSOR_FILES,
+    READ_ERRORS,
+    CheckpointError,
+    PretrainedFolder,
+    check_pretrained_folder,  # noqa: F401 - the wrappers' load check, imported from here
+    check_state_dict_file,
+    check_ultralytics_pt,
+)
 from datagen.stages.protocol import ERROR, Failure, Stage
 
 RANDOM_TINY = "random-tiny"
@@ -86,40 +98,6 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + max(1, size)]
 
 
-class CheckpointError(ValueError):
-    """A weights file or folder that cannot be loaded safely or does not fit the model."""
-
-
-SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # hub / transformers 5
-
-
-def check_pretrained_folder(path: Path, what: str, *any_of: Sequence[str]) -> None:
-    """A ``save_pretrained`` folder this project loads: ``config.json``, safetensors weights
-    and, for each of ``any_of``, one of its files (processor, tokenizer). One line naming
-    the path and what is missing; ``.bin`` weights are refused by name (pickle runs code)."""
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{what} weights {str(path)!r}: not a folder (save_pretrained format)"
-        )
-    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
-        pickled = sorted(p.name for p in path.glob("*.bin"))
-        if pickled:
-            raise CheckpointError(
-                f"{what} weights {str(path)!r} have only {pickled}: .bin is pickle, not loaded; "
-                "convert the weights to safetensors"
-            )
-    missing = [f for f in ("config.json",) if not (path / f).is_file()]
-    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
-        missing.append(SAFETENSORS_FILES[0])
-    missing += [group[0] for group in any_of if not any((path / f).is_file() for f in group)]
-    if missing:
-        raise FileNotFoundError(
-            f"{what} weights {str(path)!r} lack {missing}: a save_pretrained folder with "
-            "safetensors weights and its processor files is needed"
-        )
-
-
 def decode_stored(jpgs: Sequence[Any], stage: str) -> tuple[dict[int, Any], dict[int, Failure]]:
     """The RGB image of each row's stored ``jpg`` (labels are made from the exact pixels
     training reads, not from the decode stage's in-memory image), and a typed failure
@@ -137,7 +115,59 @@ def decode_stored(jpgs: Sequence[Any], stage: str) -> tuple[dict[int, Any], dict
     return images, failures
 
 
+# How each model stage's wrapper reads each weights parameter: the one table the driver's
+# check (:meth:`ModelStage.check_weights`) follows. Tokenizer groups as the wrappers
+# require them (``TOKENIZER_FILES`` of models/caption.py and models/grounding.py).
+WEIGHTS_FORMATS: dict[str, dict[str, Callable[[str], None]]] = {
+    "caption": {
+        "weights": PretrainedFolder(
+            "caption",
+            "AutoModelForImageTextToText",
+            any_of=((*PROCESSOR_FILES, "tokenizer.json", "tokenizer_config.json"),),
+        )
+    },
+    "depth": {
+        "weights": PretrainedFolder(
+            "depth",
+            "DepthAnythingForDepthEstimation",
+            ("depth_anything",),
+            any_of=(PROCESSOR_FILES,),
+        )
+    },
+    "pose": {
+        "detector_weights": check_ultralytics_pt,
+        "weights": PretrainedFolder("pose", "VitPoseForPoseEstimation", ("vitpose",)),
+    },
+    "segment": {
+        "detector_weights": PretrainedFolder(
+            "grounding",
+            "GroundingDinoForObjectDetection",
+            ("grounding-dino",),
+            any_of=(PROCESSOR_FILES, ("tokenizer.json", "vocab.txt")),
+        ),
+        "weights": check_state_dict_file,
+    },
+    "face": {"weights": check_ultralytics_pt},
+}
+
+
 class ModelStage(Stage):
     """Base of labelers with a model: run in an actor pool, model loaded in ``setup()``."""
 
     uses_model: ClassVar[bool] = True
+
+    @classmethod
+    def check_weights(cls, params: Any) -> None:
+        """Every weights path of ``params`` read as this stage's wrapper will load it, no
+        tensor loaded (:data:`WEIGHTS_FORMATS`), so a broken checkpoint fails on the driver
+        before Ray starts. A :class:`CheckpointError` ``"<key>: <file>: <what is wrong>"``;
+        ``random-tiny`` has nothing to read."""
+        formats = WEIGHTS_FORMATS.get(cls.name, {})
+        for key in weight_params(type(params)):
+            value = getattr(params, key)
+            if value == RANDOM_TINY or key not in formats:
+                continue
+            try:
+                formats[key](value)
+            except READ_ERRORS as exc:
+                raise CheckpointError(f"{key}: {first_line(exc)}") from None

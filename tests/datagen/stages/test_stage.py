@@ -332,7 +332,7 @@ def test_unknown_stage_parameter_fails_before_anything_is_written(tmp_path, caps
         ]
     )
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert (
         "stages.degrade.params.canny_hi: unknown key 'canny_hi'; did you mean 'canny_high'?" in err
     )
