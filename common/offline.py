@@ -1,4 +1,4 @@
-"""The one table of variables that keep every process offline and free of telemetry.
+"""The one table of variables that keep every process offline, free of telemetry and quiet.
 
 Set before transformers, ultralytics, Ray or MLflow are imported (they read some of them at
 import), with ``setdefault`` so a user's explicit value wins. Local Ray workers inherit them;
@@ -23,6 +23,7 @@ OFFLINE_ENV: dict[str, str] = {
     "USE_HUB_KERNELS": "0",  # Grounding DINO's deformable attention would fetch hub kernels
     "YOLO_OFFLINE": "1",  # ultralytics probes DNS at import without it
     "YOLO_AUTOINSTALL": "False",
+    "YOLO_VERBOSE": "False",  # its settings banner and per-image lines in every actor's log
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",

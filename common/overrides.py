@@ -7,6 +7,7 @@ with :func:`flat_params` without importing Lightning or torch.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -83,3 +84,21 @@ def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:
 
     walk("", cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True))
     return out
+
+
+def parse_args_with_overrides(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> argparse.Namespace:
+    """``parser``'s arguments with dotted overrides anywhere on the line, before or after
+    options (argparse alone stops collecting a ``nargs="*"`` positional at the first
+    option: ``a=1 --verbose b=2`` would refuse ``b=2``). Anything else unknown is argparse's
+    usual error; overrides given to a command that takes none likewise."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"this command takes no overrides: {' '.join(extra)}")
+    return args

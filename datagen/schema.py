@@ -326,7 +326,9 @@ SUBSETS: dict[str, Subset] = {
             (
                 Field("img{i}.jpg", "view i of the scene"),
                 Field(
-                    "cameras.npy", "float32 [V, 4, 4] OpenCV camera-to-world, camera 0 = identity"
+                    "cameras.npy",
+                    "float32 [V, 4, 4] OpenCV camera-to-world in camera 0's PyTorch3D view "
+                    "frame (the release's): camera 0 = diag(-1, -1, 1, 1)",
                 ),
                 Field("intrinsics.npy", "float32 [V, 3, 3] pixel intrinsics of each view"),
                 _JSON,

@@ -43,7 +43,7 @@ def _datagen_run(args: argparse.Namespace) -> int:
     try:
         cfg = _load_dag(args, args.address)
         where = str(cfg.output)
-        result = run(cfg)
+        result = run(cfg, verbose=args.verbose)
     except DagError as exc:  # raised by validation, before Ray or the output
         print(f"onegen datagen run: error: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +79,11 @@ def _datagen_submit(args: argparse.Namespace) -> int:
     try:
         cfg = _load_dag(args, local=False)
         job_id, job_cfg = submit(
-            cfg, args.address, submission_id=args.submission_id, python=args.python
+            cfg,
+            args.address,
+            submission_id=args.submission_id,
+            python=args.python,
+            verbose=args.verbose,
         )
     except DagError as exc:  # as for run: a usage error, nothing submitted
         print(f"onegen datagen submit: error: {exc}", file=sys.stderr)
@@ -167,7 +171,7 @@ def _train_fit(args: argparse.Namespace) -> int:
         return cfg
     from training.fit import run
 
-    return run(cfg, "onegen train fit")
+    return run(cfg, "onegen train fit", args.verbose)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -273,6 +277,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="output folder or fsspec URL (default: the DAG's output)")
     r.add_argument("--input", help="a folder, a .parquet manifest, tar shards, or 'demo'")
     r.add_argument("--address", help="an existing Ray cluster (e.g. auto, ray://head:10001)")
+    r.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's INFO lines and Ray Data's progress blocks on the console too "
+        "(default: its warnings; its log files keep everything)",
+    )
     r.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the DAG")
     r.set_defaults(func=_datagen_run)
 
@@ -288,6 +298,12 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sb.add_argument("--submission-id", help="the job's id (default: Ray picks one)")
     sb.add_argument("--python", default="python", help="the cluster's Python for the job's driver")
+    sb.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's INFO lines and Ray Data's progress blocks on the console too "
+        "(default: its warnings; its log files keep everything)",
+    )
     sb.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the DAG")
     sb.set_defaults(func=_datagen_submit)
 
@@ -388,19 +404,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.overrides import parse_args_with_overrides
     from orchestration.ray_runtime import apply_offline_env
 
     apply_offline_env()  # before any command imports ray, mlflow, transformers
     p = parser()
-    # Dotted overrides may sit anywhere on the line, before or after options.
-    args, extra = p.parse_known_args(argv)
-    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if hasattr(args, "overrides"):
-        args.overrides = list(args.overrides) + [a for a in extra if a not in unknown]
-    elif extra:
-        p.error(f"this command takes no overrides: {' '.join(extra)}")
+    args = parse_args_with_overrides(p, argv)  # overrides before or after options
     return int(args.func(args))
 
 

@@ -24,12 +24,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from common.console import quiet_library_logs
+from common.durations import format_eta
 from datagen import shards
 from datagen.preview import contact_sheet
 from datagen.shards.frames import frame_problem
 from orchestration import tracking
 from orchestration.errors import DatagenError
-from orchestration.ray_runtime import apply_offline_env, init_ray
+from orchestration.ray_runtime import apply_offline_env, init_ray, quiet_native_stderr
 from orchestration.run_lock import RunLock
 from pipelines import builder, dag
 
@@ -244,17 +246,33 @@ def load_inputs(cfg: dag.Dag, work: Path) -> pa.Table:
     return manifest
 
 
-def _progress(
-    done: int, pending: int, already: int, started: float, totals: dict[str, Counter]
+def progress_line(
+    done: int,
+    pending: int,
+    already: int,
+    elapsed: float,
+    totals: dict[str, Counter],
+    stages: dict[str, Counter],
 ) -> str:
-    rate = done / max(time.time() - started, 1e-9)
+    """The run's progress as one line: keys, samples/s, ETA at this run's rate so far, each
+    stage's rows/s per worker (the busiest is the one to scale) and what each subset
+    committed."""
+    rate = done / max(elapsed, 1e-9)
+    eta = f", ETA {format_eta((pending - done) / rate)}" if 0 < done < pending else ""
+    per_stage = ", ".join(
+        f"{name} {s['in'] / s['seconds']:.1f}"
+        for name, s in stages.items()
+        if s.get("in") and s.get("seconds")
+    )
     per_subset = ", ".join(
         f"{s}: {t['written']} written, {t['quarantined']} quarantined"
         for s, t in sorted(totals.items())
     )
     return (
         f"  {done}/{pending} keys processed this run ({already} already committed), "
-        f"{rate:.1f} samples/s; so far {per_subset or 'nothing committed'}"
+        f"{rate:.1f} samples/s{eta}"
+        + (f"; rows/s per worker: {per_stage}" if per_stage else "")
+        + f"; so far {per_subset or 'nothing committed'}"
     )
 
 
@@ -265,32 +283,38 @@ def execute(
     todo: list[list[str]],
     already: int,
     log: Callable[[str], Any],
+    verbose: bool = False,
 ) -> tuple[dict[str, Counter], dict[str, Counter]]:
     """Run the plan over the pending rows; per-subset totals and per-stage counters of
-    this run, from the sink's summary rows."""
+    this run, from the sink's summary rows. Ray's console is quiet unless ``verbose``
+    (:mod:`orchestration.ray_runtime`): the progress lines are the run's."""
     totals: dict[str, Counter] = defaultdict(Counter)
     stages: dict[str, Counter] = defaultdict(Counter)
     if not pending.num_rows:
         return totals, stages
-    resources = init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    resources = init_ray(
+        cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory, verbose=verbose
+    )
     check_gpus(cfg, resources)
     subset_names = cfg.subset_names
     plan = builder.build(cfg, builder.input_rows(pending, todo, subset_names), out)
     done_rows, plan_started = 0, time.time()
-    for summary in _unwrapped(plan.iter_rows(), out):
-        if summary["subset"]:
-            t = totals[summary["subset"]]
-            t["written"] += int(summary["written"])
-            t["quarantined"] += int(summary["quarantined"])
-            t["filtered"] += int(summary["filtered"])
-            t["bytes"] += int(summary["bytes"])
-            t["shards"] += len(json.loads(summary["shards"]))
-            continue
-        per_stage = json.loads(summary["stages"])
-        for stage, s in per_stage.items():
-            stages[stage].update(s)
-        done_rows += int(next(iter(per_stage.values()), {"rows": 0})["rows"])
-        log(_progress(done_rows, pending.num_rows, already, plan_started, totals))
+    with quiet_native_stderr(verbose):
+        for summary in _unwrapped(plan.iter_rows(), out):
+            if summary["subset"]:
+                t = totals[summary["subset"]]
+                t["written"] += int(summary["written"])
+                t["quarantined"] += int(summary["quarantined"])
+                t["filtered"] += int(summary["filtered"])
+                t["bytes"] += int(summary["bytes"])
+                t["shards"] += len(json.loads(summary["shards"]))
+                continue
+            per_stage = json.loads(summary["stages"])
+            for stage, s in per_stage.items():
+                stages[stage].update(s)
+            done_rows += int(next(iter(per_stage.values()), {"rows": 0})["rows"])
+            elapsed = time.time() - plan_started
+            log(progress_line(done_rows, pending.num_rows, already, elapsed, totals, stages))
     return totals, stages
 
 
@@ -347,8 +371,9 @@ def preview(cfg: dag.Dag, out: str, work: Path) -> tuple[str | None, Path | None
     return f"{out.rstrip('/')}/{PREVIEW}", sheet
 
 
-def run(cfg: dag.Dag, log: Callable[[str], Any] = print) -> RunResult:
+def run(cfg: dag.Dag, log: Callable[[str], Any] = print, verbose: bool = False) -> RunResult:
     apply_offline_env()
+    quiet_library_logs(verbose)
     out = _absolute(cfg.output)
     fs, root = shards.filesystem(out)
     fs.makedirs(root, exist_ok=True)
@@ -379,7 +404,7 @@ def run(cfg: dag.Dag, log: Callable[[str], Any] = print) -> RunResult:
         )
         with run_ctx:
             totals, stages = execute(
-                cfg, out, pending, todo, manifest.num_rows - pending.num_rows, log
+                cfg, out, pending, todo, manifest.num_rows - pending.num_rows, log, verbose
             )
             result.seconds = time.time() - started
             info = {

@@ -93,8 +93,9 @@ def runtime_env(staging: Path) -> dict[str, Any]:
     }
 
 
-def entrypoint(python: str = "python") -> str:
-    return f"{shlex.quote(python)} -m orchestration.cli datagen run {STAGED_DAG}"
+def entrypoint(python: str = "python", verbose: bool = False) -> str:
+    command = f"{shlex.quote(python)} -m orchestration.cli datagen run {STAGED_DAG}"
+    return f"{command} --verbose" if verbose else command
 
 
 def submit(
@@ -103,6 +104,7 @@ def submit(
     *,
     submission_id: str | None = None,
     python: str = "python",
+    verbose: bool = False,
 ) -> tuple[str, DictConfig]:
     """Submit the DAG; returns the job's submission id and the config it runs."""
     from ray.job_submission import JobSubmissionClient
@@ -112,7 +114,7 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="onegen-submit-") as staging:
         OmegaConf.save(job_cfg, Path(staging) / STAGED_DAG)
         job_id = client.submit_job(
-            entrypoint=entrypoint(python),
+            entrypoint=entrypoint(python, verbose),
             runtime_env=runtime_env(Path(staging)),
             submission_id=submission_id,
             metadata={"onegen": "datagen", "dag": str(job_cfg.name), "output": str(job_cfg.output)},

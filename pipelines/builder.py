@@ -170,10 +170,12 @@ def build(what: dag.Dag, rows_table: pa.Table, out: str) -> ray.data.Dataset:
         if head.num_gpus:
             kwargs["num_gpus"] = head.num_gpus
         if head.actors:
+            lo, hi = head.actors
             ds = ds.map_batches(
                 StageActor,
                 fn_constructor_kwargs={"stages": group, "seed": seed},
-                concurrency=head.actors,
+                # What ``concurrency=(lo, hi)`` meant, without its deprecation warning.
+                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                 **kwargs,
             )
         elif i == len(groups) - 1 and not head.num_gpus and kwargs["batch_size"] == max_samples:

@@ -231,6 +231,12 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     """``onegen train fit`` and ``python -m training.fit`` take the same arguments."""
     p.add_argument("--config", required=True, help="training/configs/<cfg>.yaml")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Lightning's and MLflow's INFO lines on the console too (default: the fit's own "
+        "lines and the warnings)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
 
 
@@ -337,7 +343,7 @@ def check_encoder_weights(cfg: DictConfig) -> None:
     if enc.kind != "pretrained":
         return
     from common.safe_pt import first_line
-    from datagen.stages.models.weights_check import READ_ERRORS, PretrainedFolder
+    from common.weights_check import READ_ERRORS, PretrainedFolder
     from model.encoders import local_folder  # the loaders' flat-or-pipeline-root rule
 
     folders = {

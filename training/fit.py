@@ -35,6 +35,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from common.overrides import parse_args_with_overrides
 from training.config import ConfigError, add_fit_arguments, config_from_args, to_yaml
 from training.errors import FitError, warn
 from training.run.cluster import launch_shape
@@ -287,11 +288,15 @@ def print_result(result: FitResult) -> None:
 # --------------------------------------------------------------------------- entry
 
 
-def run(cfg: DictConfig, prog: str) -> int:
+def run(cfg: DictConfig, prog: str, verbose: bool = False) -> int:
     """Exit codes: 2 a config that cannot start (a run folder or checkpoint that does not
     fit it: nothing trained), 1 a fit that failed for a reason outside the code (a
-    checkpoint, the MLflow server, the data), 0 done."""
+    checkpoint, the MLflow server, the data), 0 done. The libraries' INFO lines stay off
+    the console unless ``verbose`` (:mod:`common.console`)."""
+    from common.console import quiet_library_logs
     from datagen.shards.layout import ShardFileError
+
+    quiet_library_logs(verbose)
 
     try:
         result = fit(cfg)
@@ -331,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__.split("\n")[0])
     add_fit_arguments(p)
     prog = "python -m training.fit"
-    cfg = config_from_args(p.parse_args(argv), prog)
-    return cfg if isinstance(cfg, int) else run(cfg, prog)
+    args = parse_args_with_overrides(p, argv)
+    cfg = config_from_args(args, prog)
+    return cfg if isinstance(cfg, int) else run(cfg, prog, args.verbose)
 
 
 if __name__ == "__main__":

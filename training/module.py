@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from common.durations import format_eta
 from model import NextDiT
 from model.flops import image_tokens
 from model.flow import flow_matching_loss
@@ -440,15 +441,3 @@ class OneGenModule(pl.LightningModule):
             cond_mask=cond_mask,
             device=self.device,
         )
-
-
-def format_eta(seconds: float) -> str:
-    """``42s``, ``1m23s``, ``2h05m``, ``3d04h``."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

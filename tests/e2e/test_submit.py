@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestration.cli import parser
 from orchestration.submit import absolute_location, absolute_tracking_uri, prepare
 from pipelines import dag
 from tests.helpers import REPO
@@ -64,6 +65,15 @@ def test_prepare_resolves_the_dag_for_the_cluster(tmp_path, monkeypatch):
     assert job.ray.address is None and job.ray.num_cpus is None
     assert cfg.output == "data/x" and cfg.ray.address == "auto"  # the caller's copy is untouched
     dag.validate(job)
+
+
+def test_verbose_reaches_the_jobs_driver():
+    from orchestration.submit import STAGED_DAG, entrypoint
+
+    assert entrypoint("python3") == f"python3 -m orchestration.cli datagen run {STAGED_DAG}"
+    assert entrypoint("python3", verbose=True).endswith(f"run {STAGED_DAG} --verbose")
+    args = parser().parse_args(["datagen", "run", STAGED_DAG, "--verbose"])
+    assert args.verbose and args.overrides == []
 
 
 def test_unreachable_cluster_is_a_clear_error(tmp_path):
@@ -194,6 +204,9 @@ def test_submitted_dag_runs_on_the_cluster_and_a_recipe_change_fails_the_job(ray
     ok = _submit(address, auth, work, "--output", "out", "source.n=10", "shards.max_samples=4")
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "SUCCEEDED" in ok.stdout and "10 inputs processed" in ok.stdout
+    # The job's console is the run's own lines, not Ray Data's progress blocks.
+    assert "10/10 keys processed this run" in ok.stdout
+    assert "logging_progress" not in ok.stdout and "Running Dataset" not in ok.stdout
     out = work / "out"
     for subset in ("t2i", "i2i"):
         manifest = json.loads((out / subset / "manifest.json").read_text())

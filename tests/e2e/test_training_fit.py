@@ -55,8 +55,20 @@ mlflow: {synchronous: false, system_metrics: true,
 """
 
 
+NOISE_OF_A_FIT = (
+    "GPU available",  # Lightning's rank_zero_info
+    "TPU available",
+    "litlogger",
+    "`Trainer.fit` stopped",
+    "INFO mlflow",  # MLflow's own INFO lines (database tables, system metrics)
+    "Experiment with name",  # Lightning's MLflow logger creating the experiment
+    "LeafSpec",  # Lightning's pytree deprecation
+)
+
+
 def _fit(workdir: Path, name: str, *overrides: str, timeout: int = 300) -> str:
-    """One ``python -m training.fit`` (every rank), from ``workdir``; returns stdout."""
+    """One ``python -m training.fit`` (every rank), from ``workdir``; returns its console
+    (stdout, then stderr)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "fit.yaml"
     cfg.write_text(FIT_YAML)
@@ -77,7 +89,7 @@ def _fit(workdir: Path, name: str, *overrides: str, timeout: int = 300) -> str:
         cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, f"fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 def _run_id(stdout: str) -> str:
@@ -103,11 +115,12 @@ def fsdp_runs(tmp_path_factory):
     quiet = ("mlflow.enabled=false", "samples.every_n_steps=0", "checkpoint.every_n_steps=100")
     out_c = _fit(work, "C", "trainer.devices=1", "trainer.max_steps=4", "resume=last",
                  f"debug.report_dir={work / 'report_C'}", *quiet)  # fmt: skip
-    _fit(work, "D", "trainer.devices=1", "trainer.max_steps=3", "mlflow.enabled=false",
-         "samples.every_n_steps=0", f"debug.report_dir={work / 'report_D1'}")  # fmt: skip
-    _fit(work, "D", "trainer.devices=2", "trainer.max_steps=4", "resume=last",
-         f"debug.report_dir={work / 'report_D2'}", *quiet)  # fmt: skip
-    return {"work": work, "out": {"A": out_a, "B1": out_b1, "B2": out_b2, "C": out_c}}
+    out_d1 = _fit(work, "D", "trainer.devices=1", "trainer.max_steps=3", "mlflow.enabled=false",
+                  "samples.every_n_steps=0", f"debug.report_dir={work / 'report_D1'}")  # fmt: skip
+    out_d2 = _fit(work, "D", "--verbose", "trainer.devices=2", "trainer.max_steps=4",
+                  "resume=last", f"debug.report_dir={work / 'report_D2'}", *quiet)  # fmt: skip
+    outs = {"A": out_a, "B1": out_b1, "B2": out_b2, "C": out_c, "D1": out_d1, "D2": out_d2}
+    return {"work": work, "out": outs}
 
 
 def _report(runs: dict, name: str, part: str) -> dict:
@@ -289,6 +302,23 @@ def test_mlflow_run_records_and_resume_continues_it(fsdp_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["A", "B1", "C", "D1"])
+def test_console_holds_the_fits_lines_not_lightnings_or_mlflows(fsdp_runs, name):
+    """Quiet by default: the fit's progress and result, not Lightning's INFO lines, MLflow's
+    INFO lines or Lightning's pytree deprecation (``common.console``)."""
+    console = fsdp_runs["out"][name]
+    assert "done: step" in console and "| loss " in console
+    for noise in NOISE_OF_A_FIT:
+        assert noise not in console, noise
+
+
+@pytest.mark.slow
+def test_verbose_brings_lightnings_console_back(fsdp_runs):
+    console = fsdp_runs["out"]["D2"]
+    assert "GPU available: False" in console and "done: step 4" in console
+
+
 def test_sample_from_sharded_checkpoint_loads_ema(fsdp_runs, tmp_path):
     from PIL import Image
 

@@ -40,4 +40,5 @@ MLFLOW_PROCESS_ENV = (
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_TRACKING_URI",
     "MLFLOW_RUN_ID",
+    "MLFLOW_LOGGING_LEVEL",  # common.console.quiet_library_logs
 )

@@ -7,7 +7,7 @@ mechanics (shapes, batching, rendering, the pipeline) run anywhere while the
 labels mean nothing. The DAG-level ``weights=random-tiny`` switch sets every
 ``weights`` / ``*_weights`` parameter of a DAG's model stages to it. Before Ray
 starts, the driver reads every local weights path as its wrapper will load it, no
-tensor loaded (:meth:`ModelStage.check_weights`, the formats in ``weights_check``).
+tensor loaded (:meth:`ModelStage.check_weights`, the formats in ``common.weights_check``).
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from common.safe_pt import first_line
-from datagen.images import decode_rgb
-from datagen.stages.models.weights_check import (  # stdlib only: training uses them too
+from common.weights_check import (  # stdlib only: training uses them too
     PROCESSOR_FILES,
     READ_ERRORS,
     CheckpointError,
     PretrainedFolder,
     check_pretrained_folder,  # noqa: F401 - the wrappers' load check, imported from here
     check_state_dict_file,
-    check_ultralytics_pt,
 )
+from datagen.images import decode_rgb
 from datagen.stages.protocol import ERROR, Failure, Stage
 
 RANDOM_TINY = "random-tiny"
@@ -35,6 +34,18 @@ TINY_SEED = 0  # one random-tiny model everywhere, whatever the DAG's seed
 PERSON = 0  # COCO class id of "person" (also in YAML-built models with numeric names); the
 # class the YOLO detectors keep, so in a one-class face model the face
 T = TypeVar("T")
+
+
+def check_ultralytics_pt(path: str | Path) -> None:
+    """An ultralytics ``.pt`` as the pose and face detectors read it: the scan of their
+    restricted loader (model classes and plain data only), no tensor loaded. Imported
+    lazily: validating a DAG imports neither torch nor ultralytics until a ``.pt`` is named."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: not a file (an ultralytics .pt checkpoint)")
+    from datagen.stages.models import offline  # noqa: F401 - before ultralytics is imported
+    from datagen.stages.models.safe_pt import checkpoint_allowlist
+
+    checkpoint_allowlist(str(path))
 
 
 def weight_params(params_cls: type) -> tuple[str, ...]:

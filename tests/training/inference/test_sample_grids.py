@@ -121,8 +121,9 @@ def test_renderer_keeps_aspect_of_non_square_panels():
 
 def test_progress_line_has_an_eta_from_the_recent_step_time(monkeypatch):
     import training.module as module_mod
+    from common.durations import format_eta
     from training.config import load_config
-    from training.module import OneGenModule, format_eta
+    from training.module import OneGenModule
 
     assert [format_eta(s) for s in (0, 42.4, 83, 3600 + 5 * 60 + 9, 2 * 86400 + 4 * 3600)] == [
         "0s",

@@ -1,4 +1,4 @@
-"""The driver-side weights check (models/weights_check.py, ``ModelStage.check_weights``):
+"""The driver-side weights check (common/weights_check.py, ``ModelStage.check_weights``):
 tiny real checkpoints written in the real formats pass; a corrupted copy fails with one
 line naming the key, the file and what is wrong; nothing from a pickle runs.
 
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from common.weights_check import check_safetensors
 from datagen.stages import LABELERS, labeler
 from datagen.stages.depth import DepthParams, DepthStage
 from datagen.stages.face import FaceParams, FaceStage
@@ -31,7 +32,6 @@ from datagen.stages.models.common import (
     ModelStage,
     weight_params,
 )
-from datagen.stages.models.weights_check import check_safetensors
 from datagen.stages.segment import SegmentParams, SegmentStage
 
 

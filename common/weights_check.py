@@ -15,11 +15,11 @@ One function per format, each as strict as the loader it stands in for:
 - a ``torch.save`` state dict (:func:`check_state_dict_pickle`: SAM's ``.pth``, a
   ``pytorch_model.bin``): its pickle scanned opcode by opcode (nothing runs) and every
   global it names one torch's weights-only reader admits;
-- an ultralytics ``.pt`` (:func:`check_ultralytics_pt`): the detectors' own allowlist scan
-  (:func:`datagen.stages.models.safe_pt.checkpoint_allowlist`), the same one they load with.
+- an ultralytics ``.pt``: the detectors' own allowlist scan
+  (``datagen.stages.models.common.check_ultralytics_pt``), kept with their loader.
 
 Standard library only at import: validating a DAG or a fit config imports no torch. The
-pickle checks import torch (and ultralytics) when a ``.pth`` / ``.bin`` / ``.pt`` is
+pickle checks import torch when a ``.pth`` / ``.bin`` / ``.pt`` is
 actually checked, to use the loaders' exact allowlists rather than a copy that could drift.
 """
 
@@ -204,17 +204,6 @@ def check_state_dict_pickle(path: str | Path) -> None:
             f"{path}: its pickle references {refused[0]!r}, which torch's weights-only "
             "reader refuses (a state dict holds tensors only; nothing from it was run)"
         )
-
-
-def check_ultralytics_pt(path: str | Path) -> None:
-    """An ultralytics ``.pt`` as the pose and face detectors read it: the scan of their
-    restricted loader (model classes and plain data only), no tensor loaded."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: not a file (an ultralytics .pt checkpoint)")
-    from datagen.stages.models import offline  # noqa: F401 - before ultralytics is imported
-    from datagen.stages.models.safe_pt import checkpoint_allowlist
-
-    checkpoint_allowlist(str(path))
 
 
 def check_state_dict_file(path: str | Path) -> None:
