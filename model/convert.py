@@ -114,17 +114,12 @@ def export_released(model: nn.Module) -> dict[str, Tensor]:
     return {to_released_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def load_released(model: nn.Module, state_dict_or_path: Mapping[str, Tensor] | str | Path) -> None:
-    """Load released weights into ``model`` in place; strict about names and shapes.
-
-    A model on the meta device gets the checkpoint's tensors assigned (dtype included), so a
-    2.8B model never needs a random init first.
-    """
-    if isinstance(state_dict_or_path, (str, Path)):
-        released = read_state_dict(state_dict_or_path)
-    else:
-        released = dict(state_dict_or_path)
-    expected = model.state_dict()
+def released_to_ours(
+    released: Mapping[str, Tensor], expected: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Released tensors under our names, checked against ``expected`` (a model's state dict,
+    meta tensors are fine): one error lists every missing key, unexpected key and shape
+    mismatch."""
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for name, tensor in released.items():
@@ -145,5 +140,19 @@ def load_released(model: nn.Module, state_dict_or_path: Mapping[str, Tensor] | s
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(sorted(items)))
         raise CheckpointMismatchError("\n".join(lines))
+    return mapped
+
+
+def load_released(model: nn.Module, state_dict_or_path: Mapping[str, Tensor] | str | Path) -> None:
+    """Load released weights into ``model`` in place; strict about names and shapes.
+
+    A model on the meta device gets the checkpoint's tensors assigned (dtype included), so a
+    2.8B model never needs a random init first.
+    """
+    if isinstance(state_dict_or_path, (str, Path)):
+        released = read_state_dict(state_dict_or_path)
+    else:
+        released = dict(state_dict_or_path)
+    mapped = released_to_ours(released, model.state_dict())
     assign = any(p.is_meta for p in model.parameters())
     model.load_state_dict(mapped, strict=True, assign=assign)

@@ -40,8 +40,12 @@ MOVED_KEYS = {
 
 @dataclass
 class ModelSection:
-    config: str = "tiny"  # model/config.py: tiny | small | onediffusion-2.8b
+    config: str = "tiny"  # model/config.py: tiny | small | onediffusion-2.8b | from_init
     overrides: dict[str, Any] = field(default_factory=dict)  # NextDiTConfig fields
+    # The weights a new fit starts from (training/init_from.py): a released OneDiffusion
+    # folder (pipeline root or transformer/) or a run's checkpoint. Not a resume.
+    init_from: str | None = None
+    init_weights: str = "ema"  # a checkpoint's ema or model weights
     meta_init: bool = True  # under FSDP2: build on meta, materialise, re-apply the init
     activation_checkpointing: bool = False
     compile: bool = False  # per-block torch.compile
@@ -184,6 +188,7 @@ class FitConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "encoders.kind": ("tiny", "pretrained"),
+    "model.init_weights": ("ema", "model"),
     "optim.schedule": ("constant", "cosine"),
     "trainer.strategy": ("auto", "fsdp", "single"),
     "data.kind": ("onegen", "synthetic"),
@@ -403,11 +408,27 @@ def _known_only(node: Any, cls: Any) -> Any:
 
 
 def model_config(cfg: DictConfig):
-    from model import get_config
+    """The fit's ``NextDiTConfig``: a named config with ``model.overrides``, or ``from_init``,
+    whose architecture ``training.init_from`` wrote into ``model.overrides`` from the folder
+    when the fit started (so a checkpoint's config is whole without that folder)."""
+    from model import NextDiTConfig, config_names, get_config
+    from model.release import STRUCTURAL
 
     node = cfg.model.get("overrides")
     overrides = OmegaConf.to_container(node, resolve=True) if node else {}
-    return get_config(str(cfg.model.config), **overrides)  # type: ignore[arg-type]
+    name = str(cfg.model.config)
+    if name == "from_init":
+        missing = [f for f in STRUCTURAL if f not in overrides]
+        if missing:
+            raise ConfigError(
+                "model.config: from_init is read from model.init_from when the fit starts "
+                f"(model.overrides lacks {missing[0]})"
+            )
+        overrides["patch_size"] = tuple(overrides["patch_size"])  # type: ignore[index]
+        return NextDiTConfig(name=name, **overrides)  # type: ignore[arg-type]
+    if name not in config_names():
+        raise ConfigError(f"model.config: {name!r} is not one of {config_names() + ['from_init']}")
+    return get_config(name, **overrides)  # type: ignore[arg-type]
 
 
 def trained_tasks(cfg: DictConfig) -> list[str]:

@@ -123,7 +123,8 @@ def precision(cfg: DictConfig) -> str:
     return "bf16-mixed"
 
 
-def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[pl.Callback]:
+def build_callbacks(cfg: DictConfig, plan: RunPlan, init: Any = None) -> list[pl.Callback]:
+    """``init``: the checked ``model.init_from`` source a new run starts from (recorded)."""
     from training.callbacks import OneGenCheckpoint, SampleGrid, StateReport, ThroughputMonitor
     from training.run.tracking import TrackingCallback
 
@@ -149,7 +150,7 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[pl.Callback]:
     if int(cfg.samples.every_n_steps or 0) > 0:
         callbacks.append(SampleGrid(cfg.samples, plan.run_dir / "samples"))
     if cfg.mlflow.enabled:
-        callbacks.append(TrackingCallback(cfg, plan.resume_from))
+        callbacks.append(TrackingCallback(cfg, plan.resume_from, init))
     if cfg.debug.report_dir:
         callbacks.append(StateReport(cfg.debug.report_dir, bool(cfg.debug.save_state)))
     return callbacks
@@ -228,6 +229,7 @@ def check_resume(cfg: DictConfig, plan: RunPlan) -> None:
 
 def fit(cfg: DictConfig) -> FitResult:
     """Build everything from ``cfg`` and run ``trainer.fit`` (every process runs this)."""
+    from training.init_from import prepare_init
     from training.module import OneGenModule
     from training.run.tracking import (
         build_logger,
@@ -238,6 +240,7 @@ def fit(cfg: DictConfig) -> FitResult:
 
     disable_telemetry()
     apply_launcher(cfg)
+    init = prepare_init(cfg)  # checked, architecture resolved: before any folder is made
     plan = plan_run(cfg, warn)
     cfg.run_dir, cfg.run_name = str(plan.run_dir), plan.run_name
     check_resume(cfg, plan)
@@ -251,9 +254,11 @@ def fit(cfg: DictConfig) -> FitResult:
             info = read_run_file(plan.run_dir)
             run_id = info.get("run_id") if info else None
     logger = build_logger(cfg, run_id=run_id)
-    module = OneGenModule(cfg)
+    # A resume (resume=auto finding the run's own checkpoint) restores its weights instead.
+    start = init if not plan.resume_from else None
+    module = OneGenModule(cfg, init_source=start)
     datamodule = build_datamodule(cfg)
-    trainer = build_trainer(cfg, logger, build_callbacks(cfg, plan))
+    trainer = build_trainer(cfg, logger, build_callbacks(cfg, plan, start))
     with shared_run_name(plan.run_name):
         # weights_only: Lightning's meta.pt / checkpoint loads (checked already, loaded again).
         trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume_from, weights_only=True)

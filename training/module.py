@@ -53,7 +53,9 @@ from training.run.folders import log_line
 
 
 class OneGenModule(pl.LightningModule):
-    def __init__(self, cfg: DictConfig | dict) -> None:
+    def __init__(self, cfg: DictConfig | dict, init_source: Any = None) -> None:
+        """``init_source``: a checked ``training.init_from.InitSource`` whose weights the
+        model and its EMA start from (a new run; a resume restores its own)."""
         super().__init__()
         # Complete (the schema's defaults under what was given) and plain: it goes into every
         # checkpoint as YAML.
@@ -76,6 +78,7 @@ class OneGenModule(pl.LightningModule):
         self._skips = skips.empty()  # this rank's data skips since the last log window
         self.data_totals = skips.empty()  # summed over ranks and the run (checkpointed)
         self.mlflow_run_id: str | None = None  # set by TrackingCallback (all ranks)
+        self.init_source = init_source
 
     # ------------------------------------------------------------------ building
 
@@ -148,6 +151,36 @@ class OneGenModule(pl.LightningModule):
                 for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                     local_tensor(e).copy_(local_tensor(p))
             self._needs_init = False
+        if (
+            self.init_source is not None
+            and self._trainer is not None
+            and not self.trainer.ckpt_path
+        ):
+            self.load_init_weights()
+            self.init_source = None  # once: a second fit() on this module continues
+
+    def load_init_weights(self) -> None:
+        """``model.init_from``'s weights into the model and its EMA, after the model's own
+        init so nothing overwrites them. Sharded: rank 0 reads the full state dict once and
+        ``set_model_state_dict`` broadcasts each rank its shards (as torchtitan loads a
+        seed checkpoint); the other ranks never hold the full model."""
+        from training.init_from import load_init_state
+
+        sharded = self.dp_mesh is not None
+        reads = not sharded or self.global_rank == 0
+        full = load_init_state(self.init_source, self.net_config) if reads else {}
+        for net in (self.model, self.ema):
+            if not sharded:
+                net.load_state_dict(full)
+                continue
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            # A copy each: the call replaces the dict's tensors by the rank's shards.
+            set_model_state_dict(net, dict(full), options=options)
 
     # ------------------------------------------------------------------ training
 

@@ -35,6 +35,7 @@ from datagen.shards.index import manifest_digest
 from training.run.folders import CHECKPOINTS, checkpoint_step
 
 RUN_FILE = "mlflow_run.json"
+INIT_FILE = "init_from.json"  # what a new run started from (model.init_from)
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -251,9 +252,12 @@ def log_dataset_inputs(client: Any, run_id: str, cfg: DictConfig) -> list[dict]:
 class TrackingCallback(Callback):
     """Run-level MLflow records; acts on rank 0 only (the logger is a dummy elsewhere)."""
 
-    def __init__(self, cfg: DictConfig, resumed_from: str | None = None) -> None:
+    def __init__(
+        self, cfg: DictConfig, resumed_from: str | None = None, init_source: Any = None
+    ) -> None:
         self.cfg = cfg
         self.resumed_from = resumed_from
+        self.init_source = init_source  # model.init_from of a new run: recorded once
         self.monitor: Any = None
         self.run_id: str | None = None
 
@@ -305,6 +309,15 @@ class TrackingCallback(Callback):
         else:
             client.log_text(run_id, yaml_text, "config/config.yaml")
         run_dir = Path(cfg.run_dir).resolve()
+        if self.init_source is not None:
+            record = self.init_source.record()
+            (run_dir / INIT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+            client.log_dict(run_id, record, INIT_FILE)
+            client.set_tag(run_id, "onegen.init_from", record["path"])
+            client.set_tag(run_id, "onegen.init_from.kind", record["kind"])
+            client.set_tag(run_id, "onegen.init_from.sha256", json.dumps(record["sha256"])[:5000])
+            if record["source_run_id"]:
+                client.set_tag(run_id, "onegen.init_from.run_id", record["source_run_id"])
         client.set_tag(run_id, "onegen.run_dir", str(run_dir))
         client.set_tag(run_id, "onegen.checkpoint_dir", str((run_dir / CHECKPOINTS).resolve()))
         client.set_tag(run_id, "onegen.config_name", str(cfg.name))
