@@ -313,7 +313,7 @@ class StateReport(Callback):
                     nonzero[key] = float(full.abs().max())
         ema_equal = all(
             torch.equal(self._full(a.detach()), self._full(b.detach()))
-            for a, b in zip(pl_module.model.parameters(), pl_module.ema.parameters(), strict=True)
+            for a, b in pl_module.ema_pairs()
         )
         gathered = [params]
         if trainer.world_size > 1 and torch.distributed.is_initialized():

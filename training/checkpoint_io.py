@@ -277,6 +277,49 @@ def rekey_optimizer_state(saved: dict, module: torch.nn.Module, optimizer: Any) 
     }
 
 
+def read_checkpoint_tensors(path: str | Path, template: dict[str, Any]) -> dict[str, Any]:
+    """The tensors ``template`` names (its tensors give shapes and dtypes) from a
+    checkpoint's ``state_dict``, in one process: a file memory-mapped (weights only), a
+    sharded folder through the restricted DCP reader (only those tensors are read). A key
+    the checkpoint lacks is a CheckpointError naming it."""
+    import warnings
+
+    p = Path(path)
+    if p.is_dir():
+        state = {"state_dict": dict(template)}
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+                warnings.simplefilter("ignore", UserWarning)
+                safe_dcp_load(state, p, no_dist=True)
+        except CheckpointException as exc:
+            raise CheckpointError(f"{p}: {first_line(exc)}") from None
+        return state["state_dict"]
+    saved = torch.load(p, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    missing = [k for k in template if k not in saved]
+    if missing:
+        raise CheckpointError(f"{p}: has no {missing[0]} ({len(missing)} tensors missing)")
+    return {k: saved[k] for k in template}
+
+
+def checkpoint_keys(module: torch.nn.Module) -> set[str] | None:
+    """The state-dict keys ``module``'s checkpoints hold: every key (None), or its own
+    choice (a LoRA fit: adapters and their EMA, ``OneGenModule.checkpoint_keys``)."""
+    keys = getattr(module, "checkpoint_keys", None)
+    return keys() if callable(keys) else None
+
+
+def check_saved_keys(path: Path, saved: Any, expected: set[str]) -> None:
+    """A checkpoint holding another set of tensors than the module saves (a LoRA run's
+    into a full fit, other targets or rank): one line naming a few of each."""
+    saved = set(saved)
+    missing, extra = sorted(expected - saved), sorted(saved - expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: not this fit's tensors ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(extra)} unexpected, e.g. {extra[:2]}): another model, LoRA rank or targets?"
+        )
+
+
 def load_full_checkpoint(path: Path, module: torch.nn.Module, optimizers: list) -> dict:
     """A single-file (full) checkpoint into a sharded module and its optimizers: every rank
     reads the file memory-mapped and keeps its own shards. Returns the rest of the file."""
@@ -287,8 +330,12 @@ def load_full_checkpoint(path: Path, module: torch.nn.Module, optimizers: list) 
     )
 
     ck = verify_checkpoint(path)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(module, ck.pop("state_dict"), options=options)
+    keys = checkpoint_keys(module)
+    state = ck.pop("state_dict")
+    if keys is not None:
+        check_saved_keys(path, state, keys)
+    options = StateDictOptions(full_state_dict=True, strict=keys is None)
+    set_model_state_dict(module, state, options=options)
     saved = ck.pop("optimizer_states", None) or []
     for optimizer, state in zip(optimizers, saved, strict=False):
         keyed = rekey_optimizer_state(state, module, optimizer)
@@ -312,9 +359,15 @@ def load_sharded_checkpoint(
     )
 
     meta = verify_checkpoint(path)
-    module_state = {"state_dict": get_model_state_dict(module)}
+    template = get_model_state_dict(module)
+    keys = checkpoint_keys(module)
+    if keys is not None:  # DCP fails on any of these the checkpoint lacks
+        template = {k: v for k, v in template.items() if k in keys}
+    module_state = {"state_dict": template}
     safe_dcp_load(module_state, path, no_dist=no_dist)
-    set_model_state_dict(module, module_state["state_dict"])
+    set_model_state_dict(
+        module, module_state["state_dict"], options=StateDictOptions(strict=keys is None)
+    )
     for idx, optimizer in enumerate(optimizers):
         key = f"optimizer_{idx}"
         optim_state = {key: get_optimizer_state_dict(module, optimizer)}
@@ -351,6 +404,7 @@ class SafeSingleDeviceStrategy(SingleDeviceStrategy):
     def __init__(self, device: torch.device) -> None:
         super().__init__(device=device)
         self._restored_here = False
+        self._loading = Path("checkpoint")  # the file being restored, for messages
 
     @property
     def lightning_restore_optimizer(self) -> bool:
@@ -363,6 +417,7 @@ class SafeSingleDeviceStrategy(SingleDeviceStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
         path = Path(checkpoint_path)
+        self._loading = path
         if not path.is_dir():
             verify_checkpoint(path)
             return super().load_checkpoint(path, weights_only=True)
@@ -373,8 +428,15 @@ class SafeSingleDeviceStrategy(SingleDeviceStrategy):
         return meta
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        if not self._restored_here:
+        if self._restored_here:
+            return
+        module = self.lightning_module
+        keys = checkpoint_keys(module) if module is not None else None
+        if keys is None:
             super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        check_saved_keys(self._loading, checkpoint["state_dict"], keys)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         if not self._restored_here:

@@ -85,6 +85,32 @@ class OptimSection:
     foreach: bool = True
 
 
+# LoRA's default targets (training/lora.py): attention q/k/v/out, the text k/v, the FFN.
+LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out",
+    "attn.to_k_text",
+    "attn.to_v_text",
+    "ffn.w_gate",
+    "ffn.w_up",
+    "ffn.w_down",
+)
+
+
+@dataclass
+class LoraSection:
+    # LoRA fine-tuning (training/lora.py): rank 0 trains the whole model. The base is
+    # model.init_from, frozen; only adapters train, are averaged and checkpointed.
+    rank: int = 0
+    alpha: float | None = None  # None: the rank (scale 1)
+    dropout: float = 0.0
+    # our module names, matched as suffixes: every block's attention and FFN linears
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    base_dtype: str = "bfloat16"  # the frozen base's storage on one CUDA device (else fp32)
+
+
 @dataclass
 class EmaSection:
     enabled: bool = True
@@ -177,6 +203,7 @@ class FitConfig:
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     ema: EmaSection = field(default_factory=EmaSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     data: DataSection = field(default_factory=DataSection)
@@ -189,6 +216,7 @@ class FitConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "encoders.kind": ("tiny", "pretrained"),
     "model.init_weights": ("ema", "model"),
+    "lora.base_dtype": ("float32", "bfloat16", "float16"),
     "optim.schedule": ("constant", "cosine"),
     "trainer.strategy": ("auto", "fsdp", "single"),
     "data.kind": ("onegen", "synthetic"),
@@ -323,6 +351,7 @@ def check(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value is not None and (not str(value) or "/" in str(value) or str(value) in (".", "..")):
             raise ConfigError(f"{key}: {value!r} must be a plain name (no '/')")
+    check_lora(cfg)
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: two numbers; got {list(cfg.optim.betas)}")
     unknown = sorted(set(cfg.samples.tasks) - set(T.all_task_names()))
@@ -336,6 +365,26 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"data.synthetic.tasks: unknown task {unknown[0]!r}")
     if cfg.data.kind == "onegen":
         DataConfig.from_any(cfg.data)
+
+
+def check_lora(cfg: DictConfig) -> None:
+    """The ``lora`` section's ranges; a LoRA fit needs a base (``model.init_from``)."""
+    lora = cfg.lora
+    if lora.rank < 0:
+        raise ConfigError(f"lora.rank: must be >= 0 (0: no LoRA); got {lora.rank}")
+    if lora.rank == 0:
+        return
+    if lora.alpha is not None and lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha: must be > 0; got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1); got {lora.dropout}")
+    if not lora.targets:
+        raise ConfigError("lora.targets: at least one module name (e.g. attn.to_q)")
+    if not cfg.model.init_from:
+        raise ConfigError(
+            "lora.rank > 0 needs model.init_from: the base the adapters train on (the "
+            "released folder or a run's checkpoint)"
+        )
 
 
 def check_encoder_weights(cfg: DictConfig) -> None:

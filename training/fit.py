@@ -36,7 +36,13 @@ import torch
 from omegaconf import DictConfig
 
 from common.overrides import parse_args_with_overrides
-from training.config import ConfigError, add_fit_arguments, config_from_args, to_yaml
+from training.config import (
+    ConfigError,
+    add_fit_arguments,
+    config_from_args,
+    from_checkpoint,
+    to_yaml,
+)
 from training.errors import FitError, warn
 from training.run.cluster import launch_shape
 from training.run.folders import RunPlan, log_line, plan_run, prepare, shared_run_name
@@ -197,12 +203,34 @@ class FitResult:
     resumed_from: str | None
 
 
-def check_resume(cfg: DictConfig, plan: RunPlan) -> None:
-    """What a checkpoint can be resumed into: the same model (one line naming what differs
-    when not); another process count is fine (resharded), with a note."""
+def check_lora_resume(cfg: DictConfig, plan: RunPlan, init: Any) -> None:
+    """A LoRA checkpoint resumes only a LoRA fit of the same rank and targets, on the base
+    it was trained on (the same files by sha256): one line naming what differs."""
+    meta = plan.resume_meta
+    saved = from_checkpoint(meta["config"]).lora if meta.get("config") else None
+    if saved is None:
+        return
+    now = cfg.lora
+    for key in ("rank", "targets"):
+        if saved[key] != now[key]:
+            raise ConfigError(
+                f"resume: {plan.resume_from} was trained with lora.{key} {saved[key]}, this fit "
+                f"has {now[key]}"
+            )
+    base = meta.get("lora_base") or {}
+    if int(now.rank) and init is not None and base.get("sha256") != init.record()["sha256"]:
+        raise ConfigError(
+            f"resume: {plan.resume_from} trained adapters on the base {base.get('path')!r}; "
+            f"model.init_from {str(init.path)!r} holds other weights (sha256 differ)"
+        )
+
+
+def check_resume(cfg: DictConfig, plan: RunPlan, init: Any = None) -> None:
+    """What a checkpoint can be resumed into: the same model and (LoRA) base (one line
+    naming what differs when not); another process count is fine (resharded), with a note."""
     if not plan.resume_from:
         return
-    from training.config import from_checkpoint, model_config
+    from training.config import model_config
 
     meta = plan.resume_meta
     if meta.get("config"):
@@ -218,6 +246,7 @@ def check_resume(cfg: DictConfig, plan: RunPlan) -> None:
                 f"resume: {plan.resume_from} holds a different model ({', '.join(diff)}); "
                 "a checkpoint resumes only into the model it was trained as"
             )
+    check_lora_resume(cfg, plan, init)
     saved_world = int(meta.get("world_size") or 0)
     if saved_world and saved_world != world_size(cfg):
         warn(
@@ -230,6 +259,7 @@ def check_resume(cfg: DictConfig, plan: RunPlan) -> None:
 def fit(cfg: DictConfig) -> FitResult:
     """Build everything from ``cfg`` and run ``trainer.fit`` (every process runs this)."""
     from training.init_from import prepare_init
+    from training.lora import check_targets
     from training.module import OneGenModule
     from training.run.tracking import (
         build_logger,
@@ -241,9 +271,10 @@ def fit(cfg: DictConfig) -> FitResult:
     disable_telemetry()
     apply_launcher(cfg)
     init = prepare_init(cfg)  # checked, architecture resolved: before any folder is made
+    check_targets(cfg)  # LoRA's targets against that architecture
     plan = plan_run(cfg, warn)
     cfg.run_dir, cfg.run_name = str(plan.run_dir), plan.run_name
-    check_resume(cfg, plan)
+    check_resume(cfg, plan, init)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ensure_tracking(cfg, warn=warn)
     prepare(plan, cfg, to_yaml(cfg))
@@ -254,8 +285,9 @@ def fit(cfg: DictConfig) -> FitResult:
             info = read_run_file(plan.run_dir)
             run_id = info.get("run_id") if info else None
     logger = build_logger(cfg, run_id=run_id)
-    # A resume (resume=auto finding the run's own checkpoint) restores its weights instead.
-    start = init if not plan.resume_from else None
+    # A resume (resume=auto finding the run's own checkpoint) restores its weights instead;
+    # a LoRA fit's base is not in its checkpoints: loaded on every start.
+    start = init if not plan.resume_from or int(cfg.lora.rank) else None
     module = OneGenModule(cfg, init_source=start)
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, logger, build_callbacks(cfg, plan, start))

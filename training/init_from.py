@@ -17,6 +17,7 @@ else holds the full model per rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,17 +44,23 @@ class InitSource:
     weights: str = "ema"  # a checkpoint's ema or model weights
     source_run_id: str = ""
     release_config: dict = field(default_factory=dict)  # the folder's config.json
+    fit_config: Any = None  # a checkpoint's fit config (a LoRA run's names its base)
 
     def record(self) -> dict[str, Any]:
-        """What the fit started from, for MLflow and the run folder: path, kind, each
-        file's sha256 (read once, here) and the source run."""
+        """What the fit started from, for MLflow and the run folder (and a LoRA fit's
+        checkpoints): path, kind, each file's sha256 and the source run."""
         return {
             "path": str(self.path.resolve()),
             "kind": self.kind,
             "weights": self.weights if self.kind == "checkpoint" else "release",
-            "sha256": {_name(f, self.path): _sha256(f) for f in self.files},
+            "sha256": dict(self.digests),
             "source_run_id": self.source_run_id,
         }
+
+    @functools.cached_property
+    def digests(self) -> dict[str, str]:
+        """Each file's sha256, read once per process (a 2.8B base is 5.6 GB in bf16)."""
+        return {_name(f, self.path): _sha256(f) for f in self.files}
 
 
 def _name(file: Path, root: Path) -> str:
@@ -68,9 +75,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _release_source(path: Path) -> InitSource:
-    from common.safe_pt import first_line
-    from common.weights_check import READ_ERRORS, check_safetensors
+def read_release_folder(path: str | Path) -> tuple[Path, dict, Any, list[Path]]:
+    """``(transformer folder, its config.json, our NextDiTConfig of it, its safetensors
+    files)`` of a released (or exported) folder, every file's header read, no tensor: a
+    ``model.release.ReleaseFormatError`` or one of ``common.weights_check.READ_ERRORS``
+    (one line each) otherwise. Shared by ``model.init_from`` and ``onegen sample --weights``."""
+    from common.weights_check import check_safetensors
     from model.release import (
         ReleaseFormatError,
         config_from_release,
@@ -79,15 +89,24 @@ def _release_source(path: Path) -> InitSource:
         transformer_folder,
     )
 
+    folder = transformer_folder(path)
+    raw = read_release_config(folder)
+    net = config_from_release(raw, str(folder / "config.json"))
+    files = release_weight_files(folder)
+    for file in files:
+        if not file.is_file():
+            raise ReleaseFormatError(f"{file}: named by the shard index, not there")
+        check_safetensors(file)
+    return folder, raw, net, files
+
+
+def _release_source(path: Path) -> InitSource:
+    from common.safe_pt import first_line
+    from common.weights_check import READ_ERRORS
+    from model.release import ReleaseFormatError
+
     try:
-        folder = transformer_folder(path)
-        raw = read_release_config(folder)
-        net = config_from_release(raw, str(folder / "config.json"))
-        files = release_weight_files(folder)
-        for file in files:
-            if not file.is_file():
-                raise ReleaseFormatError(f"{file}: named by the shard index, not there")
-            check_safetensors(file)
+        folder, raw, net, files = read_release_folder(path)
     except (ReleaseFormatError, *READ_ERRORS) as exc:
         raise ConfigError(f"model.init_from: {first_line(exc)}") from None
     return InitSource("release", folder, tuple(files), net, release_config=raw)
@@ -115,7 +134,8 @@ def _checkpoint_source(path: Path, weights: str) -> InitSource:
             f"model.init_from: {path}: its model config is not valid ({exc})"
         ) from None
     files = (path,) if path.is_file() else tuple(sorted(p for p in path.rglob("*") if p.is_file()))
-    return InitSource("checkpoint", path, files, net, weights, str(meta.get("mlflow_run_id") or ""))
+    run_id = str(meta.get("mlflow_run_id") or "")
+    return InitSource("checkpoint", path, files, net, weights, run_id, fit_config=saved)
 
 
 def find_init(cfg: DictConfig) -> InitSource | None:
@@ -129,7 +149,7 @@ def find_init(cfg: DictConfig) -> InitSource | None:
                 "model.config: from_init needs model.init_from (a folder or checkpoint)"
             )
         return None
-    if cfg.resume not in RESUMES_ALLOWED:
+    if cfg.resume not in RESUMES_ALLOWED and not int(cfg.lora.rank):  # LoRA: the base
         raise ConfigError(
             f"model.init_from and resume={cfg.resume}: a fit either starts from weights "
             "(init_from: new run, fresh optimizer, step 0) or continues a run (resume), not both"
@@ -192,9 +212,56 @@ def load_init_state(source: InitSource, net_config: Any) -> dict[str, Any]:
         except CheckpointMismatchError as exc:
             one_line = "; ".join(line.strip() for line in str(exc).splitlines())
             raise ConfigError(f"model.init_from: {source.path}: {one_line}") from None
+    from training.lora import enabled
+
+    if source.fit_config is not None and enabled(source.fit_config):  # its base + adapters
+        return load_lora_checkpoint(
+            source.path, source.fit_config, net_config, source.weights
+        ).state_dict()
     from training.inference.sample import load_weights
 
     with torch.device("cpu"):
         net = NextDiT(net_config)
     load_weights(source.path, net, source.weights)
     return net.state_dict()
+
+
+def load_lora_checkpoint(
+    checkpoint: str | Path, cfg: Any, net_config: Any, weights: str = "ema", merge: bool = True
+) -> Any:
+    """A LoRA run's checkpoint as a plain model on CPU: its base read from the
+    ``model.init_from`` it trained on (checked against the sha256s the checkpoint recorded),
+    its adapters (``ema`` averages or the live ``model`` ones) from the checkpoint, merged
+    into the base unless ``merge`` is False. One-line ConfigError / CheckpointError."""
+    from model import NextDiT
+    from training.checkpoint_io import checkpoint_meta, read_checkpoint_tensors
+    from training.errors import CheckpointError
+    from training.lora import (
+        adapter_parameters,
+        add_adapters,
+        checkpoint_adapter_key,
+        merge_adapters,
+    )
+
+    base = checkpoint_meta(checkpoint).get("lora_base") or {}
+    try:
+        source = find_init(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{checkpoint}: its LoRA base: {exc}") from None
+    if source is None or base.get("sha256") != source.digests:
+        raise CheckpointError(
+            f"{checkpoint}: its adapters were trained on {base.get('path')!r}, and "
+            f"{cfg.model.init_from!r} no longer holds those weights (sha256 differ)"
+        )
+    net = NextDiT(net_config)
+    net.load_state_dict(load_init_state(source, net_config))
+    add_adapters(net, cfg.lora)
+    template = {checkpoint_adapter_key(n, weights): p.detach() for n, p in adapter_parameters(net)}
+    found = read_checkpoint_tensors(checkpoint, template)
+    import torch
+
+    with torch.no_grad():
+        for name, p in adapter_parameters(net):
+            p.copy_(found[checkpoint_adapter_key(name, weights)])
+    net.requires_grad_(False)
+    return merge_adapters(net) if merge else net

@@ -11,7 +11,9 @@ What lives where:
 * ``self.ema``    an exponential moving average of ``self.model``: a second Next-DiT, sharded
   the same way, parameters frozen, updated after every optimizer step. Being a submodule it is
   part of the (sharded) checkpoint and restored with it; a callback-held EMA would not be
-  (only rank 0's callback state is saved under ``ModelParallelStrategy``).
+  (only rank 0's callback state is saved under ``ModelParallelStrategy``). A LoRA fit
+  (``training.lora``): the model carries frozen base weights and peft adapters, the EMA
+  averages the adapters only, and checkpoints hold adapters and EMA, not the base.
 * the frozen VAE and text encoder are held OUTSIDE the module tree (``self.frozen``), so they
   are neither sharded, nor given to the optimizer, nor written to checkpoints: they are
   rebuilt from the config (tiny random ones seeded, or local pretrained folders).
@@ -39,6 +41,7 @@ from common.durations import format_eta
 from model import NextDiT
 from model.flops import image_tokens
 from model.flow import flow_matching_loss
+from training import lora
 from training.config import model_config, schema
 from training.data import skips
 from training.data.seeding import mix_seed
@@ -79,6 +82,9 @@ class OneGenModule(pl.LightningModule):
         self.data_totals = skips.empty()  # summed over ranks and the run (checkpointed)
         self.mlflow_run_id: str | None = None  # set by TrackingCallback (all ranks)
         self.init_source = init_source
+        self.lora = lora.enabled(self.cfg)
+        # A LoRA fit's base (path, sha256s): in every checkpoint, checked on resume.
+        self.lora_base: dict = init_source.record() if self.lora and init_source else {}
 
     # ------------------------------------------------------------------ building
 
@@ -97,8 +103,11 @@ class OneGenModule(pl.LightningModule):
         """The dtype the denoiser computes in: bf16 on CUDA under FSDP (``model.param_dtype``)."""
         # ``_device_mesh`` rather than ``dp_mesh``: slicing a named mesh builds a new
         # DeviceMesh, and this runs every step.
-        if getattr(self, "_device_mesh", None) is None or self._root_device().type != "cuda":
+        if self._root_device().type != "cuda":
             return torch.float32
+        if getattr(self, "_device_mesh", None) is None:
+            # One GPU: a LoRA fit computes in its base's storage dtype, a full fit in fp32.
+            return parse_dtype(self.cfg.lora.base_dtype) if self.lora else torch.float32
         return parse_dtype(self.cfg.model.param_dtype) or torch.float32
 
     def configure_model(self) -> None:
@@ -108,13 +117,18 @@ class OneGenModule(pl.LightningModule):
         meta = mesh is not None and bool(self.cfg.model.meta_init)
         with torch.device("meta") if meta else nullcontext():
             model = NextDiT(self.net_config)
-            ema = NextDiT(self.net_config)
-        if not meta:
-            ema.load_state_dict(model.state_dict())
-        ema.requires_grad_(False)  # train/eval mode is irrelevant: no dropout in Next-DiT
+            ema = None if self.lora else NextDiT(self.net_config)
+            if self.lora:  # before sharding: a block's frozen and trainable weights together
+                lora.add_adapters(model, self.cfg.lora)
+        if ema is not None:
+            if not meta:
+                ema.load_state_dict(model.state_dict())
+            ema.requires_grad_(False)  # train/eval mode is irrelevant: no dropout in Next-DiT
         mcfg = self.cfg.model
         param_dtype = self.compute_dtype() if mesh is not None else None
         for net, train in ((model, True), (ema, False)):
+            if net is None:
+                continue
             parallelize(
                 net,
                 activation_checkpointing=train and bool(mcfg.activation_checkpointing),
@@ -122,7 +136,9 @@ class OneGenModule(pl.LightningModule):
                 mesh=mesh,
                 param_dtype=param_dtype,
             )
-        self.model, self.ema = model, ema
+        self.model = model
+        # The adapters' average is built from the sharded adapters: the same placements.
+        self.ema = lora.AdapterEMA(model) if self.lora else ema
         self._needs_init = meta
         self.built_on_meta = meta
         self.frozen = self._build_frozen()
@@ -145,19 +161,39 @@ class OneGenModule(pl.LightningModule):
         # weights. Guarded so a second fit() on the same module does not re-initialise.
         if self.frozen is not None:
             self.frozen.to(self.device)
-        if self._needs_init:
+        resuming = self._trainer is not None and bool(self.trainer.ckpt_path)
+        if self._needs_init and not self.lora:  # LoRA: the base is loaded, adapters below
             init_sharded(self.model)
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                    local_tensor(e).copy_(local_tensor(p))
-            self._needs_init = False
+            self.copy_to_ema()
+        self._needs_init = False
+        # LoRA: the base is not in the run's checkpoints; it is loaded on a resume too.
         if (
             self.init_source is not None
             and self._trainer is not None
-            and not self.trainer.ckpt_path
+            and (self.lora or not resuming)
         ):
             self.load_init_weights()
             self.init_source = None  # once: a second fit() on this module continues
+            if self.lora and not resuming:
+                lora.init_adapters(self.model, int(self.cfg.seed))
+                self.copy_to_ema()
+        if self.lora and self._trainer is not None and self.trainer.is_global_zero:
+            line = lora.summary(self.model, self.cfg.lora)
+            print(line, flush=True)
+            if self.cfg.run_dir:
+                log_line(self.cfg.run_dir, line)
+
+    @torch.no_grad()
+    def copy_to_ema(self) -> None:
+        for live, avg in self.ema_pairs():
+            local_tensor(avg).copy_(local_tensor(live))
+
+    def ema_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """``(trained parameter, its average)``: every model parameter, or (LoRA) every
+        adapter."""
+        if self.lora:
+            return self.ema.pairs(self.model)
+        return list(zip(self.model.parameters(), self.ema.parameters(), strict=True))
 
     def load_init_weights(self) -> None:
         """``model.init_from``'s weights into the model and its EMA, after the model's own
@@ -169,18 +205,31 @@ class OneGenModule(pl.LightningModule):
         sharded = self.dp_mesh is not None
         reads = not sharded or self.global_rank == 0
         full = load_init_state(self.init_source, self.net_config) if reads else {}
-        for net in (self.model, self.ema):
+        if self.lora:  # the base under the adapted model's names (``.base_layer.``)
+            names = lora.base_key_map(self.model)
+            full = {names[k]: v for k, v in full.items()}
+        for net in (self.model,) if self.lora else (self.model, self.ema):
             if not sharded:
-                net.load_state_dict(full)
+                missing, unexpected = net.load_state_dict(full, strict=not self.lora)
+                if unexpected or any(not lora.is_adapter(k) for k in missing):
+                    raise RuntimeError(f"base weights do not fit: {missing[:3]} {unexpected[:3]}")
                 continue
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
             )
 
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            options = StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=not self.lora
+            )
             # A copy each: the call replaces the dict's tensors by the rank's shards.
             set_model_state_dict(net, dict(full), options=options)
+        if self.lora and not sharded and self._root_device().type == "cuda":
+            # One GPU: the frozen base stored in lora.base_dtype (bf16 halves it).
+            dtype = parse_dtype(self.cfg.lora.base_dtype)
+            for p in self.model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
 
     # ------------------------------------------------------------------ training
 
@@ -286,16 +335,17 @@ class OneGenModule(pl.LightningModule):
         ``parameters()`` three times a step costs milliseconds on a small model. Built after
         materialisation (which replaces the parameters); FSDP2 keeps the sharded parameters
         and their local tensors for the life of the module, and restores copy into them."""
-        first = next(iter(self.model.parameters()))
+        first = next(p for p in self.model.parameters() if p.requires_grad)
         cache = self._param_cache
         if (
             cache is None
             or cache[0][0] is not first
             or cache[1][0].data_ptr() != local_tensor(first).data_ptr()  # e.g. moved by .to()
         ):
-            params = list(self.model.parameters())
+            pairs = self.ema_pairs()
+            params = [p for p, _ in pairs]
             src = [local_tensor(p).detach() for p in params]
-            dst = [local_tensor(p) for p in self.ema.parameters()]
+            dst = [local_tensor(a) for _, a in pairs]
             if [t.shape for t in src] != [t.shape for t in dst]:
                 raise RuntimeError("model and EMA shards do not line up")
             self._param_cache = (params, src, dst)
@@ -418,7 +468,20 @@ class OneGenModule(pl.LightningModule):
             # on_train_batch_end, before the module's, which closes the window. Other
             # ranks' part of that window is not in the checkpoint (one window, FSDP only).
             "data_skips": skips.merge(skips.merge(skips.empty(), self.data_totals), self._skips),
+            "lora_base": self.lora_base,
         }
+        if self.lora:  # adapters, their EMA and the training state; the base is named above
+            keep = self.checkpoint_keys()
+            state = checkpoint.get("state_dict") or {}
+            for name in [k for k in state if k not in keep]:
+                del state[name]
+
+    def checkpoint_keys(self) -> set[str] | None:
+        """The state-dict keys a checkpoint holds: all (None), or for LoRA the adapters and
+        their EMA (``training.checkpoint_io`` restores those and checks nothing is missing)."""
+        if not self.lora:
+            return None
+        return {k for k in self.state_dict() if k.startswith("ema.") or lora.is_adapter(k)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = (checkpoint.get("onegen") or {}).get("data_skips")
@@ -448,29 +511,32 @@ class OneGenModule(pl.LightningModule):
         views. Under FSDP every rank must call this with the same number of prompts-free
         forward calls (the sampler does ``steps`` forwards), because each forward all-gathers.
         """
-        net = self.ema if use_ema else self.model
-        settings = SamplerSettings.from_config(self.cfg, seed=seed)
-        if cond_rays is not None:
-            if cond_pixels is None or cond_mask is None:
-                raise ValueError("cond_rays needs cond_pixels and cond_mask")
-            return generate_views(
+        net = self.ema if use_ema and not self.lora else self.model
+        # LoRA: the averaged adapters in the model while it samples (no second base).
+        averaged = lora.swapped(self.ema_pairs()) if use_ema and self.lora else nullcontext()
+        with averaged:
+            settings = SamplerSettings.from_config(self.cfg, seed=seed)
+            if cond_rays is not None:
+                if cond_pixels is None or cond_mask is None:
+                    raise ValueError("cond_rays needs cond_pixels and cond_mask")
+                return generate_views(
+                    self.denoiser(net),
+                    self.frozen,
+                    prompts,
+                    settings,
+                    cond_pixels=cond_pixels,
+                    cond_rays=cond_rays,
+                    cond_mask=cond_mask,
+                    device=self.device,
+                )
+            return generate(
                 self.denoiser(net),
                 self.frozen,
                 prompts,
                 settings,
+                views=views,
+                size=size,
                 cond_pixels=cond_pixels,
-                cond_rays=cond_rays,
                 cond_mask=cond_mask,
                 device=self.device,
             )
-        return generate(
-            self.denoiser(net),
-            self.frozen,
-            prompts,
-            settings,
-            views=views,
-            size=size,
-            cond_pixels=cond_pixels,
-            cond_mask=cond_mask,
-            device=self.device,
-        )

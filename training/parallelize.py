@@ -101,16 +101,25 @@ def init_sharded(model: NextDiT) -> None:
     with torch.device("cpu"):
         full = NextDiT(model.config)  # the constructor runs init_weights
     for (name, p), (_, q) in zip(model.named_parameters(), full.named_parameters(), strict=True):
-        if not hasattr(p, "device_mesh"):
-            p.copy_(q)
-            continue
-        mesh = p.device_mesh
-        if mesh.ndim != 1 or len(p.placements) != 1 or not p.placements[0].is_shard(0):
-            raise RuntimeError(f"{name}: unexpected placement {p.placements}")
-        chunks = torch.chunk(q, mesh.size(), dim=0)
-        rank = mesh.get_local_rank()
-        local = local_tensor(p)
-        part = chunks[rank] if rank < len(chunks) else q.new_empty((0, *q.shape[1:]))
-        if part.shape != local.shape:
-            raise RuntimeError(f"{name}: shard {tuple(local.shape)} != slice {tuple(part.shape)}")
-        local.copy_(part)
+        copy_full_into(p, q, name)
+
+
+@torch.no_grad()
+def copy_full_into(p: Tensor, full: Tensor, name: str) -> None:
+    """``full`` (the whole tensor, the same on every rank) into parameter ``p``: a plain
+    tensor takes it whole, a DTensor sharded on dim 0 over a 1-D mesh keeps its own
+    ``torch.chunk`` slice (how FSDP2 shards), so every rank derives its shard without a
+    collective."""
+    if not hasattr(p, "device_mesh"):
+        p.copy_(full)
+        return
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or len(p.placements) != 1 or not p.placements[0].is_shard(0):
+        raise RuntimeError(f"{name}: unexpected placement {p.placements}")
+    chunks = torch.chunk(full, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    local = local_tensor(p)
+    part = chunks[rank] if rank < len(chunks) else full.new_empty((0, *full.shape[1:]))
+    if part.shape != local.shape:
+        raise RuntimeError(f"{name}: shard {tuple(local.shape)} != slice {tuple(part.shape)}")
+    local.copy_(part)
