@@ -174,31 +174,52 @@ def _train_fit(args: argparse.Namespace) -> int:
     return run(cfg, "onegen train fit", args.verbose)
 
 
+def _sample_source(args: argparse.Namespace):
+    """``--checkpoint`` (its EMA or model weights) or ``--weights`` (a released or exported
+    folder): the source and which weights; the flags of the other are usage errors."""
+    from training.inference.sample import SampleUsageError
+
+    if args.weights is not None:
+        if args.ema is not None:
+            raise SampleUsageError(
+                "--ema/--no-ema choose a --checkpoint's weights; a --weights folder holds one set"
+            )
+        from training.inference.weights import ReleaseWeights
+
+        return ReleaseWeights(Path(args.weights), args.encoders), "ema"
+    if args.encoders is not None:
+        raise SampleUsageError(
+            "--encoders is for --weights; a --checkpoint's config names its encoders"
+        )
+    return args.checkpoint, "model" if args.ema is False else "ema"
+
+
 def _sample(args: argparse.Namespace) -> int:
     """Exit code 2: a usage error, found before any weights are read (nothing written);
-    1: a missing or broken checkpoint, an unreadable condition image."""
+    1: a missing or broken checkpoint or folder, an unreadable condition image."""
     from training.config import ConfigError
     from training.data.tasks import MULTIVIEW_TASKS
     from training.errors import FitError
     from training.inference.sample import SampleUsageError, sample_from_checkpoint
 
     images = list(args.image or [])
-    common = {
-        "prompt": args.prompt,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "size": args.size,
-        "seed": args.seed,
-        "weights": args.weights,
-        "device": args.device,
-    }
     lines: list[str] = []
     try:
+        source, weights = _sample_source(args)
+        common = {
+            "prompt": args.prompt,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "size": args.size,
+            "seed": args.seed,
+            "weights": weights,
+            "device": args.device,
+        }
         if args.task in MULTIVIEW_TASKS:
             from training.inference.multiview import sample_multiview_from_checkpoint
 
             result = sample_multiview_from_checkpoint(
-                args.checkpoint,
+                source,
                 args.task,
                 args.out,
                 images=images,
@@ -227,7 +248,7 @@ def _sample(args: argparse.Namespace) -> int:
             if len(images) > 1:
                 raise SampleUsageError(f"--task {args.task} takes one --image, got {len(images)}")
             paths = sample_from_checkpoint(
-                args.checkpoint,
+                source,
                 args.task,
                 args.out,
                 image=images[0] if images else None,
@@ -243,6 +264,34 @@ def _sample(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     for line in lines:
         print(line)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Exit code 2: a usage error (``--out``, ``--max-shard-size``, ``--components``), found
+    before any weights are read; 1: a missing or broken checkpoint, a failed write. Either
+    way nothing is left at ``--out``."""
+    from training.export import export_checkpoint, export_error_code
+
+    try:
+        result = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            ema=args.ema,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            components=args.components,
+            force=args.force,
+            merge_lora=args.merge_lora,
+        )
+    except Exception as exc:
+        code = export_error_code(exc)
+        if code is None:
+            raise
+        text = _os_error(exc, str(args.out)) if isinstance(exc, OSError) else str(exc)
+        print(f"onegen export: error: {' '.join(text.split())}", file=sys.stderr)
+        return code
+    print(result.summary())
     return 0
 
 
@@ -331,8 +380,17 @@ def parser() -> argparse.ArgumentParser:
     add_fit_arguments(f)
     f.set_defaults(func=_train_fit)
 
-    sm = top.add_parser("sample", help="generate with a checkpoint's EMA weights, write PNGs")
-    sm.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded .ckpt folder")
+    sm = top.add_parser(
+        "sample", help="generate with a checkpoint's EMA weights or a released folder, write PNGs"
+    )
+    model = sm.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a .ckpt file or sharded .ckpt folder")
+    model.add_argument(
+        "--weights",
+        metavar="FOLDER",
+        help="a released OneDiffusion folder or an onegen export (the pipeline root or its "
+        "transformer/); every task is allowed",
+    )
     from training.data.tasks import all_task_names
 
     tasks = all_task_names()
@@ -346,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
         "too). text2image: the prompt only; a map task, map -> photo: depth2image, "
         "pose2image, canny2image, ...; its reverse, photo -> map: image2depth, image2pose, "
         "image2canny, ...; deblurring and image_inpainting: the degraded photo -> the photo; "
-        "faceid: a photo of the face -> another. The checkpoint must have trained it",
+        "faceid: a photo of the face -> another. A --checkpoint must have trained it",
     )
     sm.add_argument(
         "--image",
@@ -397,9 +455,62 @@ def parser() -> argparse.ArgumentParser:
         help="a nerfstudio transforms.json (OpenGL c2w, fl_x/fl_y/cx/cy/w/h), frames in order",
     )
     sm.add_argument("--seed", type=int, default=0)
-    sm.add_argument("--weights", choices=["ema", "model"], default="ema")
+    sm.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--checkpoint: its EMA weights (the default) or, --no-ema, the trained ones",
+    )
+    sm.add_argument(
+        "--encoders",
+        choices=["tiny", "pretrained"],
+        help="--weights: pretrained, the folder's vae/, text_encoder/, tokenizer/ (the "
+        "default when it has them); tiny, random tiny encoders, for checking the mechanics",
+    )
     sm.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     sm.set_defaults(func=_sample)
+
+    ex = top.add_parser(
+        "export", help="a checkpoint as the released OneDiffusion folder (diffusers layout)"
+    )
+    ex.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .ckpt file, a sharded .ckpt folder, or a run folder (its newest whole one)",
+    )
+    ex.add_argument(
+        "--out",
+        required=True,
+        help="the folder to write (new or empty; --force replaces it): transformer/, and "
+        "with --components the whole pipeline",
+    )
+    ex.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the EMA weights (the default) or, --no-ema, the trained ones",
+    )
+    ex.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    ex.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="safetensors shards of at most this size, with an index (default 5GB, as diffusers)",
+    )
+    ex.add_argument(
+        "--components",
+        metavar="FOLDER",
+        help="a released pipeline folder: its vae/, text_encoder/, tokenizer/ and scheduler/ "
+        "are copied (files only) and model_index.json written",
+    )
+    ex.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA fit's checkpoint: its adapters merged into the base (model.init_from) as "
+        "a whole transformer; without it, the adapters alone in peft's layout "
+        "(adapter_config.json, adapter_model.safetensors, the release's module names)",
+    )
+    ex.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ex.set_defaults(func=_export)
     return p
 
 

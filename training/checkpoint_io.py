@@ -281,18 +281,15 @@ def read_checkpoint_tensors(path: str | Path, template: dict[str, Any]) -> dict[
     """The tensors ``template`` names (its tensors give shapes and dtypes) from a
     checkpoint's ``state_dict``, in one process: a file memory-mapped (weights only), a
     sharded folder through the restricted DCP reader (only those tensors are read). A key
-    the checkpoint lacks is a CheckpointError naming it."""
+    a file lacks is a CheckpointError naming it (a folder: DCP's CheckpointException)."""
     import warnings
 
     p = Path(path)
     if p.is_dir():
         state = {"state_dict": dict(template)}
-        try:
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-                warnings.simplefilter("ignore", UserWarning)
-                safe_dcp_load(state, p, no_dist=True)
-        except CheckpointException as exc:
-            raise CheckpointError(f"{p}: {first_line(exc)}") from None
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            safe_dcp_load(state, p, no_dist=True)
         return state["state_dict"]
     saved = torch.load(p, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     missing = [k for k in template if k not in saved]

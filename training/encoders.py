@@ -17,7 +17,7 @@ from model.encoders import (
     local_folder,
     vae_downsample,
 )
-from training.config import ConfigError
+from training.config import ConfigError, check_encoder_weights, schema
 
 _DTYPES = {
     "float32": torch.float32,
@@ -26,6 +26,10 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+# A diffusers pipeline root's encoder folders (the released OneDiffusion's layout).
+PIPELINE_ENCODERS = ("vae", "text_encoder", "tokenizer")
+RELEASE_TEXT_MAX_LENGTH = 300  # the released pipeline's tokenizer max_length
 
 # Whole tokens in the tiny tokenizer; eight image markers cover every view count the
 # readers build (multi-view samples are capped well below that).
@@ -106,3 +110,36 @@ def vae_stride(cfg: DictConfig) -> int:
             f"{folder / 'config.json'}: not a VAE config ({type(exc).__name__}: {exc})"
         ) from None
     return vae_downsample(blocks)
+
+
+def _config_value(folder: Path, key: str) -> int:
+    path = folder / "config.json"
+    try:
+        return int(json.loads(path.read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: no {key} ({type(exc).__name__}: {exc})") from None
+
+
+def pipeline_encoders(root: str | Path, caption_dim: int, latent_channels: int) -> DictConfig:
+    """The schema's config with ``encoders.kind=pretrained`` on a pipeline root's ``vae/``,
+    ``text_encoder/`` and ``tokenizer/``, checked before anything loads: the folders read as
+    a fit's (:func:`training.config.check_encoder_weights`), the T5 is as wide as the
+    transformer's captions and the VAE has its latent channels (otherwise the first
+    forward fails, after every weight is read). A one-line ConfigError otherwise."""
+    cfg = schema()
+    cfg.encoders.kind = "pretrained"
+    cfg.encoders.vae_path = cfg.encoders.text_path = str(root)
+    cfg.encoders.text_max_length = RELEASE_TEXT_MAX_LENGTH
+    check_encoder_weights(cfg)
+    width = _config_value(local_folder(str(root), "text_encoder", "config.json"), "d_model")
+    vae = local_folder(str(root), "vae", "config.json")
+    channels = _config_value(vae, "latent_channels")
+    if width != caption_dim:
+        raise ConfigError(
+            f"{root}: its text encoder is {width} wide, the transformer's captions {caption_dim}"
+        )
+    if channels != latent_channels:
+        raise ConfigError(
+            f"{vae}: {channels} latent channels, the transformer takes {latent_channels}"
+        )
+    return cfg

@@ -377,7 +377,7 @@ def test_cli_keeps_datagen_commands_and_parses_training():
     args = p.parse_args(["train", "fit", "--config", "c.yaml", "a.b=1", "trainer.devices=2"])
     assert args.func.__name__ == "_train_fit" and args.overrides == ["a.b=1", "trainer.devices=2"]
     args = p.parse_args(["sample", "--checkpoint", "x.ckpt", "--task", "depth2image", "--out", "o"])
-    assert args.func.__name__ == "_sample" and args.weights == "ema"
+    assert args.func.__name__ == "_sample" and args.weights is None and args.ema is None
 
 
 # --------------------------------------------------------------------------- configs and data

@@ -15,14 +15,7 @@ from model.convert import (
     load_released,
     to_released_name,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.threads import one_thread  # noqa: F401  (autouse fixture)
 
 
 def trained_tiny(seed: int = 0) -> NextDiT:

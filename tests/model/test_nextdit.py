@@ -9,15 +9,7 @@ import torch
 
 from model import NextDiT, count_parameters, flops_per_token, get_config
 from model.rope import apply_rope
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run faster on one thread, and other suites share the two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.threads import one_thread  # noqa: F401  (autouse fixture)
 
 
 def make_inputs(cfg, b=2, v=2, h=16, w=16, length=5, seed=0):

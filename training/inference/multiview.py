@@ -66,6 +66,7 @@ from training.inference.grid import camera_pose_row, conditional_row, render_gri
 from training.inference.images import to_uint8
 from training.inference.sample import (
     SampleUsageError,
+    Source,
     check_options,
     check_size,
     load_model,
@@ -359,7 +360,7 @@ class MultiviewResult:
 
 
 def sample_multiview_from_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: Source,
     task: str,
     out_dir: str | Path,
     *,
@@ -376,7 +377,8 @@ def sample_multiview_from_checkpoint(
     weights: str = "ema",
     device: str = "cpu",
 ) -> MultiviewResult:
-    """``onegen sample --task multiview | camera_pose``.
+    """``onegen sample --task multiview | camera_pose``, from a checkpoint or a
+    :class:`~training.inference.sample.ModelSource` (a released or exported folder).
 
     Checked before any weights are read, in this order: the request and its cameras file
     (:func:`check_multiview_request`), the checkpoint's config (the task was trained, the

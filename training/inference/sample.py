@@ -4,6 +4,9 @@ them out (view 0 the target, view 1 the condition), each view written in its fie
     onegen sample --checkpoint runs/onegen-demo/<run>/checkpoints/step00000040.ckpt --task image2depth \\
         --image photo.jpg --out samples/
 
+A released or ``onegen export``-ed folder samples the same way through a
+:class:`ModelSource` (``onegen sample --weights``, ``training.inference.weights``).
+
 The multiview tasks (image and ray views interleaved) are in ``training.inference.multiview``,
 built on this module's checks and checkpoint reading; the sampler loop is
 ``training.inference.generate``.
@@ -13,16 +16,15 @@ from __future__ import annotations
 
 import math
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 from omegaconf import DictConfig
 from torch.distributed.checkpoint.api import CheckpointException
 
-from model import NextDiT
-from training.checkpoint_io import checkpoint_meta, safe_dcp_load
+from model import NextDiT, NextDiTConfig
+from training.checkpoint_io import checkpoint_meta, read_checkpoint_tensors
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
 from training.data.tasks import MULTIVIEW_TASKS, all_task_names, task_spec
 from training.data.tasks import task_token as token_of
@@ -34,24 +36,13 @@ from training.inference.images import load_image, save_view
 
 
 def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> None:
-    """Load ``ema.*`` (or ``model.*``) weights of a Lightning checkpoint into a plain NextDiT.
-
-    A file: a single-device checkpoint (weights only). A folder: a sharded (DCP) checkpoint,
-    read in one process with ``no_dist=True`` (only the requested tensors are read) through
-    the restricted reader of ``training.checkpoint_io``."""
-    p = Path(ckpt)
+    """Load ``ema.*`` (or ``model.*``) weights of a Lightning checkpoint into a plain NextDiT:
+    a file (weights only, memory-mapped) or a sharded (DCP) folder read in one process,
+    only the requested tensors, through the restricted reader of ``training.checkpoint_io``."""
     prefix = f"{which}."
-    if p.is_dir():
-        target = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
-        state = {"state_dict": target}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-            warnings.simplefilter("ignore", UserWarning)
-            safe_dcp_load(state, p, no_dist=True)
-        net.load_state_dict({k[len(prefix) :]: v for k, v in state["state_dict"].items()})
-        return
-    ck = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    sd = {k[len(prefix) :]: v for k, v in ck["state_dict"].items() if k.startswith(prefix)}
-    net.load_state_dict(sd)
+    template = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
+    found = read_checkpoint_tensors(ckpt, template)
+    net.load_state_dict({k[len(prefix) :]: v for k, v in found.items()})
 
 
 class SampleUsageError(ConfigError):
@@ -176,7 +167,7 @@ def check_size(side: int, stride: tuple[int, int], *, given: bool) -> None:
         return
     lower, upper = side // step * step, (side // step + 1) * step
     hint = f"try {lower} or {upper}" if lower else f"try {upper}"
-    what = f"--size {side}" if given else f"samples.resolution {side} (the checkpoint's config)"
+    what = f"--size {side}" if given else f"samples.resolution {side} (the default of its config)"
     raise SampleUsageError(
         f"{what} is not a multiple of {step}, the model's patch grid in pixels "
         f"(VAE downsampling x patch size): {hint}"
@@ -190,28 +181,32 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def read_config(checkpoint: str | Path, task: str) -> tuple[DictConfig, Any, tuple[int, int]]:
-    """``(cfg, model config, patch grid in pixels)`` of a checkpoint, read from its metadata
-    only (no weights): a ConfigError when it has none, a SampleUsageError when its fit never
-    trained ``task``."""
+def fit_config(checkpoint: str | Path) -> DictConfig:
+    """The fit config a checkpoint was trained with, read from its metadata only (no
+    weights): a ConfigError when it has none (not a OneGenModule checkpoint)."""
     meta = checkpoint_meta(checkpoint)
     if not meta.get("config"):
         raise ConfigError(f"{checkpoint} has no One-Gen config (not a OneGenModule checkpoint?)")
-    cfg = from_checkpoint(meta["config"])
-    check_trained(task, cfg, checkpoint)
+    return from_checkpoint(meta["config"])
+
+
+def net_config(cfg: DictConfig, checkpoint: str | Path) -> NextDiTConfig:
+    """The ``NextDiTConfig`` of a checkpoint's fit config, or a one-line ConfigError."""
     try:
-        mcfg = model_config(cfg)
+        return model_config(cfg)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{checkpoint}: its model config is not valid ({exc})") from None
+
+
+def patch_grid(cfg: DictConfig, mcfg: NextDiTConfig) -> tuple[int, int]:
+    """The model's patch grid in pixels: the VAE's downsampling x the patch size."""
     down = vae_stride(cfg)
-    return cfg, mcfg, (down * mcfg.patch_size[1], down * mcfg.patch_size[2])
+    return down * mcfg.patch_size[1], down * mcfg.patch_size[2]
 
 
-def load_model(
-    checkpoint: str | Path, cfg: DictConfig, mcfg: Any, weights: str, device: str
-) -> tuple[NextDiT, FrozenEncoders]:
-    """The checkpoint's ``weights`` (ema or model) in a NextDiT in eval mode, and the frozen
-    encoders its config names (the tiny text encoder's vocabulary in a temporary folder)."""
+def load_checkpoint_net(checkpoint: str | Path, mcfg: NextDiTConfig, weights: str) -> NextDiT:
+    """The checkpoint's ``weights`` (ema or model) in a NextDiT on CPU; weights that do not
+    fit the model are a one-line CheckpointError."""
     net = NextDiT(mcfg)
     try:
         load_weights(checkpoint, net, weights)
@@ -223,14 +218,74 @@ def load_model(
             f"{checkpoint}: its {weights} weights do not load into the model its config "
             f"describes ({lines[-1] if lines else type(exc).__name__})"
         ) from None
+    return net
+
+
+def load_run_net(
+    checkpoint: str | Path, cfg: DictConfig, mcfg: NextDiTConfig, weights: str
+) -> NextDiT:
+    """A run's checkpoint as a plain NextDiT on CPU: its ``weights``, or for a LoRA fit its
+    base (``model.init_from``, checked by sha256) with those adapters merged in."""
+    from training.lora import enabled
+
+    if enabled(cfg):
+        from training.init_from import load_lora_checkpoint
+
+        return load_lora_checkpoint(checkpoint, cfg, mcfg, weights)
+    return load_checkpoint_net(checkpoint, mcfg, weights)
+
+
+def with_encoders(net: NextDiT, cfg: DictConfig, device: str) -> tuple[NextDiT, FrozenEncoders]:
+    """``net`` in eval mode on ``device`` and the frozen encoders ``cfg`` names, the tiny
+    text encoder as wide as the net's captions (its vocabulary in a temporary folder)."""
     net.eval().to(device)
     with tempfile.TemporaryDirectory(prefix="onegen-sample-vocab-") as vocab_dir:
         frozen = build_encoders(cfg, net.config.caption_dim, vocab_dir).to(device)
     return net, frozen
 
 
+class ModelSource(Protocol):
+    """A model to sample that is not a run's checkpoint (a released or exported folder,
+    ``training.inference.weights``): :meth:`read` its configs (no tensor read, every check
+    that needs none), then :meth:`load` its weights and encoders."""
+
+    def read(self, task: str) -> tuple[DictConfig, NextDiTConfig, tuple[int, int]]:
+        """``(cfg, model config, patch grid in pixels)``; ``cfg`` names the encoders and
+        the sampler's defaults."""
+        ...
+
+    def load(
+        self, cfg: DictConfig, mcfg: NextDiTConfig, device: str
+    ) -> tuple[NextDiT, FrozenEncoders]: ...
+
+
+Source = str | Path | ModelSource  # a checkpoint (file or sharded folder), or a ModelSource
+
+
+def read_config(source: Source, task: str) -> tuple[DictConfig, NextDiTConfig, tuple[int, int]]:
+    """``(cfg, model config, patch grid in pixels)`` of a checkpoint, read from its metadata
+    only (no weights): a ConfigError when it has none, a SampleUsageError when its fit never
+    trained ``task``. A :class:`ModelSource` reads its own."""
+    if not isinstance(source, (str, Path)):
+        return source.read(task)
+    cfg = fit_config(source)
+    check_trained(task, cfg, source)
+    mcfg = net_config(cfg, source)
+    return cfg, mcfg, patch_grid(cfg, mcfg)
+
+
+def load_model(
+    source: Source, cfg: DictConfig, mcfg: NextDiTConfig, weights: str, device: str
+) -> tuple[NextDiT, FrozenEncoders]:
+    """The checkpoint's ``weights`` (ema or model) in a NextDiT in eval mode, and the frozen
+    encoders its config names; a :class:`ModelSource` loads its own."""
+    if not isinstance(source, (str, Path)):
+        return source.load(cfg, mcfg, device)
+    return with_encoders(load_run_net(source, cfg, mcfg, weights), cfg, device)
+
+
 def sample_from_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: Source,
     task: str,
     out_dir: str | Path,
     *,
@@ -243,7 +298,8 @@ def sample_from_checkpoint(
     weights: str = "ema",
     device: str = "cpu",
 ) -> list[Path]:
-    """Generate with a checkpoint's EMA weights; writes one PNG per view plus a labelled grid.
+    """Generate with a checkpoint's EMA (or ``weights``) weights, or a :class:`ModelSource`
+    (a released or exported folder); writes one PNG per view plus a labelled grid.
 
     ``text2image`` generates one image from the prompt. Every other task generates view 0
     from the condition ``image`` (view 1), in the trainer's layout: the forward direction of
@@ -252,8 +308,8 @@ def sample_from_checkpoint(
     in its field's format (a depth map as a 16-bit gray PNG, see :func:`save_view`).
 
     Checked in this order, before any weights are read: the request itself
-    (:func:`check_request`), then the checkpoint's config (the task was trained, the size
-    fits the patch grid), then the condition image. ``out_dir`` is created only when the
+    (:func:`check_request`), then the source's config (a checkpoint's fit trained the task;
+    the size fits the patch grid), then the condition image. ``out_dir`` is created only when the
     PNGs are written, and holds nothing but them (the tiny text encoder's vocabulary goes to
     a temporary folder)."""
     task, token, fields = check_request(
