@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 def closest(name: str, valid: Iterable[str]) -> str | None:
@@ -59,12 +59,49 @@ def apply_overrides(
         parts = key.split(".")
         if key_path is not None:
             parts = key_path(item, parts)
+        key = ".".join(parts)
+        old = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        merge = not changes_kind(old, value)
         try:
-            OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=not strict)
+            OmegaConf.update(cfg, key, value, merge=merge, force_add=not strict)
         except Exception as exc:  # noqa: BLE001 - e.g. stages.9 of a 2-stage DAG: one line
             if strict:
                 raise
             raise ValueError(f"override {item!r}: {exc}".splitlines()[0]) from None
+
+
+def changes_kind(old: Any, new: Any) -> bool:
+    """A list given where a mapping is (or the reverse), e.g. per-family ``data.buckets`` over
+    the one-list default: the new value replaces the old (a merge of the two is OmegaConf's
+    error); a typed node still refuses it, an ``Any`` node takes it."""
+    is_list = (ListConfig, list, tuple)
+    return (isinstance(old, DictConfig) and isinstance(new, is_list)) or (
+        isinstance(old, ListConfig) and isinstance(new, dict | DictConfig)
+    )
+
+
+def merge_file(cfg: DictConfig, loaded: DictConfig) -> DictConfig:
+    """``OmegaConf.merge(cfg, loaded)``, where a node of ``loaded`` that :func:`changes_kind`
+    replaces the schema's instead of merging into it."""
+    replaced: list[tuple[str, Any]] = []
+
+    def take(node: DictConfig, base: Any, prefix: str) -> None:
+        for k in list(node.keys()):
+            key = f"{prefix}{k}"
+            old = base.get(k) if isinstance(base, DictConfig) else None
+            new = node._get_node(k)
+            if changes_kind(old, new):
+                replaced.append((key, OmegaConf.to_container(new)))
+                del node[k]
+            elif isinstance(new, DictConfig) and isinstance(old, DictConfig):
+                take(new, old, f"{key}.")
+
+    loaded = OmegaConf.create(OmegaConf.to_container(loaded))  # plain: nodes may go
+    take(loaded, cfg, "")
+    out = OmegaConf.merge(cfg, loaded)
+    for key, value in replaced:
+        OmegaConf.update(out, key, value, merge=False)
+    return out
 
 
 def flat_params(cfg: DictConfig | dict, max_len: int = 500) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.overrides import apply_overrides
+from common.overrides import apply_overrides, merge_file
 from datagen.schema import SUBSETS
 from training.data import tasks as T
 from training.data.config import ConfigError, DataConfig, unknown_key
@@ -310,7 +310,7 @@ def load_config(
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: the config must be a mapping of sections")
         try:
-            cfg = OmegaConf.merge(cfg, loaded)
+            cfg = merge_file(cfg, loaded)
         except OmegaConfBaseException as exc:
             raise _one_line(exc, f"{path}: ") from None
     try:
@@ -438,8 +438,7 @@ def from_checkpoint(text: str) -> DictConfig:
     has are dropped (a checkpoint outlives config changes), types still checked."""
     saved = OmegaConf.create(text)
     kept = _known_only(OmegaConf.to_container(saved, resolve=True), FitConfig)
-    cfg = OmegaConf.merge(schema(), kept)
-    return cfg
+    return merge_file(schema(), OmegaConf.create(kept))
 
 
 def _known_only(node: Any, cls: Any) -> Any:

@@ -218,7 +218,7 @@ def load_init_state(source: InitSource, net_config: Any) -> dict[str, Any]:
         return load_lora_checkpoint(
             source.path, source.fit_config, net_config, source.weights
         ).state_dict()
-    from training.inference.sample import load_weights
+    from training.checkpoint_io import load_weights
 
     with torch.device("cpu"):
         net = NextDiT(net_config)

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from common.durations import format_eta
+from common.overrides import merge_file
 from model import NextDiT
 from model.flops import image_tokens
 from model.flow import flow_matching_loss
@@ -62,7 +63,7 @@ class OneGenModule(pl.LightningModule):
         super().__init__()
         # Complete (the schema's defaults under what was given) and plain: it goes into every
         # checkpoint as YAML.
-        full = OmegaConf.merge(schema(), OmegaConf.create(cfg))
+        full = merge_file(schema(), OmegaConf.create(cfg))
         self.cfg = OmegaConf.create(OmegaConf.to_container(full, resolve=True))
         self.net_config = model_config(self.cfg)
         self.model: NextDiT | None = None

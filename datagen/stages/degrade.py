@@ -22,7 +22,8 @@ class DegradeParams:
 
 class DegradeStage(RowStage):
     name: ClassVar[str] = "degrade"
-    version: ClassVar[str] = "2"  # 2: motion blur in numpy, the same bytes on every CPU
+    # 2: motion blur in numpy; 3: soft edges in numpy (the same bytes on every CPU)
+    version: ClassVar[str] = "3"
     needs: ClassVar[tuple[str, ...]] = ("decode",)
     reads: ClassVar[tuple[str, ...]] = ("image",)
     produces: ClassVar[tuple[str, ...]] = (

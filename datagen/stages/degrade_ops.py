@@ -31,19 +31,50 @@ def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     return cv2.Canny(gray, low, high, L2gradient=True)
 
 
+def _gaussian_taps(sigma: float) -> np.ndarray:
+    """OpenCV's float-image kernel length (4 sigma each side), normalised to sum 1."""
+    radius = max(1, int(round(4.0 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _correlate(a: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` correlated with ``taps`` along ``axis``, borders mirrored without repeating the
+    edge (OpenCV's BORDER_REFLECT_101). A fixed-order sum of shifted copies: elementwise
+    float64 adds and multiplies round the same on every CPU, unlike OpenCV's SIMD float
+    filters, whose soft-edge maps differed between machines."""
+    radius = len(taps) // 2
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (radius, radius)
+    padded = np.pad(a, pad, mode="reflect")
+    n = a.shape[axis]
+    out = np.zeros_like(a)
+    for i, w in enumerate(taps):
+        if w != 0.0:
+            out += w * np.take(padded, np.arange(i, i + n), axis=axis)
+    return out
+
+
+_SOBEL_SMOOTH = np.array([1.0, 2.0, 1.0])
+_SOBEL_DIFF = np.array([-1.0, 0.0, 1.0])
+
+
 def soft_edges(image: np.ndarray, sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)) -> np.ndarray:
     """A HED-like soft edge map from multi-scale gradients, no network needed.
 
     HED fuses side outputs at several scales into thick, graded boundaries;
     the max over scales of normalised gradient magnitudes, then a gamma, gives
-    the same look: strong object boundaries bright, texture faint.
+    the same look: strong object boundaries bright, texture faint. Float64 numpy
+    throughout, so a shard's bytes do not depend on the CPU that wrote it.
     """
-    gray = _gray(image).astype(np.float32) / 255.0
+    gray = _gray(image).astype(np.float64) / 255.0
     fused = np.zeros_like(gray)
     for sigma in sigmas:
-        smooth = cv2.GaussianBlur(gray, (0, 0), sigma)
-        gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
-        gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+        taps = _gaussian_taps(sigma)
+        smooth = _correlate(_correlate(gray, taps, 0), taps, 1)
+        gx = _correlate(_correlate(smooth, _SOBEL_SMOOTH, 0), _SOBEL_DIFF, 1)
+        gy = _correlate(_correlate(smooth, _SOBEL_DIFF, 0), _SOBEL_SMOOTH, 1)
         mag = np.sqrt(gx * gx + gy * gy) * sigma  # scale-normalised
         top = float(np.percentile(mag, 99.5))
         if top <= 1e-6:  # edges cover < 0.5% of pixels (small object, flat background)

@@ -4,9 +4,10 @@ protocol wrote (tests/data/golden_demo_shards.json: sha256 of every file of the 
 t2i and i2i samples, made at commit 66240e2; the json with its machine-dependent source
 path reduced to the file name; five entries remade on 2026-12-05, when the motion blur moved
 off OpenCV's CPU-dependent filter2D and this machine's AVX-512 OpenCV gave another soft-edge
-map for one image). The demo inputs come from installed packages and Pillow's JPEG encoder,
-and the soft edges from OpenCV's float filters: an upgrade of those, or another CPU, can
-change them, and then this test says so."""
+map for one image; the twelve soft-edge maps remade on 2026-12-07, when they moved off
+OpenCV's float filters, which gave CI's CPU another map than this machine's, to float64
+numpy). The demo inputs come from installed packages and Pillow's JPEG encoder: an upgrade
+of those can change them, and then this test says so."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The shard loader's settings: the fit config's ``data`` section (``training.config`` adds
 ``kind`` and ``synthetic`` to it).
 
-``ConfigError`` is defined here, the lowest config module, so that checking this section
-needs nothing above it; ``training.config`` imports it from here (callers use
-``training.config.ConfigError``: the same class).
+``ConfigError`` lives in :mod:`training.data.errors`, below every module that checks a key;
+``training.config`` imports it from here (callers use ``training.config.ConfigError``: the
+same class).
 """
 
 from __future__ import annotations
@@ -13,25 +13,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.overrides import closest
 from training.data import skips
 from training.data import tasks as T
+from training.data.buckets import DEFAULT_BUCKETS, BucketTable, bucket_table
+from training.data.errors import ConfigError, unknown_key
 
-
-class ConfigError(ValueError):
-    """A config the fit cannot start from; the message is one line naming the key."""
-
-
-def unknown_key(full_key: str, known: Any) -> str:
-    """``data.batchsize: unknown key; did you mean data.batch_size?``, or the valid keys."""
-    parent, _, leaf = full_key.rpartition(".")
-    close = closest(leaf, known)
-    prefix = f"{parent}." if parent else ""
-    hint = f"; did you mean {prefix}{close}?" if close else f"; valid keys: {sorted(known)}"
-    return f"{full_key}: unknown key{hint}"
-
-
-DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((256, 256), (256, 384), (384, 256))
+__all__ = ["DEFAULT_BUCKETS", "ConfigError", "DataConfig", "unknown_key"]
 
 
 @dataclass
@@ -48,9 +35,11 @@ class DataConfig:
     batch_size: int = 8  # per rank
     num_workers: int = 2
     seed: int = 0
-    buckets: list[list[int]] = field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
+    # [[H, W], ...] for every batch, or per task family / subset / view-count range
+    # (training.data.buckets)
+    buckets: Any = field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
     bucket_mode: str = "aspect"  # "aspect": nearest to the batch's first sample; "random"
-    bucket_weights: list[float] | None = None  # for bucket_mode=random
+    bucket_weights: list[float] | None = None  # for bucket_mode=random, one flat buckets list
     caption_dropout: float = 0.1
     # P(the input's own caption instead of the VLM's), for samples that have both
     source_caption_prob: float = 0.0
@@ -60,6 +49,10 @@ class DataConfig:
     tasks: list[str] | None = None  # restrict to these task names
     faceid_max_views: int = 4
     multiview_max_views: int = 4  # image views per multiview sample (twice as many views)
+    # None: a batch has as many views as its first sample (up to the max); n: each batch draws
+    # its view count in [n, max] (uniform), samples with fewer views sit it out
+    faceid_min_views: int | None = None
+    multiview_min_views: int | None = None
     camera_pose_prob: float = 0.25  # P(a multiview sample trains camera_pose, not multiview)
     # The ray views' grid and channels: the VAE's stride and latent channels, which the fit
     # fills in from the encoders (training.fit.build_datamodule).
@@ -127,15 +120,8 @@ class DataConfig:
             raise bad("overread", "must be >= 0")
         if self.skip_rate_min_samples < 0:
             raise bad("skip_rate_min_samples", "must be >= 0")
-        if not self.buckets:
-            raise bad("buckets", "must list at least one [H, W]")
-        for b in self.buckets:
-            if len(b) != 2 or any(int(x) <= 0 or int(x) % 16 for x in b):
-                raise bad("buckets", f"{list(b)} must be [H, W], multiples of 16 (VAE /8, patch 2)")
         if self.bucket_mode not in ("aspect", "random"):
             raise bad("bucket_mode", f"must be aspect or random, got {self.bucket_mode!r}")
-        if self.bucket_weights is not None and len(self.bucket_weights) != len(self.buckets):
-            raise bad("bucket_weights", "needs one weight per bucket")
         if self.tasks is not None:
             unknown = sorted(set(self.tasks) - set(T.all_task_names()))
             if unknown:
@@ -144,5 +130,19 @@ class DataConfig:
             raise bad("faceid_max_views", "must be >= 2")
         if self.multiview_max_views < 2:
             raise bad("multiview_max_views", "must be >= 2")
+        for kind in ("faceid", "multiview"):
+            low, high = getattr(self, f"{kind}_min_views"), getattr(self, f"{kind}_max_views")
+            if low is not None and not 2 <= low <= high:
+                raise bad(f"{kind}_min_views", f"must be in [2, {kind}_max_views={high}]")
+        self.bucket_table()
         if self.latent_stride < 1 or self.latent_channels < 6:
             raise bad("latent_stride", "the VAE stride must be >= 1 and its channels >= 6")
+
+    def view_limits(self, subset: str) -> tuple[int | None, int]:
+        """(fewest, most) image views of a batch of a variable-view subset (faceid, multiview)."""
+        return getattr(self, f"{subset}_min_views"), getattr(self, f"{subset}_max_views")
+
+    def bucket_table(self) -> BucketTable:
+        """``buckets`` checked (one line naming the key) and resolved per subset."""
+        most = {s: self.view_limits(s)[1] for s in ("faceid", "multiview")}
+        return bucket_table(self.buckets, self.bucket_weights, most)

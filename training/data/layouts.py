@@ -26,8 +26,9 @@ import numpy as np
 
 from datagen.schema import SUBSETS, SchemaError
 from training.data import tasks as T
+from training.data.buckets import BucketTable
 from training.data.config import DataConfig
-from training.data.views import bucket_rays, image_size, load_view, nearest_bucket
+from training.data.views import bucket_rays, image_size, load_view
 
 
 @dataclass
@@ -53,14 +54,37 @@ class SampleFiles(dict):
 
 
 @dataclass(frozen=True)
+class BatchPlan:
+    """What a batch fixes before its first sample: the buckets, the bucket draw and, for
+    faceid and multiview with ``data.<kind>_min_views`` set, the most image views it has."""
+
+    buckets: BucketTable
+    bucket_u: float  # uniform in [0, 1)
+    view_cap: int | None = None  # None: data.<kind>_max_views
+
+    def bucket(self, cfg: DataConfig, subset: str, num_views: int, frame: tuple[int, int]):
+        """The batch's bucket, set by its first sample's view count and frame (W, H)."""
+        return self.buckets.pick(subset, num_views, frame, self.bucket_u, cfg.bucket_mode)
+
+    def num_views(self, cfg: DataConfig, subset: str, have: int) -> int | None:
+        """The view count a first sample with ``have`` views gives the batch (None: it has
+        fewer than ``data.<kind>_min_views`` and sits this batch out)."""
+        fewest, most = cfg.view_limits(subset)
+        if fewest is not None and have < fewest:
+            return None
+        return min(have, self.view_cap or most)
+
+
+@dataclass(frozen=True)
 class Sample:
-    """A read sample and its draws."""
+    """A read sample, its draws and its batch's plan."""
 
     subset: str
     key: str
     files: SampleFiles
     meta: Mapping[str, Any]
     draws: np.ndarray  # uniform in [0, 1): task, direction, caption dropout, source caption
+    batch: BatchPlan
 
     def drop_caption(self, cfg: DataConfig) -> bool:
         return bool(self.draws[2] < cfg.caption_dropout)
@@ -132,7 +156,7 @@ def build_fixed(
     # All views of a sample share the source frame.
     frame = meta_frame(meta) or image_size(files["jpg"])
     if bucket is None:
-        bucket = nearest_bucket(cfg.buckets, *frame)
+        bucket = sample.batch.bucket(cfg, sample.subset, task.num_views, frame)
     views = [load_view(files[f], f, bucket, frame) for f in task.views]
     prompt = T.build_prompt(task, caption, meta, drop_caption=sample.drop_caption(cfg))
     return Built(sample.key, task.name, views, prompt, task.cond_mask, bucket)
@@ -150,8 +174,8 @@ def build_faceid(
     files, meta = sample.files, sample.meta
     have = len(view_fields(files))
     if num_views is None:
-        num_views = min(have, cfg.faceid_max_views)
-    if have < num_views or (allowed is not None and "faceid" not in allowed):
+        num_views = sample.batch.num_views(cfg, sample.subset, have)
+    if num_views is None or have < num_views or (allowed is not None and "faceid" not in allowed):
         return None
     task = T.faceid_task(num_views)
     captions = meta.get("captions") or []
@@ -159,7 +183,8 @@ def build_faceid(
         [str(c) for c in captions] if isinstance(captions, list) else str(captions)
     )
     if bucket is None:
-        bucket = nearest_bucket(cfg.buckets, *image_size(files[task.views[0]]))
+        frame = image_size(files[task.views[0]])
+        bucket = sample.batch.bucket(cfg, sample.subset, num_views, frame)
     views = [load_view(files[f], f, bucket) for f in task.views]
     prompt = T.build_prompt(task, caption, meta, drop_caption=sample.drop_caption(cfg))
     return Built(sample.key, task.name, views, prompt, task.cond_mask, bucket)
@@ -178,9 +203,9 @@ def build_multiview(
     files, meta, draws = sample.files, sample.meta, sample.draws
     have = len(view_fields(files))
     if num_views is None:
-        num_views = min(have, cfg.multiview_max_views)
+        num_views = sample.batch.num_views(cfg, sample.subset, have)
     names = [n for n in T.MULTIVIEW_TASKS if allowed is None or n in allowed]
-    if have < num_views or not names:
+    if num_views is None or have < num_views or not names:
         return None
     pose = "camera_pose" in names and (draws[0] < cfg.camera_pose_prob or len(names) == 1)
     layout = T.multiview_layout("camera_pose" if pose else "multiview", num_views, draws[1])
@@ -188,7 +213,7 @@ def build_multiview(
     K = load_npy(files["intrinsics.npy"], "intrinsics.npy", (have, 3, 3))[:num_views]
     frame = meta_frame(meta) or image_size(files["img0.jpg"])
     if bucket is None:
-        bucket = nearest_bucket(cfg.buckets, *frame)
+        bucket = sample.batch.bucket(cfg, sample.subset, num_views, frame)
     fields = [f"img{i}.jpg" for i in range(num_views)]
     views = [load_view(files[f], f, bucket, frame) for f in fields]
     rays = bucket_rays(c2w, K, frame, bucket, cfg.latent_stride, cfg.latent_channels)

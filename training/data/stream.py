@@ -34,11 +34,11 @@ from training.data.index import (
     SubsetIndex,
     batch_rng,
     choose_subset,
-    schedule_point,
     plan_window,
+    schedule_point,
     worker_batches,
 )
-from training.data.layouts import Built, Layout, Sample, SampleFiles, layout_of
+from training.data.layouts import BatchPlan, Built, Layout, Sample, SampleFiles, layout_of
 from training.data.views import DecodeError, assemble_pixels
 
 # Why a sample was skipped: stable names, used in metric keys (data/skipped.<subset>.<reason>).
@@ -109,6 +109,7 @@ class OneGenStream(IterableDataset):
         self.rank = int(rank)
         self.start_batch = int(start_batch)
         self.allowed = set(cfg.tasks) if cfg.tasks is not None else None
+        self.buckets = cfg.bucket_table()
         self._fs: dict[str, Any] = {}
 
     # -- the pure per-batch functions --
@@ -128,20 +129,16 @@ class OneGenStream(IterableDataset):
         bucket_u = rng.random()
         reads = min(cfg.reads_per_batch, bsz)
         window = math.ceil(bsz / reads * (1.0 + cfg.overread))
+        # The bucket and (faceid, multiview) the image views per sample: set by the batch's
+        # first sample, from the subset's buckets, the bucket draw and the view cap.
         bucket: tuple[int, int] | None = None
-        if cfg.bucket_mode == "random":
-            w = np.asarray(cfg.bucket_weights or [1.0] * len(cfg.buckets), np.float64)
-            i = min(
-                int(np.searchsorted(np.cumsum(w) / w.sum(), bucket_u, side="right")), len(w) - 1
-            )
-            bucket = (int(cfg.buckets[i][0]), int(cfg.buckets[i][1]))
+        layout = layout_of(subset)
+        num_views: int | None = layout.num_views
+        plan = BatchPlan(self.buckets, bucket_u, self.view_cap(subset, k, layout))
 
         samples: list[Built] = []
         skipped, ineligible, last_error = 0, 0, None
         reasons: dict[str, int] = {}
-        layout = layout_of(subset)
-        # image views per sample: set by the batch's first sample for faceid and multiview
-        num_views: int | None = layout.num_views
         rounds = 0
         seen: set[int] = set()
         while len(samples) < bsz:
@@ -175,6 +172,7 @@ class OneGenStream(IterableDataset):
                         index.key(cand.index),
                         cand.files,
                         draws[j],
+                        plan,
                         bucket,
                         num_views,
                     )
@@ -214,6 +212,18 @@ class OneGenStream(IterableDataset):
             "skip_last": " ".join(str(last_error or "").split())[:300],
             "batch_index": int(k),
         }
+
+    def view_cap(self, subset: str, k: int, layout: Layout) -> int | None:
+        """The most image views of batch ``k`` when ``data.<subset>_min_views`` is set: drawn
+        in [min, max] from a generator of its own, so the batch's other draws stay as they
+        were without it."""
+        if layout.num_views is not None:
+            return None
+        fewest, most = self.cfg.view_limits(subset)
+        if fewest is None:
+            return None
+        seq = np.random.SeedSequence([self.cfg.seed, self.rank, int(k), 0x0E6E, 1])
+        return int(np.random.default_rng(seq).integers(fewest, most + 1))
 
     # -- pieces --
 
@@ -262,6 +272,7 @@ class OneGenStream(IterableDataset):
         key: str,
         files: dict[str, bytes],
         draws: np.ndarray,
+        plan: BatchPlan,
         bucket: tuple[int, int] | None,
         num_views: int | None,
     ) -> Built | None:
@@ -271,7 +282,7 @@ class OneGenStream(IterableDataset):
             meta = validate_sample(subset, {"__key__": key, **files})
         else:
             meta = read_meta(key, files)
-        sample = Sample(subset, key, SampleFiles(files), meta, draws)
+        sample = Sample(subset, key, SampleFiles(files), meta, draws, plan)
         return layout.build(self.cfg, self.allowed, sample, bucket, num_views)
 
     def __iter__(self):

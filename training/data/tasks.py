@@ -293,9 +293,7 @@ def build_prompt(
     which colour means what, which both directions need)."""
     # Shards made before datagen neutralised captions (or by other tools) may still carry
     # control syntax in a caption: only the builder writes tokens, markers and tags.
-    caption = (
-        plain_text(caption) if isinstance(caption, str) else [plain_text(c) for c in caption]
-    )
+    caption = plain_text(caption) if isinstance(caption, str) else [plain_text(c) for c in caption]
     parts = [task.token]
     if task.token in TAG_KINDS:
         parts += colour_tags((meta or {}).get("entities"), TAG_KINDS[task.token])

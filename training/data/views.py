@@ -9,8 +9,6 @@ grid (``datagen.cameras``), and the model sees image and ray views alternating
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -19,6 +17,7 @@ import torch
 
 from common.pil_open import pil_open
 from datagen.cameras import cameras_to_plucker, crop_intrinsics, resize_intrinsics
+from training.data.buckets import nearest_bucket  # noqa: F401  (its home before per-family buckets)
 
 _REDUCED = {
     1: cv2.IMREAD_COLOR,
@@ -66,15 +65,6 @@ def image_size(data: bytes) -> tuple[int, int]:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     with pil_open(io.BytesIO(data)) as im:
         return im.size
-
-
-def nearest_bucket(buckets: Sequence[Sequence[int]], width: int, height: int) -> tuple[int, int]:
-    target = math.log(max(width, 1) / max(height, 1))
-    best = min(
-        range(len(buckets)),
-        key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - target), i),
-    )
-    return int(buckets[best][0]), int(buckets[best][1])
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model import NextDiT, NextDiTConfig
-from training.checkpoint_io import checkpoint_meta, read_checkpoint_tensors
+from training.checkpoint_io import checkpoint_meta, load_weights  # noqa: F401  (re-exported)
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
 from training.data.tasks import MULTIVIEW_TASKS, all_task_names, task_spec
 from training.data.tasks import task_token as token_of
@@ -33,16 +33,6 @@ from training.errors import CheckpointError
 from training.inference.generate import SamplerSettings, generate
 from training.inference.grid import Panel, Row, render_grid, save_grid_image
 from training.inference.images import load_image, save_view
-
-
-def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> None:
-    """Load ``ema.*`` (or ``model.*``) weights of a Lightning checkpoint into a plain NextDiT:
-    a file (weights only, memory-mapped) or a sharded (DCP) folder read in one process,
-    only the requested tensors, through the restricted reader of ``training.checkpoint_io``."""
-    prefix = f"{which}."
-    template = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
-    found = read_checkpoint_tensors(ckpt, template)
-    net.load_state_dict({k[len(prefix) :]: v for k, v in found.items()})
 
 
 class SampleUsageError(ConfigError):
