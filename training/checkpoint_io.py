@@ -443,7 +443,7 @@ class SafeSingleDeviceStrategy(SingleDeviceStrategy):
 def load_weights(ckpt: str | Path, net: torch.nn.Module, which: str = "ema") -> None:
     """Load ``ema.*`` (or ``model.*``) weights of a Lightning checkpoint into a plain NextDiT:
     a file (weights only, memory-mapped) or a sharded (DCP) folder read in one process,
-    only the requested tensors, through the restricted reader of ``training.checkpoint_io``."""
+    only the requested tensors, through :func:`read_checkpoint_tensors` (restricted)."""
     prefix = f"{which}."
     template = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
     found = read_checkpoint_tensors(ckpt, template)

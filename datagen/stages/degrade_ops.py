@@ -39,21 +39,26 @@ def _gaussian_taps(sigma: float) -> np.ndarray:
     return taps / taps.sum()
 
 
-def _correlate(a: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
-    """``a`` correlated with ``taps`` along ``axis``, borders mirrored without repeating the
-    edge (OpenCV's BORDER_REFLECT_101). A fixed-order sum of shifted copies: elementwise
-    float64 adds and multiplies round the same on every CPU, unlike OpenCV's SIMD float
-    filters, whose soft-edge maps differed between machines."""
-    radius = len(taps) // 2
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (radius, radius)
-    padded = np.pad(a, pad, mode="reflect")
-    n = a.shape[axis]
-    out = np.zeros_like(a)
-    for i, w in enumerate(taps):
-        if w != 0.0:
-            out += w * np.take(padded, np.arange(i, i + n), axis=axis)
+def correlate_exact(a: np.ndarray, kernel: np.ndarray, border: str) -> np.ndarray:
+    """``a`` (float64, H x W [x C]) correlated with a 2-D ``kernel`` of odd sides, as a sum of
+    shifted copies over its nonzero taps in row-major order: elementwise IEEE arithmetic in a
+    fixed order, bit-identical on every CPU (OpenCV's float filters pick SIMD code by CPU,
+    and a shard must not depend on the machine that wrote it). ``border``: ``np.pad``'s mode
+    (``reflect`` is OpenCV's BORDER_REFLECT_101, ``symmetric`` its BORDER_REFLECT)."""
+    kh, kw = kernel.shape
+    h, w = a.shape[:2]
+    pad = [(kh // 2, kh // 2), (kw // 2, kw // 2)] + [(0, 0)] * (a.ndim - 2)
+    padded = np.pad(a, pad, mode=border)
+    out = np.zeros(a.shape, np.float64)
+    for dy, dx in zip(*np.nonzero(kernel), strict=True):
+        out += kernel[dy, dx] * padded[dy : dy + h, dx : dx + w]
     return out
+
+
+def _separable(a: np.ndarray, down: np.ndarray, across: np.ndarray) -> np.ndarray:
+    """``down`` along the rows' axis, then ``across`` along the columns' (OpenCV's default
+    border, BORDER_REFLECT_101)."""
+    return correlate_exact(correlate_exact(a, down[:, None], "reflect"), across[None, :], "reflect")
 
 
 _SOBEL_SMOOTH = np.array([1.0, 2.0, 1.0])
@@ -72,9 +77,9 @@ def soft_edges(image: np.ndarray, sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)) -
     fused = np.zeros_like(gray)
     for sigma in sigmas:
         taps = _gaussian_taps(sigma)
-        smooth = _correlate(_correlate(gray, taps, 0), taps, 1)
-        gx = _correlate(_correlate(smooth, _SOBEL_SMOOTH, 0), _SOBEL_DIFF, 1)
-        gy = _correlate(_correlate(smooth, _SOBEL_DIFF, 0), _SOBEL_SMOOTH, 1)
+        smooth = _separable(gray, taps, taps)
+        gx = _separable(smooth, _SOBEL_SMOOTH, _SOBEL_DIFF)
+        gy = _separable(smooth, _SOBEL_DIFF, _SOBEL_SMOOTH)
         mag = np.sqrt(gx * gx + gy * gy) * sigma  # scale-normalised
         top = float(np.percentile(mag, 99.5))
         if top <= 1e-6:  # edges cover < 0.5% of pixels (small object, flat background)
@@ -106,17 +111,10 @@ def motion_kernel(length: int, angle_deg: float) -> np.ndarray:
 
 
 def motion_blur(image: np.ndarray, length: int, angle_deg: float) -> np.ndarray:
-    """The image correlated with :func:`motion_kernel` (reflected border), as a sum of shifted
-    copies in float64: elementwise IEEE arithmetic in a fixed order, so bit-identical on any
-    CPU (OpenCV's filter2D is not, across SIMD levels)."""
+    """The image correlated with :func:`motion_kernel` (reflected border), bit-identical on
+    any CPU (:func:`correlate_exact`; OpenCV's filter2D is not, across SIMD levels)."""
     kernel = motion_kernel(length, angle_deg)
-    r = length // 2
-    h, w = image.shape[:2]
-    pad = [(r, r), (r, r)] + [(0, 0)] * (image.ndim - 2)
-    padded = np.pad(image.astype(np.float64), pad, mode="symmetric")
-    out = np.zeros(image.shape, np.float64)
-    for dy, dx in zip(*np.nonzero(kernel), strict=True):
-        out += kernel[dy, dx] * padded[dy : dy + h, dx : dx + w]
+    out = correlate_exact(image.astype(np.float64), kernel, "symmetric")
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -208,9 +208,9 @@ def test_released_folder_starts_a_fit_whose_first_loss_is_a_forward_of_its_weigh
 
 def test_a_runs_checkpoint_starts_a_new_run_from_its_weights(tmp_path):
     from model import NextDiT, get_config
+    from training.checkpoint_io import load_weights
     from training.config import load_config
     from training.fit import fit
-    from training.inference.sample import load_weights
 
     first = fit(load_config(None, _overrides(tmp_path, "trainer.max_steps=4",
                                              "checkpoint.every_n_steps=4", "run_name=first")))  # fmt: skip

@@ -62,21 +62,21 @@ class BucketTable:
     """Every subset's buckets, by view-count range where ``data.buckets`` gives ranges."""
 
     by_subset: Mapping[str, tuple[ViewRange, ...]]
+    mode: str  # data.bucket_mode
     weights: tuple[float, ...] | None  # bucket_mode=random with one flat list
 
     def for_batch(self, subset: str, num_views: int) -> tuple[Bucket, ...]:
         for r in self.by_subset[subset]:
             if r.holds(num_views):
                 return r.buckets
-        raise ValueError(f"data.buckets: no buckets for {subset} batches of {num_views} views")
+        # bucket_table checked that the ranges cover every view count a batch can have
+        raise RuntimeError(f"data.buckets: no buckets for {subset} batches of {num_views} views")
 
-    def pick(
-        self, subset: str, num_views: int, frame: tuple[int, int], u: float, mode: str
-    ) -> Bucket:
-        """``mode=aspect``: the bucket nearest the first sample's frame (W, H); ``random``: the
-        one the batch's draw ``u`` falls on (weighted by ``data.bucket_weights`` if given)."""
+    def pick(self, subset: str, num_views: int, frame: tuple[int, int], u: float) -> Bucket:
+        """``aspect``: the bucket nearest the first sample's frame (W, H); ``random``: the one
+        the batch's draw ``u`` falls on (weighted by ``data.bucket_weights`` if given)."""
         buckets = self.for_batch(subset, num_views)
-        if mode != "random":
+        if self.mode != "random":
             return nearest_bucket(buckets, *frame)
         sums = list(itertools.accumulate(self.weights or (1.0,) * len(buckets)))
         cdf = [c / sums[-1] for c in sums]
@@ -142,7 +142,7 @@ def _check_covered(key: str, subset: str, ranges: tuple[ViewRange, ...], most: i
 
 
 def bucket_table(
-    value: Any, weights: Sequence[float] | None, max_views: Mapping[str, int]
+    value: Any, mode: str, weights: Sequence[float] | None, max_views: Mapping[str, int]
 ) -> BucketTable:
     """``data.buckets`` checked and resolved per subset; ``max_views``: the most views a batch
     of each variable-view subset has (``data.faceid_max_views``, ``data.multiview_max_views``).
@@ -169,13 +169,12 @@ def bucket_table(
                 )
             _check_covered(f"data.buckets.{k}", name, entries[k], max_views.get(name, 1))
             by_subset[name] = entries[k]
-        return BucketTable(by_subset, None)
+        return BucketTable(by_subset, mode, None)
     flat = _entry("data.buckets", value)
     if weights is not None:
         if len(weights) != len(flat[0].buckets):
             raise ConfigError("data.bucket_weights: needs one weight per bucket")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError("data.bucket_weights: must be >= 0 with a positive sum")
-    return BucketTable(
-        {name: flat for name in SUBSETS}, tuple(float(w) for w in weights) if weights else None
-    )
+    kept = tuple(float(w) for w in weights) if weights else None
+    return BucketTable({name: flat for name in SUBSETS}, mode, kept)

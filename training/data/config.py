@@ -18,8 +18,6 @@ from training.data import tasks as T
 from training.data.buckets import DEFAULT_BUCKETS, BucketTable, bucket_table
 from training.data.errors import ConfigError, unknown_key
 
-__all__ = ["DEFAULT_BUCKETS", "ConfigError", "DataConfig", "unknown_key"]
-
 
 @dataclass
 class DataConfig:
@@ -145,4 +143,4 @@ class DataConfig:
     def bucket_table(self) -> BucketTable:
         """``buckets`` checked (one line naming the key) and resolved per subset."""
         most = {s: self.view_limits(s)[1] for s in ("faceid", "multiview")}
-        return bucket_table(self.buckets, self.bucket_weights, most)
+        return bucket_table(self.buckets, self.bucket_mode, self.bucket_weights, most)

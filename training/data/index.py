@@ -35,12 +35,14 @@ from training.data.tasks import FAMILIES
 # --- seeding ---------------------------------------------------------------------------------
 
 
-def batch_rng(seed: int, rank: int, k: int) -> np.random.Generator:
-    """The one generator batch ``k`` of ``rank`` draws from. Distinct for
-    every (seed, rank, k): ranks never share a stream."""
+def batch_rng(seed: int, rank: int, k: int, stream: int = 0) -> np.random.Generator:
+    """The generator batch ``k`` of ``rank`` draws from. Distinct for every (seed, rank, k):
+    ranks never share a stream. ``stream`` > 0: another generator of the same batch, for a
+    draw added later (a batch's view count), which leaves the draws of stream 0 as they were."""
     if seed < 0 or rank < 0 or k < 0:
         raise ValueError(f"seed, rank and batch index must be >= 0, got {seed}, {rank}, {k}")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(rank), int(k), 0x0E6E]))
+    entropy = [int(seed), int(rank), int(k), 0x0E6E] + ([int(stream)] if stream else [])
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 def worker_batches(start: int, worker: int, num_workers: int):

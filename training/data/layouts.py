@@ -62,9 +62,9 @@ class BatchPlan:
     bucket_u: float  # uniform in [0, 1)
     view_cap: int | None = None  # None: data.<kind>_max_views
 
-    def bucket(self, cfg: DataConfig, subset: str, num_views: int, frame: tuple[int, int]):
+    def bucket(self, subset: str, num_views: int, frame: tuple[int, int]) -> tuple[int, int]:
         """The batch's bucket, set by its first sample's view count and frame (W, H)."""
-        return self.buckets.pick(subset, num_views, frame, self.bucket_u, cfg.bucket_mode)
+        return self.buckets.pick(subset, num_views, frame, self.bucket_u)
 
     def num_views(self, cfg: DataConfig, subset: str, have: int) -> int | None:
         """The view count a first sample with ``have`` views gives the batch (None: it has
@@ -156,7 +156,7 @@ def build_fixed(
     # All views of a sample share the source frame.
     frame = meta_frame(meta) or image_size(files["jpg"])
     if bucket is None:
-        bucket = sample.batch.bucket(cfg, sample.subset, task.num_views, frame)
+        bucket = sample.batch.bucket(sample.subset, task.num_views, frame)
     views = [load_view(files[f], f, bucket, frame) for f in task.views]
     prompt = T.build_prompt(task, caption, meta, drop_caption=sample.drop_caption(cfg))
     return Built(sample.key, task.name, views, prompt, task.cond_mask, bucket)
@@ -184,7 +184,7 @@ def build_faceid(
     )
     if bucket is None:
         frame = image_size(files[task.views[0]])
-        bucket = sample.batch.bucket(cfg, sample.subset, num_views, frame)
+        bucket = sample.batch.bucket(sample.subset, num_views, frame)
     views = [load_view(files[f], f, bucket) for f in task.views]
     prompt = T.build_prompt(task, caption, meta, drop_caption=sample.drop_caption(cfg))
     return Built(sample.key, task.name, views, prompt, task.cond_mask, bucket)
@@ -213,7 +213,7 @@ def build_multiview(
     K = load_npy(files["intrinsics.npy"], "intrinsics.npy", (have, 3, 3))[:num_views]
     frame = meta_frame(meta) or image_size(files["img0.jpg"])
     if bucket is None:
-        bucket = sample.batch.bucket(cfg, sample.subset, num_views, frame)
+        bucket = sample.batch.bucket(sample.subset, num_views, frame)
     fields = [f"img{i}.jpg" for i in range(num_views)]
     views = [load_view(files[f], f, bucket, frame) for f in fields]
     rays = bucket_rays(c2w, K, frame, bucket, cfg.latent_stride, cfg.latent_channels)

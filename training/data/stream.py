@@ -215,15 +215,14 @@ class OneGenStream(IterableDataset):
 
     def view_cap(self, subset: str, k: int, layout: Layout) -> int | None:
         """The most image views of batch ``k`` when ``data.<subset>_min_views`` is set: drawn
-        in [min, max] from a generator of its own, so the batch's other draws stay as they
+        in [min, max] from the batch's second generator, so its other draws stay as they
         were without it."""
         if layout.num_views is not None:
             return None
         fewest, most = self.cfg.view_limits(subset)
         if fewest is None:
             return None
-        seq = np.random.SeedSequence([self.cfg.seed, self.rank, int(k), 0x0E6E, 1])
-        return int(np.random.default_rng(seq).integers(fewest, most + 1))
+        return int(batch_rng(self.cfg.seed, self.rank, k, stream=1).integers(fewest, most + 1))
 
     # -- pieces --
 

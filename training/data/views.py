@@ -17,7 +17,6 @@ import torch
 
 from common.pil_open import pil_open
 from datagen.cameras import cameras_to_plucker, crop_intrinsics, resize_intrinsics
-from training.data.buckets import nearest_bucket  # noqa: F401  (its home before per-family buckets)
 
 _REDUCED = {
     1: cv2.IMREAD_COLOR,

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model import NextDiT, NextDiTConfig
-from training.checkpoint_io import checkpoint_meta, load_weights  # noqa: F401  (re-exported)
+from training.checkpoint_io import checkpoint_meta, load_weights
 from training.config import ConfigError, from_checkpoint, model_config, trained_tasks
 from training.data.tasks import MULTIVIEW_TASKS, all_task_names, task_spec
 from training.data.tasks import task_token as token_of

@@ -98,12 +98,18 @@ def test_random_mode_draws_from_the_familys_list(shards_dir):
 
 def test_one_flat_list_still_weights_its_buckets():
     cfg = DataConfig.from_any(
-        {"paths": "x", "buckets": [[32, 32], [64, 64]], "bucket_weights": [1.0, 3.0]}
+        {
+            "paths": "x",
+            "buckets": [[32, 32], [64, 64]],
+            "bucket_mode": "random",
+            "bucket_weights": [1.0, 3.0],
+        }
     )
     table = cfg.bucket_table()
-    picks = Counter(table.pick("t2i", 1, (1, 1), u / 100, "random") for u in range(100))
+    picks = Counter(table.pick("t2i", 1, (1, 1), u / 100) for u in range(100))
     assert picks == {(32, 32): 25, (64, 64): 75}
-    assert table.pick("t2i", 1, (300, 200), 0.9, "aspect") == nearest_bucket(
+    aspect = DataConfig.from_any({"paths": "x", "buckets": [[32, 32], [64, 64]]}).bucket_table()
+    assert aspect.pick("t2i", 1, (300, 200), 0.9) == nearest_bucket(
         [[32, 32], [64, 64]], 300, 200
     )
 

@@ -27,7 +27,8 @@ from training.data.config import DataConfig
 from training.data.datamodule import OneGenDataModule
 from training.data.index import batch_rng, build_subset_index, mix_weights, plan_window
 from training.data.stream import SKIP_REASONS, OneGenStream
-from training.data.views import decode_view, load_view, nearest_bucket
+from training.data.buckets import nearest_bucket
+from training.data.views import decode_view, load_view
 
 BUCKETS = [[32, 32], [32, 48], [48, 32]]
 
