@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from model import NextDiT, NextDiTConfig
 from training.config import ConfigError
 from training.errors import CheckpointError, FitError
+from training.run.folders import checkpoint_or_newest
 
 PIPELINE_CLASS = "OneDiffusionPipeline"
 MODEL_INDEX = "model_index.json"
@@ -112,28 +113,6 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ExportUsageError(f"--max-shard-size {text!r} must be more than 0 bytes")
     return value
-
-
-def _reworded(message: str) -> str:
-    """``newest_whole``'s warnings, worded for a resume, worded for an export."""
-    return message.removeprefix("resume=export: ").replace("resuming from", "exporting")
-
-
-def resolve_checkpoint(path: str | Path, warn: Callable[[str], None] = _warn) -> Path:
-    """``path`` itself (a ``.ckpt`` file or sharded folder), or a run folder's newest whole
-    checkpoint, found as ``resume`` finds it (``training.run.folders.newest_whole``)."""
-    from training.run.folders import CHECKPOINTS, newest_whole
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    if p.is_dir() and (p / CHECKPOINTS).is_dir():
-        ckpt, _, broken = newest_whole(p / CHECKPOINTS, "export", lambda m: warn(_reworded(m)))
-        if ckpt is None:
-            extra = f" (broken: {', '.join(broken)})" if broken else ""
-            raise CheckpointError(f"{p}: a run folder with no whole checkpoint{extra}")
-        return ckpt
-    return p
 
 
 def read_checkpoint(path: Path, weights: str) -> tuple[DictConfig, NextDiTConfig]:
@@ -359,7 +338,7 @@ def export_checkpoint(
         raise ExportUsageError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
     out = Path(out).expanduser()
-    src = resolve_checkpoint(checkpoint, warn)
+    src = checkpoint_or_newest(checkpoint, "export", warn)
     comp = Path(components).expanduser() if components is not None else None
     check_out(out, force, [src, *([comp] if comp else [])])
     weights = "ema" if ema else "model"

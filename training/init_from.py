@@ -140,8 +140,9 @@ def _checkpoint_source(path: Path, weights: str) -> InitSource:
 
 def find_init(cfg: DictConfig) -> InitSource | None:
     """The checked source of ``model.init_from`` (None without one); raises a one-line
-    ``ConfigError``. A folder with ``config.json`` or ``transformer/`` is a release, any
-    other path a checkpoint (a ``.ckpt`` file or a sharded checkpoint folder)."""
+    ``ConfigError``. A folder with ``config.json`` or ``transformer/`` is a release, a run
+    folder (with ``checkpoints/``) its newest whole checkpoint, any other path a checkpoint
+    (a ``.ckpt`` file or a sharded checkpoint folder)."""
     mcfg = cfg.model
     if not mcfg.init_from:
         if mcfg.config == FROM_INIT:
@@ -162,6 +163,14 @@ def find_init(cfg: DictConfig) -> InitSource | None:
     )
     if is_release:
         return _release_source(path)
+    from common.safe_pt import first_line
+    from training.errors import CheckpointError, warn
+    from training.run.folders import checkpoint_or_newest
+
+    try:  # a run folder: its newest whole checkpoint, as resume finds it
+        path = checkpoint_or_newest(path, "model.init_from", warn)
+    except CheckpointError as exc:
+        raise ConfigError(f"model.init_from: {first_line(exc)}") from None
     return _checkpoint_source(path, str(mcfg.init_weights))
 
 

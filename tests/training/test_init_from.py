@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import REPO
+from training.data.errors import ConfigError
 
 PREFIX = "onegen train fit: error: "
 
@@ -228,6 +229,18 @@ def test_a_runs_checkpoint_starts_a_new_run_from_its_weights(tmp_path):
         assert torch.equal(end[f"model.{name}"], t), name
     record = json.loads((Path(second.run_dir) / "init_from.json").read_text())
     assert record["kind"] == "checkpoint" and record["source_run_id"] == first.run_id
+
+    # The run folder itself: its newest whole checkpoint, stepping over a newer broken one.
+    from training.init_from import find_init
+
+    broken = Path(first.checkpoint_dir) / "step00000006.ckpt"
+    broken.write_bytes(ckpt.read_bytes()[:1000])
+    source = find_init(load_config(None, [f"model.init_from={first.run_dir}"]))
+    assert source.path == ckpt and source.source_run_id == first.run_id
+    ckpt.unlink()
+    empty = load_config(None, [f"model.init_from={first.run_dir}"])
+    with pytest.raises(ConfigError, match="a run folder with no whole checkpoint .broken: step0"):
+        find_init(empty)
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str]:

@@ -70,10 +70,11 @@ def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 
 
 def newest_whole(
-    ckpt_dir: str | Path, mode: str, warn: Callable[[str], None]
+    ckpt_dir: str | Path, label: str, warn: Callable[[str], None]
 ) -> tuple[Path | None, dict, list[str]]:
     """The newest whole checkpoint in ``ckpt_dir``, its ``onegen`` entry, and the names of
-    newer broken ones (each warned about); code in a checkpoint is never stepped over
+    newer broken ones (each warned about, the warning led by ``label``: ``resume=auto``,
+    ``export``, ``model.init_from``); code in a checkpoint is never stepped over
     (``UnsafeCheckpointError``)."""
     broken: list[str] = []
     for cand in reversed(find_checkpoints(ckpt_dir)):
@@ -82,13 +83,28 @@ def newest_whole(
         except UnsafeCheckpointError:
             raise
         except CheckpointError as exc:
-            warn(f"resume={mode}: skipping checkpoint {cand}: {exc}")
+            warn(f"{label}: skipping checkpoint {cand}: {exc}")
             broken.append(cand.name)
             continue
         if broken:
-            warn(f"resume={mode}: resuming from {cand} instead")
+            warn(f"{label}: using {cand} instead")
         return cand, onegen_meta(checked), broken
     return None, {}, broken
+
+
+def checkpoint_or_newest(path: str | Path, label: str, warn: Callable[[str], None]) -> Path:
+    """``path`` itself (a ``.ckpt`` file or sharded folder), or a run folder's newest whole
+    checkpoint, found as ``resume`` finds it; ``CheckpointError`` when neither exists."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_dir() and (p / CHECKPOINTS).is_dir():
+        ckpt, _, broken = newest_whole(p / CHECKPOINTS, label, warn)
+        if ckpt is None:
+            extra = f" (broken: {', '.join(broken)})" if broken else ""
+            raise CheckpointError(f"{p}: a run folder with no whole checkpoint{extra}")
+        return ckpt
+    return p
 
 
 def experiment_dir(cfg: DictConfig) -> Path:
@@ -149,7 +165,7 @@ def plan_run(cfg: DictConfig, warn: Callable[[str], None]) -> RunPlan:
         candidates = [Path(str(cfg.run_dir))] if cfg.run_dir else list_runs(cfg)
         broken_all: list[str] = []
         for run_dir in candidates:
-            ckpt, meta, broken = newest_whole(run_dir / CHECKPOINTS, mode, warn)
+            ckpt, meta, broken = newest_whole(run_dir / CHECKPOINTS, f"resume={mode}", warn)
             broken_all += [f"{run_dir.name}/{b}" for b in broken]
             if ckpt is not None:
                 return RunPlan(run_dir, run_dir.name, str(ckpt), True, meta)
@@ -185,7 +201,7 @@ def _plan_named(cfg: DictConfig, name: str, warn: Callable[[str], None]) -> RunP
             return RunPlan(holder.parent, holder.parent.name, str(path), True, meta)
         fresh = _plan_fresh(cfg)
         return RunPlan(fresh.run_dir, fresh.run_name, str(path), False, meta)
-    ckpt, meta, _ = newest_whole(path / CHECKPOINTS, name, warn)
+    ckpt, meta, _ = newest_whole(path / CHECKPOINTS, f"resume={name}", warn)
     if ckpt is None:
         raise ConfigError(f"resume={name}: {path} holds no whole checkpoint")
     return RunPlan(path, path.name, str(ckpt), True, meta)
