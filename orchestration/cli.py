@@ -194,6 +194,44 @@ def _sample_source(args: argparse.Namespace):
     return args.checkpoint, "model" if args.ema is False else "ema"
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Exit code 2: a usage error or a benchmark folder in the wrong layout, found before any
+    weights are read; 1: a missing or broken checkpoint or folder."""
+    from training.config import ConfigError
+    from training.errors import FitError
+    from training.evaluation.errors import BenchmarkError
+    from training.evaluation.run import EvalRequest, evaluate
+    from training.inference.sample import SampleUsageError
+
+    try:
+        source, weights = _sample_source(args)
+        if args.checkpoint is not None:  # a run folder: its newest whole checkpoint
+            from training.errors import warn
+            from training.run.folders import checkpoint_or_newest
+
+            source = checkpoint_or_newest(args.checkpoint, "eval", warn)
+        index, count = (int(x) for x in args.shard.split("/"))
+        req = EvalRequest(
+            benchmark=args.benchmark, path=args.path, out=args.out, num=args.num,
+            steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size,
+            split=args.split, device=args.device, devices=args.devices, shard=(index, count),
+            tasks=tuple(t for t in args.tasks.split(",") if t) if args.tasks else None,
+        )  # fmt: skip
+        result = evaluate(source, weights, req)
+    except (SampleUsageError, BenchmarkError) as exc:
+        print(f"onegen eval: error: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, FileNotFoundError, FitError) as exc:  # a missing or broken model
+        print(f"onegen eval: error: {exc}", file=sys.stderr)
+        return 1
+    if result:
+        for task, per in result["tasks"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in per.items() if k != "n")
+            print(f"{task} (n={int(per['n'])}): {shown}")
+        print(f"{result['done']}/{result['cases']} samples; {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     """Exit code 2: a usage error, found before any weights are read (nothing written);
     1: a missing or broken checkpoint or folder, an unreadable condition image."""
@@ -511,6 +549,39 @@ def parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--force", action="store_true", help="replace a non-empty --out")
     ex.set_defaults(func=_export)
+
+    from training.evaluation.run import BENCHMARKS
+
+    ev = top.add_parser(
+        "eval", help="a checkpoint or released folder on one of the paper's benchmarks"
+    )
+    model = ev.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a .ckpt file, sharded folder or run folder")
+    model.add_argument("--weights", metavar="FOLDER", help="a released or exported folder")
+    ev.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    ev.add_argument(
+        "--path",
+        required=True,
+        help="the benchmark's folder in its published layout (nyuv2: Marigold's "
+        "nyu_labeled_extracted with filename_list_test.txt; diode: the val folder with "
+        "diode_val_all_filename_list.txt; onegen: a datagen output)",
+    )
+    ev.add_argument("--out", required=True, help="results: metrics.json, report.md, grid.png")
+    ev.add_argument("--split", help="the split list, when it is not in --path")
+    ev.add_argument("--num", type=int, help="the first N samples (onegen: N per task, default 8)")
+    ev.add_argument("--tasks", help="onegen: comma-separated tasks (default: every scored one)")
+    ev.add_argument("--steps", type=int, help="Euler steps (default: the config's samples.steps)")
+    ev.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    ev.add_argument("--size", type=int, help="the long side to generate at (pixels)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None)
+    ev.add_argument(
+        "--encoders", choices=["tiny", "pretrained"], help="--weights: as onegen sample"
+    )
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--devices", type=int, default=1, help="processes sharing the samples")
+    ev.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+    ev.set_defaults(func=_eval)
     return p
 
 

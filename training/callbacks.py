@@ -38,9 +38,32 @@ def peak_flops(device: torch.device, override: float | None = None) -> float | N
     return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
-def _step_done(pl_module: pl.LightningModule) -> bool:
+def step_done(pl_module: pl.LightningModule) -> bool:
     """True in on_train_batch_end right after an optimizer step (not mid-accumulation)."""
     return getattr(pl_module, "_micro", 0) == 0
+
+
+class EveryNSteps(Callback):
+    """Runs :meth:`on_step` after every ``self.every``-th optimizer step (not mid-accumulation,
+    never at step 0; ``every`` <= 0: never)."""
+
+    every: int = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or not step_done(pl_module) or step == 0 or step % self.every:
+            return
+        self.on_step(trainer, pl_module, step)
+
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        raise NotImplementedError
 
 
 def mlflow_target(trainer: pl.Trainer) -> tuple[Any, str] | None:
@@ -101,7 +124,7 @@ class ThroughputMonitor(Callback):
         self._tokens += tokens
         if tokens:
             self._flops += tokens * self._flops_per_token(int(stats["seq"]))
-        if not _step_done(pl_module):
+        if not step_done(pl_module):
             return
         self._steps += 1
         step = trainer.global_step
@@ -131,7 +154,7 @@ class ThroughputMonitor(Callback):
 # --------------------------------------------------------------------------- sample grids
 
 
-class SampleGrid(Callback):
+class SampleGrid(EveryNSteps):
     """Every N steps, sample a fixed set of tasks with the EMA weights and log one labelled
     grid per task (``training.inference.grid``).
 
@@ -176,17 +199,7 @@ class SampleGrid(Callback):
                 if batch.get("rays") is not None:  # multiview: the ray views too
                     self.captured[task]["rays"] = batch["rays"][i : i + 1].detach().cpu().clone()
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step = trainer.global_step
-        if self.every <= 0 or not _step_done(pl_module) or step == 0 or step % self.every:
-            return
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self.render(trainer, pl_module, step)
 
     def _common_tasks(self, trainer: pl.Trainer) -> list[str]:

@@ -167,6 +167,18 @@ class SamplesSection:
 
 
 @dataclass
+class EvalSection:
+    # Held-out metrics in the fit (training/evaluation): every N steps the EMA model generates
+    # num_samples held-out samples (data.holdout) of each task and scores them; 0: off.
+    every_n_steps: int = 0
+    tasks: list[str] | None = None  # None: every scored task the held-out samples carry
+    num_samples: int = 4  # per task, over all ranks
+    steps: int = 10  # sampler steps
+    guidance: float | None = None  # None: samples.guidance
+    seed: int = 0
+
+
+@dataclass
 class ThroughputSection:
     every_n_steps: int | None = None  # None: trainer.log_every_n_steps
     peak_flops: float | None = None  # None: from the CUDA device name
@@ -208,6 +220,7 @@ class FitConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     data: DataSection = field(default_factory=DataSection)
     samples: SamplesSection = field(default_factory=SamplesSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     throughput: ThroughputSection = field(default_factory=ThroughputSection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
     debug: DebugSection = field(default_factory=DebugSection)
@@ -365,6 +378,32 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"data.synthetic.tasks: unknown task {unknown[0]!r}")
     if cfg.data.kind == "onegen":
         DataConfig.from_any(cfg.data)
+    check_eval(cfg)
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """The ``eval`` section: held-out samples to score, tasks that have a metric."""
+    from training.evaluation.scored import SCORED_TASKS
+
+    e = cfg.eval
+    if e.every_n_steps < 0:
+        raise ConfigError(f"eval.every_n_steps: must be >= 0 (0: off); got {e.every_n_steps}")
+    for key in ("num_samples", "steps"):
+        if e[key] < 1:
+            raise ConfigError(f"eval.{key}: must be >= 1; got {e[key]}")
+    if e.tasks is not None:
+        unknown = [t for t in e.tasks if t not in SCORED_TASKS]
+        if unknown:
+            raise ConfigError(
+                f"eval.tasks: {unknown[0]!r} has no held-out metric; scored tasks: "
+                f"{', '.join(SCORED_TASKS)}"
+            )
+    if e.every_n_steps and (cfg.data.kind != "onegen" or not cfg.data.holdout):
+        raise ConfigError(
+            "eval.every_n_steps: held-out metrics need held-out shards: data.kind onegen "
+            f"with data.holdout > 0 (got data.kind {cfg.data.kind}, data.holdout "
+            f"{cfg.data.holdout})"
+        )
 
 
 def check_lora(cfg: DictConfig) -> None:

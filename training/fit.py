@@ -155,6 +155,10 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan, init: Any = None) -> list[pl
     ]
     if int(cfg.samples.every_n_steps or 0) > 0:
         callbacks.append(SampleGrid(cfg.samples, plan.run_dir / "samples"))
+    if int(cfg.eval.every_n_steps) > 0:
+        from training.evaluation.callback import HeldOutEval
+
+        callbacks.append(HeldOutEval(cfg, plan.run_dir / "eval"))
     if cfg.mlflow.enabled:
         callbacks.append(TrackingCallback(cfg, plan.resume_from, init))
     if cfg.debug.report_dir:

@@ -26,6 +26,7 @@ Shard batches also carry what the loader skipped (``training.data.skips`` counts
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -503,8 +504,10 @@ class OneGenModule(pl.LightningModule):
         cond_rays: Tensor | None = None,
         use_ema: bool = True,
         seed: int = 0,
+        settings: SamplerSettings | None = None,
     ) -> Any:
-        """Sample pixels [B, V, 3, H, W] in [-1, 1] with the EMA (or live) weights.
+        """Sample pixels [B, V, 3, H, W] in [-1, 1] with the EMA (or live) weights, by
+        ``settings`` (default: the ``samples`` section's steps and guidance).
 
         With ``cond_rays`` [B, V, C, h, w] (a multiview batch: ``cond_pixels`` its V images,
         ``cond_mask`` [B, 2V] over img0, ray0, img1, ...) the result is a
@@ -516,7 +519,10 @@ class OneGenModule(pl.LightningModule):
         # LoRA: the averaged adapters in the model while it samples (no second base).
         averaged = lora.swapped(self.ema_pairs()) if use_ema and self.lora else nullcontext()
         with averaged:
-            settings = SamplerSettings.from_config(self.cfg, seed=seed)
+            if settings is None:
+                settings = SamplerSettings.from_config(self.cfg, seed=seed)
+            else:
+                settings = dataclasses.replace(settings, seed=seed)
             if cond_rays is not None:
                 if cond_pixels is None or cond_mask is None:
                     raise ValueError("cond_rays needs cond_pixels and cond_mask")

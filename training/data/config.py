@@ -45,6 +45,7 @@ class DataConfig:
     overread: float = 0.25  # read this fraction more samples than needed
     reverse_prob: float = 0.5  # map tasks: P(image -> map)
     tasks: list[str] | None = None  # restrict to these task names
+    holdout: float = 0.0  # this fraction of each subset's keys is never trained on (eval)
     faceid_max_views: int = 4
     multiview_max_views: int = 4  # image views per multiview sample (twice as many views)
     # None: a batch has as many views as its first sample (up to the max); n: each batch draws
@@ -112,6 +113,8 @@ class DataConfig:
         ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise bad(key, "must be in [0, 1]")
+        if not 0.0 <= self.holdout < 1.0:
+            raise bad("holdout", f"a fraction in [0, 1); got {self.holdout}")
         if self.seed < 0:
             raise bad("seed", "must be >= 0")
         if self.overread < 0:

@@ -60,6 +60,7 @@ from datagen.shards.layout import MANIFEST
 from datagen.shards.reader import ShardReader
 from training.data import tasks as T
 from training.data.config import DataConfig
+from training.data.holdout import split_holdout
 from training.data.index import SubsetIndex, build_subset_index, mix_weights
 from training.data.layouts import LAYOUTS
 from training.data.stream import OneGenStream
@@ -100,6 +101,8 @@ class OneGenDataModule(LightningDataModule):
         self.start_step = int(start_step)
         self.indexes: dict[str, SubsetIndex] | None = None
         self.probs: dict[str, float] | None = None
+        # data.holdout's part of each subset: never in the training stream (evaluation reads it)
+        self.held_out: dict[str, SubsetIndex] = {}
 
     # -- setup --
 
@@ -122,7 +125,17 @@ class OneGenDataModule(LightningDataModule):
                     f"data.tasks {self.cfg.tasks} leaves subset(s) {idle} nothing to train; "
                     "give them weight 0 in data.mix or allow one of their tasks"
                 )
-        self.indexes = {s: build_subset_index(paths[s], s) for s in wanted}
+        indexes = {s: build_subset_index(paths[s], s) for s in wanted}
+        self.held_out = {}
+        if self.cfg.holdout > 0:
+            for s, index in list(indexes.items()):
+                indexes[s], self.held_out[s] = split_holdout(index, self.cfg.holdout)
+                if indexes[s].num_samples == 0:
+                    raise ValueError(
+                        f"data.holdout {self.cfg.holdout} holds out every one of subset {s!r}'s "
+                        f"{index.num_samples} samples: nothing is left to train on"
+                    )
+        self.indexes = indexes
         self.probs = {s: probs[s] for s in wanted}
 
     # -- where the stream starts --

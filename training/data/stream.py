@@ -72,7 +72,7 @@ def read_meta(key: str, files: Mapping[str, bytes]) -> dict:
 
 
 @dataclass
-class _Candidate:
+class Candidate:
     index: int  # global sample index in its subset
     files: dict[str, bytes] | None
     error: str | None = None
@@ -148,9 +148,9 @@ class OneGenStream(IterableDataset):
             rounds += 1
             if len(seen) >= index.num_samples:  # a subset smaller than a batch: allow repeats
                 seen.clear()
-            cands: list[_Candidate] = []
+            cands: list[Candidate] = []
             for _ in range(reads):
-                for cand in self._read_window(index, *plan_window(rng, index, window)):
+                for cand in self.read_window(index, *plan_window(rng, index, window)):
                     if cand.index not in seen:  # overlapping windows: a sample once per batch
                         seen.add(cand.index)
                         cands.append(cand)
@@ -166,7 +166,7 @@ class OneGenStream(IterableDataset):
                     reasons[cand.reason] = reasons.get(cand.reason, 0) + 1
                     continue
                 try:
-                    built = self._build_sample(
+                    built = self.build_sample(
                         layout,
                         subset,
                         index.key(cand.index),
@@ -231,9 +231,11 @@ class OneGenStream(IterableDataset):
             self._fs[url] = filesystem(url)
         return self._fs[url]
 
-    def _read_window(
+    def read_window(
         self, index: SubsetIndex, shard: int, first: int, stop: int
-    ) -> list[_Candidate]:
+    ) -> list[Candidate]:
+        """Samples ``first:stop`` of ``shard`` in one byte-range read, each its files or the
+        reason it cannot be read."""
         url = index.urls[shard]
         start = int(index.offsets[first])
         end = int(index.offsets[stop - 1] + index.lengths[stop - 1])
@@ -242,7 +244,7 @@ class OneGenStream(IterableDataset):
             data = memoryview(read_range(fs, path, start, end))
         except (OSError, ValueError) as exc:
             return [
-                _Candidate(i, None, f"{url}: {type(exc).__name__}: {exc}", "unreadable")
+                Candidate(i, None, f"{url}: {type(exc).__name__}: {exc}", "unreadable")
                 for i in range(first, stop)
             ]
         out = []
@@ -250,7 +252,7 @@ class OneGenStream(IterableDataset):
             rel, n = int(index.offsets[i]) - start, int(index.lengths[i])
             if rel + n > len(data):
                 out.append(
-                    _Candidate(
+                    Candidate(
                         i,
                         None,
                         f"{url}: sample {index.key(i)} is cut short (truncated tar)",
@@ -259,12 +261,12 @@ class OneGenStream(IterableDataset):
                 )
                 continue
             try:
-                out.append(_Candidate(i, sample_files(data[rel : rel + n], index.key(i))))
+                out.append(Candidate(i, sample_files(data[rel : rel + n], index.key(i))))
             except (ValueError, UnicodeDecodeError) as exc:
-                out.append(_Candidate(i, None, f"{url}: {exc}", "unreadable"))
+                out.append(Candidate(i, None, f"{url}: {exc}", "unreadable"))
         return out
 
-    def _build_sample(
+    def build_sample(
         self,
         layout: Layout,
         subset: str,
@@ -274,15 +276,17 @@ class OneGenStream(IterableDataset):
         plan: BatchPlan,
         bucket: tuple[int, int] | None,
         num_views: int | None,
+        allowed: set[str] | None = None,
     ) -> Built | None:
         """Sample ``key`` as the batch's task layout, or None when it cannot join this batch
-        (too few views, no allowed task)."""
+        (too few views, no allowed task). ``allowed``: these tasks instead of ``data.tasks``
+        (the evaluation asks for one task at a time)."""
         if self.cfg.validate:
             meta = validate_sample(subset, {"__key__": key, **files})
         else:
             meta = read_meta(key, files)
         sample = Sample(subset, key, SampleFiles(files), meta, draws, plan)
-        return layout.build(self.cfg, self.allowed, sample, bucket, num_views)
+        return layout.build(self.cfg, allowed or self.allowed, sample, bucket, num_views)
 
     def __iter__(self):
         info = get_worker_info()
