@@ -155,7 +155,9 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan, init: Any = None) -> list[pl
     ]
     if int(cfg.samples.every_n_steps or 0) > 0:
         callbacks.append(SampleGrid(cfg.samples, plan.run_dir / "samples"))
-    if int(cfg.eval.every_n_steps) > 0:
+    if int(cfg.eval.every_n_steps) > 0 and cfg.data.kind == "synthetic":
+        warn("eval: synthetic data holds no sample out: no held-out metrics this fit")
+    elif int(cfg.eval.every_n_steps) > 0:
         from training.evaluation.callback import HeldOutEval
 
         callbacks.append(HeldOutEval(cfg, plan.run_dir / "eval"))

@@ -49,7 +49,7 @@ from training.data import skips
 from training.data.seeding import mix_seed
 from training.data.views import interleave_rays
 from training.encoders import FrozenEncoders, build_encoders, parse_dtype
-from training.inference.generate import SamplerSettings, generate, generate_views
+from training.inference.generate import SamplerSettings, generate_any
 from training.optim import build_optimizer, clip_grad_norm, ema_decay, ema_update
 from training.parallelize import init_sharded, local_tensor, parallelize
 from training.run.folders import log_line
@@ -523,27 +523,15 @@ class OneGenModule(pl.LightningModule):
                 settings = SamplerSettings.from_config(self.cfg, seed=seed)
             else:
                 settings = dataclasses.replace(settings, seed=seed)
-            if cond_rays is not None:
-                if cond_pixels is None or cond_mask is None:
-                    raise ValueError("cond_rays needs cond_pixels and cond_mask")
-                return generate_views(
-                    self.denoiser(net),
-                    self.frozen,
-                    prompts,
-                    settings,
-                    cond_pixels=cond_pixels,
-                    cond_rays=cond_rays,
-                    cond_mask=cond_mask,
-                    device=self.device,
-                )
-            return generate(
+            return generate_any(
                 self.denoiser(net),
                 self.frozen,
                 prompts,
                 settings,
+                device=self.device,
                 views=views,
                 size=size,
                 cond_pixels=cond_pixels,
                 cond_mask=cond_mask,
-                device=self.device,
+                cond_rays=cond_rays,
             )

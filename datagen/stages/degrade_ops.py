@@ -12,6 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.edges import canny
 from datagen.seeded import seeded_rng
 
 FILL_VALUES = {"black": 0, "gray": 128}
@@ -23,12 +24,6 @@ def rng_for(key: str, seed: int, purpose: str) -> np.random.Generator:
 
 def _gray(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-
-
-def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """White edges on black, ``[H, W] uint8``, ControlNet's usual thresholds."""
-    gray = cv2.GaussianBlur(_gray(image), (3, 3), 0)
-    return cv2.Canny(gray, low, high, L2gradient=True)
 
 
 def _gaussian_taps(sigma: float) -> np.ndarray:

@@ -59,10 +59,10 @@ class HeldOutEval(EveryNSteps):
     def evaluate(
         self, trainer: pl.Trainer, pl_module: Any, step: int
     ) -> dict[str, dict[str, float]]:
-        e, cfg = self.cfg.eval, self.cfg
-        guidance = e.guidance if e.guidance is not None else cfg.samples.guidance
-        shift = cfg.samples.shift if cfg.samples.shift is not None else cfg.loss.shift
-        settings = SamplerSettings(int(e.steps), float(guidance), float(shift), int(e.seed))
+        e = self.cfg.eval
+        settings = SamplerSettings.from_config(
+            self.cfg, steps=int(e.steps), guidance=e.guidance, seed=int(e.seed)
+        )
         start = time.perf_counter()
         generate = functools.partial(pl_module.generate, settings=settings)
         local = run_items(

@@ -10,13 +10,12 @@ camera-centre accuracies) live in ``datagen.cameras``, beside the camera convent
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datagen.schema import PALETTE
+from common.boxes import box_iou
+from datagen.schema import PALETTE, palette_rgb
 
 DELTA1 = 1.25
 # NYUv2's Eigen crop (Eigen et al. 2014) on the 480 x 640 frame, as Marigold and
@@ -229,7 +228,7 @@ def ssim(
 
 def palette_rgb_array(with_background: bool = True) -> np.ndarray:
     """``[K, 3]`` uint8: black (class 0, no entity) then the released palette in its order."""
-    colours = [tuple(int(h[i : i + 2], 16) for i in (1, 3, 5)) for h, _ in PALETTE]
+    colours = [palette_rgb(i) for i in range(len(PALETTE))]
     return np.array(([BACKGROUND_RGB] if with_background else []) + colours, np.uint8)
 
 
@@ -269,15 +268,6 @@ def _box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two ``(x0, y0, x1, y1)`` boxes (exclusive ends)."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def box_map_iou(generated: np.ndarray, label: np.ndarray) -> float:
     """Mean, over the label's entity colours, of the IoU of the box around that colour's
     pixels in the generated box map and in the label (0 where the generation lacks the
@@ -289,7 +279,7 @@ def box_map_iou(generated: np.ndarray, label: np.ndarray) -> float:
         if c == 0:
             continue
         want, got = _box_of(lab == c), _box_of(gen == c)
-        scores.append(0.0 if got is None else box_iou(got, want))  # type: ignore[arg-type]
+        scores.append(0.0 if got is None else float(box_iou(got, want)[0, 0]))
     return float(np.mean(scores)) if scores else float("nan")
 
 

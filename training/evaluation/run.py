@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -87,10 +86,10 @@ def case_file(out: Path, case_id: str) -> Path:
 
 
 def _write_json(path: Path, payload: Any) -> None:
+    from training.run.folders import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -175,18 +174,15 @@ def onegen_bench(req: EvalRequest, cfg: Any, side: int) -> Bench:
 
 
 def _sampler(net: Any, frozen: Any, settings: Any, device: str) -> Callable[..., Any]:
-    from training.inference.generate import generate, generate_views
-
-    def denoiser(x, t, txt, m):
-        return net(x, t, txt, m)
+    from training.inference.generate import generate_any
 
     def run(prompt: str, seed: int, kw: dict[str, Any]) -> Any:
-        s = dataclasses.replace(settings, seed=seed)
-        if kw.get("cond_rays") is not None:
-            return generate_views(denoiser, frozen, [prompt], s, device=torch.device(device), **kw)
         pixels = kw["cond_pixels"]
-        return generate(denoiser, frozen, [prompt], s, views=pixels.shape[1],
-                        size=tuple(pixels.shape[-2:]), device=torch.device(device), **kw)  # fmt: skip
+        return generate_any(
+            lambda x, t, txt, m: net(x, t, txt, m), frozen, [prompt],
+            dataclasses.replace(settings, seed=seed), device=torch.device(device),
+            views=pixels.shape[1], size=tuple(pixels.shape[-2:]), **kw,
+        )  # fmt: skip
 
     return run
 
@@ -217,15 +213,10 @@ def open_bench(req: EvalRequest, cfg: Any, stride: tuple[int, int]) -> Bench:
     multiple = math.lcm(*stride)
     if side % multiple:
         raise BenchmarkError(f"--size {side}: not a multiple of {multiple}, the model's patch grid")
-    if req.benchmark in ("nyuv2", "diode"):
-        bench = depth_bench(req, multiple, side)
-    elif req.benchmark == "onegen":
-        bench = onegen_bench(req, cfg, side)
-        return bench
-    else:
-        raise BenchmarkError(f"--benchmark {req.benchmark}: one of {', '.join(BENCHMARKS)}")
-    if req.num is not None:
-        bench.cases = bench.cases[: req.num]
+    if req.benchmark == "onegen":  # --num: samples per task
+        return onegen_bench(req, cfg, side)
+    bench = depth_bench(req, multiple, side)
+    bench.cases = bench.cases[: req.num]  # --num: the first N (None: all)
     return bench
 
 

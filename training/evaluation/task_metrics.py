@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from datagen.cameras import plucker_to_cameras, pose_metrics, relative_to_camera0
-from datagen.stages.degrade_ops import canny
+from common.edges import canny
+from datagen.cameras import pose_metrics
 from training.evaluation import metrics as M
 from training.evaluation.scored import PAIR_TASKS
 
@@ -98,21 +98,23 @@ def camera_accuracy(
     rays_gen: np.ndarray, rays_true: np.ndarray, size: tuple[int, int]
 ) -> dict[str, float]:
     """camera_pose: the cameras the generated ray views give against those of the true ray
-    views (both recovered the same way, camera 0 at the identity), by RayDiffusion's
-    relative-rotation @15 deg and camera-centre @0.1 / @0.3 accuracies (Table 5)."""
-    zero = {"rotation_acc_15": 0.0, "center_acc_0.1": 0.0, "center_acc_0.3": 0.0}
-    out: dict[str, float] = {}
+    views (both recovered as ``onegen sample`` recovers them, camera 0 at the identity), by
+    RayDiffusion's relative-rotation @15 deg and camera-centre @0.1 / @0.3 accuracies
+    (Table 5). Rays that describe no camera score 0."""
+    from training.errors import FitError
+    from training.inference.multiview import recover_cameras
+
     try:
-        pred = relative_to_camera0(plucker_to_cameras(np.asarray(rays_gen, np.float64), size)[0])
-        true = relative_to_camera0(plucker_to_cameras(np.asarray(rays_true, np.float64), size)[0])
-    except (ValueError, np.linalg.LinAlgError):  # rays that describe no camera score 0
-        return zero
-    if not np.isfinite(pred).all():
-        return zero
-    for name, value in pose_metrics(pred, true).items():  # "rotation_acc@15": MLflow refuses @
-        if not np.isnan(value):
-            out[name.replace("@", "_")] = value
-    return out
+        pred = recover_cameras(rays_gen, size)[0]
+        true = recover_cameras(rays_true, size)[0]
+    except FitError:
+        return {"rotation_acc_15": 0.0, "center_acc_0.1": 0.0, "center_acc_0.3": 0.0}
+    # "rotation_acc@15" as pose_metrics names it: MLflow refuses "@" in a metric name
+    return {
+        name.replace("@", "_"): value
+        for name, value in pose_metrics(pred, true).items()
+        if not np.isnan(value)
+    }
 
 
 # task name -> scorer of (generated views, true views); multiview and camera_pose are

@@ -129,6 +129,34 @@ def generate_views(
     return MultiviewSample(frozen.vae.decode(out[:, 0::2]).clamp(-1, 1), out[:, 1::2])
 
 
+def generate_any(
+    denoiser: Any,
+    frozen: FrozenEncoders,
+    prompts: Sequence[str],
+    settings: SamplerSettings,
+    *,
+    device: torch.device,
+    views: int = 1,
+    size: tuple[int, int] = (64, 64),
+    cond_pixels: Tensor | None = None,
+    cond_mask: Tensor | None = None,
+    cond_rays: Tensor | None = None,
+) -> Tensor | MultiviewSample:
+    """:func:`generate_views` for a multiview request (``cond_rays`` given), else
+    :func:`generate`: one entry for the fit's grids and evaluation and ``onegen eval``."""
+    if cond_rays is not None:
+        if cond_pixels is None or cond_mask is None:
+            raise ValueError("cond_rays needs cond_pixels and cond_mask")
+        return generate_views(
+            denoiser, frozen, prompts, settings,
+            cond_pixels=cond_pixels, cond_rays=cond_rays, cond_mask=cond_mask, device=device,
+        )  # fmt: skip
+    return generate(
+        denoiser, frozen, prompts, settings, views=views, size=size,
+        cond_pixels=cond_pixels, cond_mask=cond_mask, device=device,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def denoise(
     denoiser: Any,

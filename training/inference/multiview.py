@@ -290,11 +290,13 @@ def request_rig(req: CameraRequest, side: int) -> tuple[np.ndarray, np.ndarray]:
     return c2w, np.stack([default_intrinsics(side)] * len(c2w))
 
 
-def recover_cameras(rays: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cameras (c2w re-anchored so camera 0 is exactly ``CAMERA0``, K of the square crop)
-    of sampled ray views [V, C, h, w]; a FitError when they describe no camera."""
+def recover_cameras(rays: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Cameras (c2w re-anchored so camera 0 is exactly ``CAMERA0``, K of the frame: a square
+    ``side`` or ``(H, W)``) of sampled ray views [V, C, h, w]; a FitError when they describe
+    no camera."""
+    frame = (size, size) if isinstance(size, int) else tuple(size)
     try:
-        c2w, K = plucker_to_cameras(np.asarray(rays, np.float64), (side, side))
+        c2w, K = plucker_to_cameras(np.asarray(rays, np.float64), frame)
         rel = relative_to_camera0(c2w)
     except (ValueError, np.linalg.LinAlgError) as exc:
         raise FitError(f"the generated ray views give no cameras ({exc})") from None

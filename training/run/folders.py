@@ -252,13 +252,13 @@ def prepare(plan: RunPlan, cfg: DictConfig, config_yaml: str) -> None:
         record.setdefault("resumes", []).append(
             {"from": str(plan.resume_from), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
         )
-    _write_atomic(record_path, json.dumps(record, indent=1))
+    write_text_atomic(record_path, json.dumps(record, indent=1))
     if plan.continued and plan.resume_from:
         step = checkpoint_step(plan.resume_from) or 0
         name = f"config.resume-step{step:08d}.yaml"
     else:
         name = "config.yaml"
-    _write_atomic(plan.run_dir / name, config_yaml)
+    write_text_atomic(plan.run_dir / name, config_yaml)
 
 
 @contextlib.contextmanager
@@ -276,7 +276,8 @@ def shared_run_name(name: str) -> Iterator[None]:
             os.environ[RUN_NAME_ENV] = old
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` at ``path`` so readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -6,12 +6,12 @@ import cv2
 import numpy as np
 import pytest
 
+from common.edges import canny
 from datagen.stages.degrade import DegradeStage
 from datagen.stages.degrade_ops import (
     FILL_VALUES,
     box_mask,
     brush_mask,
-    canny,
     degrade_all,
     downscale,
     gaussian_blur,

@@ -20,11 +20,11 @@ import pytest
 import torch
 from skimage import data as skdata
 
+from common.boxes import box_iou
 from datagen.stages.models.common import RANDOM_TINY, CheckpointError
 from datagen.stages.models.grounding import (
     Detection,
     Grounder,
-    box_iou,
     build_prompt,
     clean_phrase,
     cxcywh_to_xyxy,
