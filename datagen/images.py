@@ -18,17 +18,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from common.alpha import flatten_alpha
 from common.pil_open import pil_open
 from datagen.io import BadInput, DecodeParams
 
 # --- decoding ----------------------------------------------------------------------------
-
-
-def _flatten_alpha(img: Image.Image) -> Image.Image:
-    """Composite on white: transparent pixels hold arbitrary colours underneath."""
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -36,7 +30,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("RGBA", "LA", "RGBa", "La", "PA") or (mode == "P" and "transparency" in img.info):
-        return _flatten_alpha(img)
+        return flatten_alpha(img)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit gray: scale the full range down instead of clipping at 255.
         arr = np.asarray(img, dtype=np.float64)

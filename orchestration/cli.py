@@ -216,6 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
             steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size,
             split=args.split, device=args.device, devices=args.devices, shard=(index, count),
             tasks=tuple(t for t in args.tasks.split(",") if t) if args.tasks else None,
+            clip=args.clip, reference=args.reference, lpips=args.lpips, face=args.face,
         )  # fmt: skip
         result = evaluate(source, weights, req)
     except (SampleUsageError, BenchmarkError) as exc:
@@ -564,11 +565,20 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="the benchmark's folder in its published layout (nyuv2: Marigold's "
         "nyu_labeled_extracted with filename_list_test.txt; diode: the val folder with "
-        "diode_val_all_filename_list.txt; onegen: a datagen output)",
+        "diode_val_all_filename_list.txt; gso-nvs, gso-pose: EscherNet's GSO30 renders, "
+        "<object>/render_mvs_25/model/NNN.png + NNN.npy; co3d-pose: the CO3D v2 root holding "
+        "RayDiffusion's co3d_v2_annotations/<category>_test.jgz; t2i: a prompt file, one a "
+        "line, or GenEval's evaluation_metadata.jsonl; unsplash50-id: prompts.txt beside "
+        "one reference photo per subject; onegen: a datagen output)",
     )
     ev.add_argument("--out", required=True, help="results: metrics.json, report.md, grid.png")
     ev.add_argument("--split", help="the split list, when it is not in --path")
-    ev.add_argument("--num", type=int, help="the first N samples (onegen: N per task, default 8)")
+    ev.add_argument(
+        "--num",
+        type=int,
+        help="the first N samples (gso-*: objects; co3d-pose: sequences; onegen: N per "
+        "task, default 8)",
+    )
     ev.add_argument("--tasks", help="onegen: comma-separated tasks (default: every scored one)")
     ev.add_argument("--steps", type=int, help="Euler steps (default: the config's samples.steps)")
     ev.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -577,6 +587,22 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None)
     ev.add_argument(
         "--encoders", choices=["tiny", "pretrained"], help="--weights: as onegen sample"
+    )
+    ev.add_argument(
+        "--clip", metavar="FOLDER", help="t2i, onegen: a local CLIP folder (CLIP score)"
+    )
+    ev.add_argument(
+        "--face",
+        metavar="FOLDER",
+        help="unsplash50-id: backbone.pth (arcface_torch IResNet) + detector.pt (face YOLO)",
+    )
+    ev.add_argument(
+        "--lpips",
+        metavar="FOLDER",
+        help="gso-nvs, onegen: LPIPS weights (vgg.pth + vgg16-397923af.pth, or the alex pair)",
+    )
+    ev.add_argument(
+        "--reference", metavar="FOLDER", help="t2i: reference images (FD-CLIP; needs --clip)"
     )
     ev.add_argument("--device", default="auto")
     ev.add_argument("--devices", type=int, default=1, help="processes sharing the samples")

@@ -176,6 +176,9 @@ class EvalSection:
     steps: int = 10  # sampler steps
     guidance: float | None = None  # None: samples.guidance
     seed: int = 0
+    # Optional model-based scores from local folders (training/evaluation/scorers.py):
+    clip_path: str | None = None  # a CLIP folder: text2image gets its CLIP score
+    lpips_path: str | None = None  # LPIPS weights: photo and novel-view targets get LPIPS
 
 
 @dataclass
@@ -383,20 +386,26 @@ def check(cfg: DictConfig) -> None:
 
 def check_eval(cfg: DictConfig) -> None:
     """The ``eval`` section: held-out samples to score, tasks that have a metric."""
-    from training.evaluation.scored import SCORED_TASKS
+    from training.evaluation.scored import CLIP_TASKS, SCORED_TASKS
+    from training.evaluation.scorer_folders import scorer_folders_problem
 
     e = cfg.eval
+    problem = scorer_folders_problem(e.clip_path, e.lpips_path, "eval.clip_path", "eval.lpips_path")
+    if problem:
+        raise ConfigError(problem)
+    scored = (*SCORED_TASKS, *(CLIP_TASKS if e.clip_path else ()))
     if e.every_n_steps < 0:
         raise ConfigError(f"eval.every_n_steps: must be >= 0 (0: off); got {e.every_n_steps}")
     for key in ("num_samples", "steps"):
         if e[key] < 1:
             raise ConfigError(f"eval.{key}: must be >= 1; got {e[key]}")
     if e.tasks is not None:
-        unknown = [t for t in e.tasks if t not in SCORED_TASKS]
+        unknown = [t for t in e.tasks if t not in scored]
         if unknown:
+            hint = " (text2image: with eval.clip_path)" if unknown[0] in CLIP_TASKS else ""
             raise ConfigError(
-                f"eval.tasks: {unknown[0]!r} has no held-out metric; scored tasks: "
-                f"{', '.join(SCORED_TASKS)}"
+                f"eval.tasks: {unknown[0]!r} has no held-out metric{hint}; scored tasks: "
+                f"{', '.join(scored)}"
             )
     # Synthetic data has nothing to hold out: the fit runs without held-out metrics (a
     # warning), as a config switched to synthetic batches for a quick check expects.

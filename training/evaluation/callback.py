@@ -21,6 +21,8 @@ import torch
 from training.callbacks import EveryNSteps, mlflow_target
 from training.errors import warn
 from training.evaluation.heldout import EvalItem, headline, held_out_items, merge_totals, run_items
+from training.evaluation.scored import CLIP_TASKS, SCORED_TASKS
+from training.evaluation.scorers import Scorers
 from training.inference.generate import SamplerSettings
 from training.run.folders import log_line
 
@@ -31,6 +33,7 @@ class HeldOutEval(EveryNSteps):
         self.every = int(cfg.eval.every_n_steps)
         self.out_dir = Path(out_dir)
         self.items: list[EvalItem] = []
+        self.scorers: Any = None
         self.last: dict[str, dict[str, float]] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -38,7 +41,12 @@ class HeldOutEval(EveryNSteps):
         dm = trainer.datamodule
         dm.setup("fit")
         tasks = list(e.tasks) if e.tasks is not None else None
-        self.items, problems = held_out_items(dm.cfg, dm.held_out, tasks, int(e.num_samples))
+        flags = ("eval.clip_path", "eval.lpips_path")
+        self.scorers = Scorers.load(e.clip_path, e.lpips_path, str(pl_module.device), flags)
+        scorable = (*SCORED_TASKS, *(CLIP_TASKS if e.clip_path else ()))
+        self.items, problems = held_out_items(
+            dm.cfg, dm.held_out, tasks, int(e.num_samples), scorable
+        )
         found = sorted({item.task for item in self.items})
         held = sum(index.num_samples for index in dm.held_out.values())
         if problems:
@@ -66,8 +74,9 @@ class HeldOutEval(EveryNSteps):
         start = time.perf_counter()
         generate = functools.partial(pl_module.generate, settings=settings)
         local = run_items(
-            generate, self.items, trainer.global_rank, trainer.world_size, int(e.seed)
-        )
+            generate, self.items, trainer.global_rank, trainer.world_size, int(e.seed),
+            self.scorers,
+        )  # fmt: skip
         parts = [local]
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             parts = [None] * trainer.world_size

@@ -30,7 +30,7 @@ from training.data.layouts import BatchPlan, layout_of
 from training.data.stream import DATA_ERRORS, OneGenStream
 from training.data.views import assemble_pixels
 from training.evaluation import task_metrics as TM
-from training.evaluation.scored import SCORED_TASKS
+from training.evaluation.scored import CLIP_TASKS, PHOTO_TASKS, SCORED_TASKS
 
 # task draw, direction (one task allowed: irrelevant), caption dropout and source caption
 # draws that keep the VLM caption; the bucket draw (aspect mode: unused) in the middle.
@@ -51,12 +51,15 @@ class EvalItem:
     rays: Tensor | None = None  # [1, V, C, h, w]
 
 
-def scored_tasks(subsets: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
-    """The tasks of ``subsets`` that have a metric, in ``wanted`` when given."""
+def scored_tasks(
+    subsets: Sequence[str], wanted: Sequence[str] | None, scorable: Sequence[str] = SCORED_TASKS
+) -> list[str]:
+    """The tasks of ``subsets`` that have a metric (in ``scorable``), in ``wanted`` when
+    given."""
     out: list[str] = []
     for subset in subsets:
         for task in T.subset_task_names(subset):
-            if task in SCORED_TASKS and (wanted is None or task in wanted) and task not in out:
+            if task in scorable and (wanted is None or task in wanted) and task not in out:
                 out.append(task)
     return out
 
@@ -66,9 +69,11 @@ def held_out_items(
     held: Mapping[str, SubsetIndex],
     tasks: Sequence[str] | None,
     per_task: int,
+    scorable: Sequence[str] = SCORED_TASKS,
 ) -> tuple[list[EvalItem], dict[str, int]]:
-    """Up to ``per_task`` items of every scored task the held-out samples carry, and how
-    many held-out samples could not be read or built (by reason)."""
+    """Up to ``per_task`` items of every scored task (in ``scorable``: text2image too with a
+    CLIP) the held-out samples carry, and how many held-out samples could not be read or
+    built (by reason)."""
     cfg = dataclasses.replace(cfg, caption_dropout=0.0, source_caption_prob=0.0, tasks=None)
     names = [s for s in held if held[s].num_samples]
     if not names:
@@ -78,7 +83,7 @@ def held_out_items(
     problems: dict[str, int] = {}
     for subset in names:
         index = held[subset]
-        wanted = scored_tasks([subset], tasks)
+        wanted = scored_tasks([subset], tasks, scorable)
         have = dict.fromkeys(wanted, 0)
         order = sorted(range(index.num_samples), key=lambda i: holdout_point(subset, index.key(i)))
         layout = layout_of(subset)
@@ -120,28 +125,41 @@ def held_out_items(
     return items, problems
 
 
-def _views01(pixels: Tensor) -> np.ndarray:
+def views01(pixels: Tensor) -> np.ndarray:
     """[V, 3, H, W] in [-1, 1] -> float [V, H, W, 3] in [0, 1]."""
     return ((pixels.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
-def score_item(item: EvalItem, out: Any) -> dict[str, float]:
-    """``out``: what ``OneGenModule.generate`` returned for the item."""
-    truth = _views01(item.pixels[0])
+def score_item(item: EvalItem, out: Any, scorers: Any = None) -> dict[str, float]:
+    """``out``: what ``OneGenModule.generate`` returned for the item; ``scorers``: the
+    optional model-based ones (``training.evaluation.scorers.Scorers``)."""
+    clip, lpips = (scorers.clip, scorers.lpips) if scorers is not None else (None, None)
+    truth = views01(item.pixels[0])
     if item.rays is None:
-        return TM.PAIR_SCORERS[item.task](_views01(out[0]), truth)
+        gen = views01(out[0])
+        if item.task in CLIP_TASKS:
+            return TM.text_alignment(gen, item.prompt, clip) if clip is not None else {}
+        scores = TM.PAIR_SCORERS[item.task](gen, truth)
+        if lpips is not None and item.task in PHOTO_TASKS:
+            scores["lpips"] = lpips.distance(gen[0], truth[0])
+        return scores
     if item.task == "camera_pose":
         size = tuple(item.pixels.shape[-2:])
         return TM.camera_accuracy(out.rays[0].float().cpu().numpy(), item.rays[0].numpy(), size)
     image_cond = item.cond_mask[0, 0::2].tolist()
-    return TM.novel_views(_views01(out.pixels[0]), truth, image_cond)
+    return TM.novel_views(views01(out.pixels[0]), truth, image_cond, lpips)
 
 
 Generate = Callable[..., Any]
 
 
 def run_items(
-    generate: Generate, items: Sequence[EvalItem], rank: int, world: int, seed: int
+    generate: Generate,
+    items: Sequence[EvalItem],
+    rank: int,
+    world: int,
+    seed: int,
+    scorers: Any = None,
 ) -> dict:
     """This rank's share of ``items`` generated and scored: ``{task: {metric: [sum, count]}}``.
     Every rank makes ``ceil(len(items) / world)`` sampler calls."""
@@ -160,7 +178,7 @@ def run_items(
         if not real:
             continue
         task = totals.setdefault(item.task, {})
-        for name, value in score_item(item, out).items():
+        for name, value in score_item(item, out, scorers).items():
             acc = task.setdefault(name, [0.0, 0.0])
             acc[0] += float(value)
             acc[1] += 1.0

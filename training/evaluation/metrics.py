@@ -324,8 +324,10 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:
-    """CLIP score (Hessel et al. 2021, torchmetrics' form): ``100 * max(cos(image, text), 0)``
-    per pair, averaged."""
+    """CLIP score (Hessel et al. 2021, with torchmetrics' scale 100 for w = 2.5):
+    ``100 * max(cos(image, text), 0)`` per pair, averaged. torchmetrics' ``CLIPScore`` clamps
+    the mean instead of each pair: the two agree on every single pair and whenever no
+    cosine is negative (a trained CLIP's usual case)."""
     return float(np.mean(100.0 * np.maximum(cosine_similarity(image_embeds, text_embeds), 0.0)))
 
 

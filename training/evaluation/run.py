@@ -25,40 +25,28 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from training.evaluation.cases import Bench, Case
 from training.evaluation.errors import BenchmarkError
 
-BENCHMARKS = ("nyuv2", "diode", "onegen")
+BENCHMARKS = (
+    "nyuv2",
+    "diode",
+    "gso-nvs",
+    "gso-pose",
+    "co3d-pose",
+    "unsplash50-id",
+    "t2i",
+    "onegen",
+)
 GRID_CASES = 4
 SAMPLES = "samples"
-
-
-@dataclass
-class Case:
-    """One generation of a benchmark: ``inputs()`` gives the sampler's keyword arguments
-    (``cond_pixels``, ``cond_mask``, optionally ``cond_rays``), ``score(out)`` the metrics of
-    what the sampler returned."""
-
-    id: str
-    task: str
-    prompt: str
-    inputs: Callable[[], dict[str, Any]]
-    score: Callable[[Any, dict[str, Any]], dict[str, float]]
-    has_target: bool = True  # the condition pixels hold the ground-truth target view(s)
-
-
-@dataclass
-class Bench:
-    name: str
-    cases: list[Case]
-    paper: dict[str, float] = field(default_factory=dict)
-    paper_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +64,10 @@ class EvalRequest:
     device: str = "auto"
     devices: int = 1
     shard: tuple[int, int] = (0, 1)  # (index, count): this process's share
+    clip: str | None = None  # t2i: a local CLIP folder (CLIP score, FD-CLIP)
+    reference: str | None = None  # t2i: reference images for FD-CLIP (needs clip)
+    lpips: str | None = None  # gso-nvs, onegen: LPIPS weights
+    face: str | None = None  # unsplash50-id: ArcFace + face detector weights
 
 
 def case_file(out: Path, case_id: str) -> Path:
@@ -129,7 +121,7 @@ def depth_bench(req: EvalRequest, multiple: int, side: int) -> Bench:
                  "OneDiffusion (arXiv 2411.16318) Table 4")  # fmt: skip
 
 
-def onegen_bench(req: EvalRequest, cfg: Any, side: int) -> Bench:
+def onegen_bench(req: EvalRequest, cfg: Any, side: int, scorers: Any) -> Bench:
     """Held-out samples of a datagen output: the checkpoint's ``data.holdout`` keys when its
     fit held some out (never trained on), every sample otherwise (a released model never saw
     them), each as every scored task it carries."""
@@ -138,6 +130,7 @@ def onegen_bench(req: EvalRequest, cfg: Any, side: int) -> Bench:
     from training.data.holdout import split_holdout
     from training.data.index import build_subset_index
     from training.evaluation.heldout import held_out_items, score_item
+    from training.evaluation.scored import CLIP_TASKS, SCORED_TASKS
 
     try:
         paths = resolve_paths(req.path)
@@ -153,7 +146,9 @@ def onegen_bench(req: EvalRequest, cfg: Any, side: int) -> Bench:
         index = build_subset_index(roots, subset)
         held[subset] = split_holdout(index, fraction)[1] if fraction > 0 else index
     per_task = req.num or 8
-    items, _ = held_out_items(data, held, list(req.tasks) if req.tasks else None, per_task)
+    scorable = (*SCORED_TASKS, *(CLIP_TASKS if scorers.clip is not None else ()))
+    wanted = list(req.tasks) if req.tasks else None
+    items, _ = held_out_items(data, held, wanted, per_task, scorable)
     if not items:
         raise BenchmarkError(
             f"--path {req.path}: no held-out sample of a scored task "
@@ -165,7 +160,7 @@ def onegen_bench(req: EvalRequest, cfg: Any, side: int) -> Bench:
         if item.rays is not None:
             kw["cond_rays"] = item.rays
         return Case(f"{item.task}/{item.subset}/{item.key}", item.task, item.prompt,
-                    lambda: kw, lambda out, _: score_item(item, out))  # fmt: skip
+                    lambda: kw, lambda out, _: score_item(item, out, scorers))  # fmt: skip
 
     return Bench("onegen", [case(i) for i in items])
 
@@ -177,11 +172,13 @@ def _sampler(net: Any, frozen: Any, settings: Any, device: str) -> Callable[...,
     from training.inference.generate import generate_any
 
     def run(prompt: str, seed: int, kw: dict[str, Any]) -> Any:
-        pixels = kw["cond_pixels"]
+        pixels = kw.get("cond_pixels")  # None: text2image, its size in kw
+        shape = (
+            {} if pixels is None else {"views": pixels.shape[1], "size": tuple(pixels.shape[-2:])}
+        )
         return generate_any(
             lambda x, t, txt, m: net(x, t, txt, m), frozen, [prompt],
-            dataclasses.replace(settings, seed=seed), device=torch.device(device),
-            views=pixels.shape[1], size=tuple(pixels.shape[-2:]), **kw,
+            dataclasses.replace(settings, seed=seed), device=torch.device(device), **shape, **kw,
         )  # fmt: skip
 
     return run
@@ -208,19 +205,128 @@ def check_tasks(source: Any, cfg: Any, tasks: Sequence[str]) -> None:
             check_trained(task, cfg, source)
 
 
-def open_bench(req: EvalRequest, cfg: Any, stride: tuple[int, int]) -> Bench:
-    side = int(req.size or cfg.samples.resolution)
+def scene_bench(req: EvalRequest, cfg: Any, mcfg: Any, side: int, lpips: Any) -> Bench:
+    """gso-nvs, gso-pose and co3d-pose (``scene_benchmarks``); ``--num``: the first N objects
+    (GSO) or sequences (CO3D)."""
+    from training.encoders import vae_stride
+    from training.evaluation import scene_benchmarks as S
+
+    geo = S.RayGeometry(vae_stride(cfg), int(mcfg.in_channels))
+    if req.benchmark == "co3d-pose":
+        items = S.co3d_sequences(Path(req.path))[: req.num]
+        return Bench("co3d-pose", S.pose_cases(items, side, geo, views=False))
+    objects = S.gso_objects(Path(req.path))[: req.num]
+    if req.benchmark == "gso-pose":
+        return Bench("gso-pose", S.pose_cases(objects, side, geo, views=True),
+                     dict(S.GSO_POSE_PAPER), "OneDiffusion (arXiv 2411.16318) Table 5")  # fmt: skip
+    max_images = int(cfg.data.get("multiview_max_views", 4))
+    return Bench("gso-nvs", S.nvs_cases(objects, side, max_images, geo, lpips), dict(S.GSO_NVS_PAPER),
+                 "OneDiffusion (arXiv 2411.16318) Table 2 (PSNR)")  # fmt: skip
+
+
+# The side a benchmark's protocol scores at when --size is not given (else samples.resolution).
+PROTOCOL_SIZE = {"gso-nvs": 256, "gso-pose": 256, "co3d-pose": 256}
+
+
+def bench_side(req: EvalRequest, cfg: Any) -> int:
+    return int(req.size or PROTOCOL_SIZE.get(req.benchmark) or cfg.samples.resolution)
+
+
+def t2i_bench(req: EvalRequest, side: int, clip: Any) -> Bench:
+    """Prompts of ``--path``; ``--num``: the first N."""
+    from training.evaluation import t2i_benchmark as T
+
+    records = T.read_prompts(Path(req.path))[: req.num]
+    if req.reference is not None and not Path(req.reference).is_dir():
+        raise BenchmarkError(f"--reference {req.reference}: not a folder of images")
+    out = Path(req.out)
+    bench = Bench("t2i", T.t2i_cases(records, side, out, clip),
+                  paper_source="GenEval overall 0.65 in OneDiffusion (arXiv 2411.16318) Table 1; "
+                  f"score {out / T.IMAGES} with GenEval's evaluate_images.py")  # fmt: skip
+    if clip is not None and req.reference is not None:
+        bench.finish = lambda: T.fd_clip(clip, Path(req.reference), out, len(records))
+    return bench
+
+
+# Which benchmarks read each scorer option.
+SCORER_BENCHMARKS = {
+    "--clip": ("t2i", "unsplash50-id", "onegen"),
+    "--face": ("unsplash50-id",),
+    "--reference": ("t2i",),
+    "--lpips": ("gso-nvs", "onegen"),
+}
+
+
+def id_bench(req: EvalRequest, side: int, clip: Any) -> Bench:
+    """Every subject x every prompt; ``--num``: the first N subjects."""
+    from training.evaluation import id_benchmark as I
+    from training.evaluation.faces import FaceScorer
+    from training.inference.sample import resolve_device
+
+    photos, prompts = I.read_subjects(Path(req.path))
+    face = FaceScorer(req.face, resolve_device(req.device))
+    cases = I.id_cases(photos[: req.num], prompts, side, face, clip)
+    return Bench("unsplash50-id", cases, dict(I.PAPER), "OneDiffusion (arXiv 2411.16318) Table 3")
+
+
+def check_scorer_options(req: EvalRequest) -> None:
+    """Each scorer option given to a benchmark that reads it; its folder's files present."""
+    from training.config import ConfigError
+    from training.evaluation.scorer_folders import scorer_folders_problem
+    from training.inference.sample import SampleUsageError
+
+    given = {"--clip": req.clip, "--reference": req.reference, "--lpips": req.lpips,
+             "--face": req.face}  # fmt: skip
+    for flag, value in given.items():
+        if value is not None and req.benchmark not in SCORER_BENCHMARKS[flag]:
+            raise SampleUsageError(
+                f"{flag} is for --benchmark {' / '.join(SCORER_BENCHMARKS[flag])}"
+            )
+    if req.reference is not None and req.clip is None:
+        raise SampleUsageError("--reference needs --clip (the features are CLIP's)")
+    if req.benchmark == "unsplash50-id" and req.face is None:
+        raise SampleUsageError(
+            "--benchmark unsplash50-id needs --face (a folder with backbone.pth and detector.pt)"
+        )
+    problem = scorer_folders_problem(req.clip, req.lpips, "--clip", "--lpips")
+    if req.face is not None and problem is None:
+        from training.evaluation.faces import face_folder_problem
+
+        problem = face_folder_problem(req.face, "--face")
+    if problem:
+        raise ConfigError(problem)
+
+
+def open_bench(
+    req: EvalRequest, cfg: Any, mcfg: Any, stride: tuple[int, int], scorers: Any
+) -> Bench:
+    side = bench_side(req, cfg)
     multiple = math.lcm(*stride)
     if side % multiple:
         raise BenchmarkError(f"--size {side}: not a multiple of {multiple}, the model's patch grid")
     if req.benchmark == "onegen":  # --num: samples per task
-        return onegen_bench(req, cfg, side)
+        return onegen_bench(req, cfg, side, scorers)
+    if req.benchmark in SCENE_BENCHMARKS:
+        return scene_bench(req, cfg, mcfg, side, scorers.lpips)
+    if req.benchmark == "t2i":
+        return t2i_bench(req, side, scorers.clip)
+    if req.benchmark == "unsplash50-id":
+        return id_bench(req, side, scorers.clip)
     bench = depth_bench(req, multiple, side)
     bench.cases = bench.cases[: req.num]  # --num: the first N (None: all)
     return bench
 
 
-BENCH_TASKS = {"nyuv2": ("image2depth",), "diode": ("image2depth",)}
+SCENE_BENCHMARKS = ("gso-nvs", "gso-pose", "co3d-pose")
+BENCH_TASKS = {
+    "nyuv2": ("image2depth",),
+    "diode": ("image2depth",),
+    "gso-nvs": ("multiview",),
+    "gso-pose": ("camera_pose",),
+    "co3d-pose": ("camera_pose",),
+    "t2i": ("text2image",),
+    "unsplash50-id": ("faceid",),
+}
 
 
 def evaluate(source: Any, weights: str, req: EvalRequest) -> dict[str, Any]:
@@ -237,13 +343,17 @@ def evaluate(source: Any, weights: str, req: EvalRequest) -> dict[str, Any]:
         value = getattr(req, key)
         if value is not None and value < 1:
             raise SampleUsageError(f"--{key} {value}: must be >= 1")
+    check_scorer_options(req)
     cfg, mcfg, stride = source_config(source)
     if req.benchmark == "onegen" and req.tasks is None and isinstance(source, (str, Path)):
         from training.config import trained_tasks
 
         req = dataclasses.replace(req, tasks=tuple(trained_tasks(cfg)))  # what it can do
     check_tasks(source, cfg, BENCH_TASKS.get(req.benchmark, ()))
-    bench = open_bench(req, cfg, stride)
+    from training.evaluation.scorers import Scorers
+
+    scorers = Scorers.load(req.clip, req.lpips, resolve_device(req.device), ("--clip", "--lpips"))
+    bench = open_bench(req, cfg, mcfg, stride, scorers)
     check_tasks(source, cfg, sorted({c.task for c in bench.cases}))
     out = Path(req.out)
     todo = [i for i, c in enumerate(bench.cases) if not case_file(out, c.id).is_file()]
@@ -275,9 +385,12 @@ def _run_case(
     if i < GRID_CASES:
         preview = out / SAMPLES / "preview" / f"{i:03d}.pt"
         preview.parent.mkdir(parents=True, exist_ok=True)
-        pixels = result.pixels if hasattr(result, "pixels") else result
-        torch.save({"cond": kw["cond_pixels"][0].cpu(), "mask": kw["cond_mask"][0].cpu(),
-                    "out": pixels[0].cpu()}, preview)  # fmt: skip
+        pixels = (result.pixels if hasattr(result, "pixels") else result)[0].cpu()
+        if "cond_pixels" in kw:
+            cond, mask = kw["cond_pixels"][0].cpu(), kw["cond_mask"][0].cpu()
+        else:  # text2image: nothing given
+            cond, mask = torch.zeros_like(pixels), torch.zeros(pixels.shape[0], dtype=torch.bool)
+        torch.save({"cond": cond, "mask": mask, "out": pixels}, preview)
     _write_json(case_file(out, case.id), payload)
 
 
@@ -297,6 +410,10 @@ def share_argv(source: Any, weights: str, req: EvalRequest, index: int, device: 
             argv += [flag, str(value)]
     if req.tasks:
         argv += ["--tasks", ",".join(req.tasks)]
+    for flag, value in (("--clip", req.clip), ("--reference", req.reference),
+                        ("--lpips", req.lpips), ("--face", req.face)):  # fmt: skip
+        if value is not None:
+            argv += [flag, value]
     return ["eval", *argv]
 
 
@@ -334,17 +451,19 @@ def write_report(out: Path, bench: Bench, req: EvalRequest, cfg: Any) -> dict[st
             continue
         done += 1
         for name, value in json.loads(path.read_text())["metrics"].items():
-            per_task.setdefault(case.task, {}).setdefault(name, []).append(value)
+            per_task.setdefault(case.row or case.task, {}).setdefault(name, []).append(value)
     results = {
         task: {name: float(np.mean(v)) for name, v in per.items()}
         | {"n": max(map(len, per.values()))}
         for task, per in per_task.items()
     }
+    for task, extra in (bench.finish() if bench.finish else {}).items():
+        results.setdefault(task, {"n": 0}).update(extra)
     settings = {
         "steps": int(req.steps or cfg.samples.steps),
         "guidance": float(req.guidance if req.guidance is not None else cfg.samples.guidance),
         "seed": req.seed,
-        "size": int(req.size or cfg.samples.resolution),
+        "size": bench_side(req, cfg),
     }
     payload = {
         "benchmark": bench.name,
@@ -370,7 +489,7 @@ def report_markdown(bench: Bench, results: dict, settings: dict) -> str:
         for name, value in per.items():
             if name == "n":
                 continue
-            paper = bench.paper.get(name)
+            paper = bench.paper.get(f"{task}/{name}", bench.paper.get(name))
             lines.append(f"| {task} | {name} | {value:.4f} | {'' if paper is None else f'{paper:g}'} "
                          f"| {int(per['n'])} |")  # fmt: skip
     if bench.paper_source:

@@ -1,7 +1,8 @@
 """The task names the held-out evaluation scores (``task_metrics`` holds their scorers), in
 a module light enough for the config check (no torch)."""
 
-PAIR_TASKS: tuple[str, ...] = (
+# Tasks whose target is a photo: LPIPS (eval.lpips_path) scores them beside PSNR / SSIM.
+PHOTO_TASKS: tuple[str, ...] = (
     "canny2image",
     "hed2img",
     "depth2image",
@@ -10,6 +11,9 @@ PAIR_TASKS: tuple[str, ...] = (
     "pose2image",
     "deblurring",
     "image_inpainting",
+)
+PAIR_TASKS: tuple[str, ...] = (
+    *PHOTO_TASKS,
     "image2canny",
     "image2hed",
     "image2depth",
@@ -19,3 +23,4 @@ PAIR_TASKS: tuple[str, ...] = (
 )
 VIEW_TASKS: tuple[str, ...] = ("multiview", "camera_pose")
 SCORED_TASKS: tuple[str, ...] = (*PAIR_TASKS, *VIEW_TASKS)
+CLIP_TASKS: tuple[str, ...] = ("text2image",)  # scored only with a CLIP (eval.clip_path)

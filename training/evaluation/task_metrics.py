@@ -12,6 +12,7 @@ palette).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -83,15 +84,33 @@ def box_map(gen: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {} if np.isnan(iou) else {"box_iou": iou}
 
 
-def novel_views(gen: np.ndarray, truth: np.ndarray, cond: np.ndarray) -> dict[str, float]:
-    """multiview: PSNR / SSIM over the generated (not given) image views, as Table 2."""
+def novel_views(
+    gen: np.ndarray, truth: np.ndarray, cond: np.ndarray, lpips: Any = None
+) -> dict[str, float]:
+    """multiview: PSNR / SSIM (and LPIPS with its weights) over the generated (not given)
+    image views, as Table 2."""
     targets = [i for i, c in enumerate(cond) if not c]
     if not targets:
         return {}
-    return {
+    out = {
         "psnr": float(np.mean([capped_psnr(gen[i], truth[i]) for i in targets])),
         "ssim": float(np.mean([M.ssim(gen[i], truth[i]) for i in targets])),
     }
+    if lpips is not None:
+        out["lpips"] = float(np.mean([lpips.distance(gen[i], truth[i]) for i in targets]))
+    return out
+
+
+def caption_of(prompt: str) -> str:
+    """``[[text2image]] a cat`` -> ``a cat``: what a CLIP scores the image against."""
+    text = prompt.strip()
+    return text.split("]]", 1)[1].strip() if text.startswith("[[") and "]]" in text else text
+
+
+def text_alignment(gen: np.ndarray, prompt: str, clip: Any) -> dict[str, float]:
+    """text2image: the generated image's CLIP score against its caption."""
+    image = _uint8(gen[0])
+    return {"clip_score": M.clip_score(clip.images([image]), clip.texts([caption_of(prompt)]))}
 
 
 def camera_accuracy(

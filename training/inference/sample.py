@@ -68,6 +68,18 @@ def sample_layout(task: str) -> tuple[str, tuple[str, ...]]:
     return token, spec.views
 
 
+def sample_prompt(task: str, prompt: str) -> str:
+    """The prompt as the trainer builds it for a two-view sample of ``task`` (view 0 the
+    target): ``[[depth2image]] a cat``; faceid marks each image and captions the target,
+    ``[[faceid]] [[img0]] a cat [[img1]]`` (the release's PROMPT_GUIDE layout)."""
+    from training.data.tasks import build_prompt, task_spec
+
+    name = normalise_task(task)
+    if name == "faceid":
+        return build_prompt(task_spec(name, num_views=2), [prompt, ""])
+    return f"{task_token(name)} {prompt}".strip()
+
+
 _FIELD_WORDS = {
     "jpg": "a photo",
     "blur.jpg": "a blurred photo",
@@ -321,7 +333,7 @@ def sample_from_checkpoint(
     pixels = generate(
         lambda x, t, txt, m: net(x, t, txt, m),
         frozen,
-        [f"{token} {prompt}"],
+        [sample_prompt(task, prompt)],
         SamplerSettings.from_config(cfg, steps=steps, guidance=guidance, seed=seed),
         views=views,
         size=(side, side),

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO
-from tests.helpers import depth_pose_shards as S
+from tests.helpers.eval_cli import eval_cli as _eval
 
-SUBSETS = ("t2i", "i2i", "semantic", "depth", "pose", "multiview", "faceid")
 NYU = [("kitchen_0004", "0001"), ("office_0006", "0120")]
 DIODE_FILES = [
     "indoors/scene_00021/scan_00189/00021_00189_indoors_200_010",
@@ -69,33 +68,6 @@ def diode(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
-    """A tiny fit on every subset with 40% of the keys held out."""
-    from training.config import load_config
-    from training.fit import fit
-
-    tmp = tmp_path_factory.mktemp("eval_run")
-    shards = S.write_all(str(tmp / "shards"))
-    paths = "{" + ",".join(f"{s}: {shards}" for s in SUBSETS) + "}"
-    result = fit(load_config(REPO / "training/configs/demo.yaml", [
-        f"data.paths={paths}", "data.holdout=0.4", "trainer.max_steps=2",
-        "checkpoint.every_n_steps=2", "samples.every_n_steps=0", "eval.every_n_steps=0",
-        "data.num_workers=0", "data.batch_size=2", f"data.faceid_max_views={S.FACE_VIEWS}",
-        "data.buckets=[[32,32]]", f"runs_dir={tmp}/runs", "mlflow.enabled=false",
-    ]))  # fmt: skip
-    return {"run": result.run_dir, "shards": shards}
-
-
-def _eval(capsys, *args: str) -> tuple[int, str, str]:
-    from orchestration.cli import main
-
-    code = main(["eval", *args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return code, out, err
-
-
 def _depth_args(run: dict, bench: str, path: Path, out: Path, *extra: str) -> list[str]:
     return ["--checkpoint", run["run"], "--benchmark", bench, "--path", str(path),
             "--out", str(out), "--steps", "2", "--size", "64", "--device", "cpu", *extra]  # fmt: skip
@@ -137,15 +109,21 @@ def test_two_processes_split_the_samples_and_agree_with_one(run, diode, tmp_path
 
 
 def test_the_onegen_benchmark_scores_held_out_samples_of_every_task(run, tmp_path, capsys):
+    from tests.helpers.tiny_clip import save_tiny_clip
+    from tests.helpers.tiny_lpips import save_lpips_folder
     from training.data.holdout import holdout_point
 
+    clip = save_tiny_clip(tmp_path / "clip")
+    save_lpips_folder(tmp_path / "lpips", "alex")
     out = tmp_path / "onegen"
     code, _, err = _eval(capsys, "--checkpoint", run["run"], "--benchmark", "onegen", "--path",
                          run["shards"], "--out", str(out), "--num", "1", "--steps", "2",
-                         "--size", "32", "--device", "cpu")  # fmt: skip
+                         "--size", "32", "--device", "cpu", "--clip", str(clip),
+                         "--lpips", str(tmp_path / "lpips"))  # fmt: skip
     assert code == 0, err
     tasks = json.loads((out / "metrics.json").read_text())["tasks"]
     assert {"image2depth", "canny2image", "multiview", "camera_pose"} <= set(tasks)
+    assert "clip_score" in tasks["text2image"] and "lpips" in tasks["canny2image"]
     for path in (out / "samples").glob("*.json"):  # never a sample the fit trained on
         task, subset, key = json.loads(path.read_text())["id"].split("/", 2)
         assert holdout_point(subset, key) < 0.4, (task, key)
@@ -173,6 +151,7 @@ def test_bad_benchmark_folders_are_one_line(run, nyu, diode, tmp_path, capsys):
     np.save(dbad / f"{DIODE_FILES[0]}_depth.npy", np.zeros((10, 10), np.float32))
     fails("diode", dbad, "depth of shape (10, 10), expected (768, 1024)")
     fails("nyuv2", nyu, "--size 60: not a multiple of 16", "--size", "60")
+    fails("nyuv2", nyu, "--lpips is for --benchmark gso-nvs / onegen", "--lpips", str(tmp_path))
 
 
 def test_a_checkpoint_without_the_task_is_one_line(nyu, tmp_path, capsys):

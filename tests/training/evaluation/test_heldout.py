@@ -166,14 +166,49 @@ def test_bad_eval_settings_are_one_line(tmp_path, capsys):
     assert code == 0, line  # nothing to hold out: the fit warns and runs without eval
     code, line = run("eval.tasks=[text2image]")
     assert code == 2 and "eval.tasks: 'text2image' has no held-out metric" in line, line
+    assert "(text2image: with eval.clip_path)" in line
+    code, line = run(f"eval.clip_path={tmp_path}")
+    assert code == 2 and f"eval.clip_path {tmp_path}: not a CLIP folder" in line, line
+    code, line = run(f"eval.lpips_path={tmp_path}")
+    assert code == 2 and "expected vgg.pth + vgg16-397923af.pth" in line, line
     code, line = run("data.holdout=1.0")
     assert code == 2 and "data.holdout: a fraction in [0, 1)" in line, line
     code, line = run("eval.num_samples=0")
     assert code == 2 and "eval.num_samples: must be >= 1" in line, line
 
 
+@pytest.fixture(scope="module")
+def scorer_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny CLIP and LPIPS weights, each saved in its published format (random backbones)."""
+    from tests.helpers.tiny_clip import save_tiny_clip
+    from tests.helpers.tiny_lpips import save_lpips_folder
+
+    root = tmp_path_factory.mktemp("scorers")
+    save_lpips_folder(root / "lpips", "alex")
+    return save_tiny_clip(root / "clip"), root / "lpips"
+
+
+def test_scorers_add_clip_score_and_lpips(shards, scorer_folders):
+    from training.evaluation.scored import CLIP_TASKS, PHOTO_TASKS, SCORED_TASKS
+    from training.evaluation.scorers import Scorers
+
+    dm = _dm(shards)
+    scorers = Scorers.load(*map(str, scorer_folders), "cpu", ("clip", "lpips"))
+    items, _ = held_out_items(dm.cfg, dm.held_out, None, 1, (*SCORED_TASKS, *CLIP_TASKS))
+    assert "text2image" in {i.task for i in items}
+    oracle = merge_totals([run_items(_oracle, items, 0, 1, seed=0, scorers=scorers)])
+    assert 0 <= oracle["text2image"]["clip_score"] <= 100
+    assert oracle["multiview"]["lpips"] < 1e-6  # the truth itself: no perceptual distance
+    photo = [t for t in oracle if t in PHOTO_TASKS]
+    assert photo and all(oracle[t]["lpips"] < 1e-6 for t in photo)
+    assert "lpips" not in oracle["image2depth"]  # a map target: LPIPS is for photos
+    worse = merge_totals([run_items(lambda p, **kw: -_oracle(p, **kw), [i for i in items if i.task in photo],
+                                    0, 1, seed=0, scorers=scorers)])  # fmt: skip
+    assert all(worse[t]["lpips"] > 0 for t in worse)
+
+
 @pytest.mark.slow
-def test_a_fit_logs_held_out_metrics_and_tables_in_mlflow(shards, tmp_path):
+def test_a_fit_logs_held_out_metrics_and_tables_in_mlflow(shards, scorer_folders, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from tests.helpers import REPO
@@ -187,11 +222,16 @@ def test_a_fit_logs_held_out_metrics_and_tables_in_mlflow(shards, tmp_path):
         "eval.steps=2", "trainer.max_steps=4", "samples.every_n_steps=0", "data.num_workers=0",
         "data.batch_size=2", f"data.faceid_max_views={S.FACE_VIEWS}", f"runs_dir={tmp_path}/runs",
         f"mlflow.tracking_uri={uri}", "mlflow.system_metrics=false", "data.buckets=[[32,32]]",
+        f"eval.clip_path={scorer_folders[0]}", f"eval.lpips_path={scorer_folders[1]}",
     ])  # fmt: skip
     result = fit(cfg)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert "eval/image2depth/abs_rel" in run.data.metrics
+    assert "eval/text2image/clip_score" in run.data.metrics  # with the local CLIP
+    assert (
+        "eval/multiview/lpips" in run.data.metrics and "eval/depth2image/lpips" in run.data.metrics
+    )
     assert "eval/camera_pose/rotation_acc_15" in run.data.metrics
     history = client.get_metric_history(result.run_id, "eval/depth2image/psnr")
     assert [m.step for m in history] == [2, 4]

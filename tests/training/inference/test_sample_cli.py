@@ -202,3 +202,23 @@ def test_subprocess_sample_writes_only_what_it_reports(ckpt, photo, tmp_path):
     assert sorted(Path(p).name for p in reported) == names
     assert sorted(os.listdir(out)) == names  # nothing hidden beside them
     assert sorted(os.listdir(tmp_path)) == ["nested"]  # nor in the working folder
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        ("faceid", "[[faceid]] [[img0]] a man in a suit [[img1]]"),  # the release's PROMPT_GUIDE
+        ("text2image", "[[text2image]] a man in a suit"),
+        ("image2depth", "[[depth2image]] a man in a suit"),
+    ],
+)
+def test_sample_prompts_are_the_trainers(task, expected):
+    """The prompt a sample (and ``onegen eval``) sends is the one the trainer builds for that
+    task's two-view sample: faceid's image markers included."""
+    from training.data.tasks import build_prompt, task_spec
+    from training.inference.sample import normalise_task, sample_prompt
+
+    assert sample_prompt(task, "a man in a suit") == expected
+    if task == "faceid":
+        spec = task_spec(normalise_task(task), num_views=2)
+        assert build_prompt(spec, ["a man in a suit", ""]) == expected
