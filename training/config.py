@@ -179,6 +179,7 @@ class EvalSection:
     # Optional model-based scores from local folders (training/evaluation/scorers.py):
     clip_path: str | None = None  # a CLIP folder: text2image gets its CLIP score
     lpips_path: str | None = None  # LPIPS weights: photo and novel-view targets get LPIPS
+    face_path: str | None = None  # ArcFace + face YOLO: faceid gets its ID similarity
 
 
 @dataclass
@@ -386,14 +387,15 @@ def check(cfg: DictConfig) -> None:
 
 def check_eval(cfg: DictConfig) -> None:
     """The ``eval`` section: held-out samples to score, tasks that have a metric."""
-    from training.evaluation.scored import CLIP_TASKS, SCORED_TASKS
+    from training.evaluation.scored import CLIP_TASKS, FACE_TASKS, scorable_tasks
     from training.evaluation.scorer_folders import scorer_folders_problem
 
     e = cfg.eval
-    problem = scorer_folders_problem(e.clip_path, e.lpips_path, "eval.clip_path", "eval.lpips_path")
+    folders = {k: (e[f"{k}_path"], f"eval.{k}_path") for k in ("clip", "lpips", "face")}
+    problem = scorer_folders_problem(folders)
     if problem:
         raise ConfigError(problem)
-    scored = (*SCORED_TASKS, *(CLIP_TASKS if e.clip_path else ()))
+    scored = scorable_tasks(e.clip_path, e.face_path)
     if e.every_n_steps < 0:
         raise ConfigError(f"eval.every_n_steps: must be >= 0 (0: off); got {e.every_n_steps}")
     for key in ("num_samples", "steps"):
@@ -402,7 +404,8 @@ def check_eval(cfg: DictConfig) -> None:
     if e.tasks is not None:
         unknown = [t for t in e.tasks if t not in scored]
         if unknown:
-            hint = " (text2image: with eval.clip_path)" if unknown[0] in CLIP_TASKS else ""
+            hint = {**dict.fromkeys(CLIP_TASKS, " (with eval.clip_path)"),
+                    **dict.fromkeys(FACE_TASKS, " (with eval.face_path)")}.get(unknown[0], "")  # fmt: skip
             raise ConfigError(
                 f"eval.tasks: {unknown[0]!r} has no held-out metric{hint}; scored tasks: "
                 f"{', '.join(scored)}"

@@ -21,7 +21,7 @@ import torch
 from training.callbacks import EveryNSteps, mlflow_target
 from training.errors import warn
 from training.evaluation.heldout import EvalItem, headline, held_out_items, merge_totals, run_items
-from training.evaluation.scored import CLIP_TASKS, SCORED_TASKS
+from training.evaluation.scored import scorable_tasks
 from training.evaluation.scorers import Scorers
 from training.inference.generate import SamplerSettings
 from training.run.folders import log_line
@@ -41,9 +41,9 @@ class HeldOutEval(EveryNSteps):
         dm = trainer.datamodule
         dm.setup("fit")
         tasks = list(e.tasks) if e.tasks is not None else None
-        flags = ("eval.clip_path", "eval.lpips_path")
-        self.scorers = Scorers.load(e.clip_path, e.lpips_path, str(pl_module.device), flags)
-        scorable = (*SCORED_TASKS, *(CLIP_TASKS if e.clip_path else ()))
+        folders = {k: (e[f"{k}_path"], f"eval.{k}_path") for k in ("clip", "lpips", "face")}
+        self.scorers = Scorers.load(folders, str(pl_module.device))
+        scorable = scorable_tasks(e.clip_path, e.face_path)
         self.items, problems = held_out_items(
             dm.cfg, dm.held_out, tasks, int(e.num_samples), scorable
         )

@@ -18,22 +18,11 @@ import numpy as np
 import torch
 
 from training.config import ConfigError
+from training.evaluation.scorer_folders import FACE_BACKBONE, FACE_DETECTOR, face_folder_problem
 
-BACKBONE = "backbone.pth"
-DETECTOR = "detector.pt"
 FACE_MARGIN = 1.2
 CONF = 0.5
 IMGSZ = 640
-
-
-def face_folder_problem(path: str | Path, flag: str) -> str | None:
-    missing = [f for f in (BACKBONE, DETECTOR) if not (Path(path) / f).is_file()]
-    if not missing:
-        return None
-    return (
-        f"{flag} {path}: no {' or '.join(missing)} (expected {BACKBONE}, an arcface_torch "
-        f"IResNet, and {DETECTOR}, a one-class ultralytics face YOLO)"
-    )
 
 
 def square_crop(image: np.ndarray, box: np.ndarray, margin: float = FACE_MARGIN) -> np.ndarray:
@@ -57,11 +46,13 @@ class FaceScorer:
             raise ConfigError(problem)
         root = Path(folder)
         self.device = torch.device(device)
-        self.net = load_arcface(root / BACKBONE, device, flag)
+        self.net = load_arcface(root / FACE_BACKBONE, device, flag)
         try:
-            self.detector = load_face_detector(str(root / DETECTOR), self.device, False, IMGSZ, 0.5)
+            self.detector = load_face_detector(
+                str(root / FACE_DETECTOR), self.device, False, IMGSZ, 0.5
+            )
         except (OSError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"{flag} {root / DETECTOR}: {exc}") from None
+            raise ConfigError(f"{flag} {root / FACE_DETECTOR}: {exc}") from None
 
     def face(self, image: np.ndarray) -> np.ndarray | None:
         """The best face's square crop of an RGB uint8 image, None without one."""

@@ -30,7 +30,7 @@ from training.data.layouts import BatchPlan, layout_of
 from training.data.stream import DATA_ERRORS, OneGenStream
 from training.data.views import assemble_pixels
 from training.evaluation import task_metrics as TM
-from training.evaluation.scored import CLIP_TASKS, PHOTO_TASKS, SCORED_TASKS
+from training.evaluation.scored import CLIP_TASKS, FACE_TASKS, PHOTO_TASKS, SCORED_TASKS
 
 # task draw, direction (one task allowed: irrelevant), caption dropout and source caption
 # draws that keep the VLM caption; the bucket draw (aspect mode: unused) in the middle.
@@ -133,12 +133,16 @@ def views01(pixels: Tensor) -> np.ndarray:
 def score_item(item: EvalItem, out: Any, scorers: Any = None) -> dict[str, float]:
     """``out``: what ``OneGenModule.generate`` returned for the item; ``scorers``: the
     optional model-based ones (``training.evaluation.scorers.Scorers``)."""
-    clip, lpips = (scorers.clip, scorers.lpips) if scorers is not None else (None, None)
+    clip, lpips, face = (
+        (scorers.clip, scorers.lpips, scorers.face) if scorers is not None else (None,) * 3
+    )
     truth = views01(item.pixels[0])
     if item.rays is None:
         gen = views01(out[0])
         if item.task in CLIP_TASKS:
             return TM.text_alignment(gen, item.prompt, clip) if clip is not None else {}
+        if item.task in FACE_TASKS:
+            return TM.identity(gen, truth, face) if face is not None else {}
         scores = TM.PAIR_SCORERS[item.task](gen, truth)
         if lpips is not None and item.task in PHOTO_TASKS:
             scores["lpips"] = lpips.distance(gen[0], truth[0])

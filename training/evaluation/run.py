@@ -130,7 +130,7 @@ def onegen_bench(req: EvalRequest, cfg: Any, side: int, scorers: Any) -> Bench:
     from training.data.holdout import split_holdout
     from training.data.index import build_subset_index
     from training.evaluation.heldout import held_out_items, score_item
-    from training.evaluation.scored import CLIP_TASKS, SCORED_TASKS
+    from training.evaluation.scored import scorable_tasks
 
     try:
         paths = resolve_paths(req.path)
@@ -146,7 +146,7 @@ def onegen_bench(req: EvalRequest, cfg: Any, side: int, scorers: Any) -> Bench:
         index = build_subset_index(roots, subset)
         held[subset] = split_holdout(index, fraction)[1] if fraction > 0 else index
     per_task = req.num or 8
-    scorable = (*SCORED_TASKS, *(CLIP_TASKS if scorers.clip is not None else ()))
+    scorable = scorable_tasks(scorers.clip, scorers.face)
     wanted = list(req.tasks) if req.tasks else None
     items, _ = held_out_items(data, held, wanted, per_task, scorable)
     if not items:
@@ -251,22 +251,23 @@ def t2i_bench(req: EvalRequest, side: int, clip: Any) -> Bench:
 # Which benchmarks read each scorer option.
 SCORER_BENCHMARKS = {
     "--clip": ("t2i", "unsplash50-id", "onegen"),
-    "--face": ("unsplash50-id",),
+    "--face": ("unsplash50-id", "onegen"),
     "--reference": ("t2i",),
     "--lpips": ("gso-nvs", "onegen"),
 }
 
 
-def id_bench(req: EvalRequest, side: int, clip: Any) -> Bench:
+def id_bench(req: EvalRequest, side: int, clip: Any, face: Any) -> Bench:
     """Every subject x every prompt; ``--num``: the first N subjects."""
     from training.evaluation import id_benchmark as I
-    from training.evaluation.faces import FaceScorer
-    from training.inference.sample import resolve_device
 
     photos, prompts = I.read_subjects(Path(req.path))
-    face = FaceScorer(req.face, resolve_device(req.device))
     cases = I.id_cases(photos[: req.num], prompts, side, face, clip)
     return Bench("unsplash50-id", cases, dict(I.PAPER), "OneDiffusion (arXiv 2411.16318) Table 3")
+
+
+def scorer_folders(req: EvalRequest) -> dict[str, tuple[str | None, str]]:
+    return {k: (getattr(req, k), f"--{k}") for k in ("clip", "lpips", "face")}
 
 
 def check_scorer_options(req: EvalRequest) -> None:
@@ -288,11 +289,7 @@ def check_scorer_options(req: EvalRequest) -> None:
         raise SampleUsageError(
             "--benchmark unsplash50-id needs --face (a folder with backbone.pth and detector.pt)"
         )
-    problem = scorer_folders_problem(req.clip, req.lpips, "--clip", "--lpips")
-    if req.face is not None and problem is None:
-        from training.evaluation.faces import face_folder_problem
-
-        problem = face_folder_problem(req.face, "--face")
+    problem = scorer_folders_problem(scorer_folders(req))
     if problem:
         raise ConfigError(problem)
 
@@ -311,7 +308,7 @@ def open_bench(
     if req.benchmark == "t2i":
         return t2i_bench(req, side, scorers.clip)
     if req.benchmark == "unsplash50-id":
-        return id_bench(req, side, scorers.clip)
+        return id_bench(req, side, scorers.clip, scorers.face)
     bench = depth_bench(req, multiple, side)
     bench.cases = bench.cases[: req.num]  # --num: the first N (None: all)
     return bench
@@ -352,7 +349,7 @@ def evaluate(source: Any, weights: str, req: EvalRequest) -> dict[str, Any]:
     check_tasks(source, cfg, BENCH_TASKS.get(req.benchmark, ()))
     from training.evaluation.scorers import Scorers
 
-    scorers = Scorers.load(req.clip, req.lpips, resolve_device(req.device), ("--clip", "--lpips"))
+    scorers = Scorers.load(scorer_folders(req), resolve_device(req.device))
     bench = open_bench(req, cfg, mcfg, stride, scorers)
     check_tasks(source, cfg, sorted({c.task for c in bench.cases}))
     out = Path(req.out)

@@ -24,3 +24,9 @@ PAIR_TASKS: tuple[str, ...] = (
 VIEW_TASKS: tuple[str, ...] = ("multiview", "camera_pose")
 SCORED_TASKS: tuple[str, ...] = (*PAIR_TASKS, *VIEW_TASKS)
 CLIP_TASKS: tuple[str, ...] = ("text2image",)  # scored only with a CLIP (eval.clip_path)
+FACE_TASKS: tuple[str, ...] = ("faceid",)  # scored only with face weights (eval.face_path)
+
+
+def scorable_tasks(clip: str | None, face: str | None) -> tuple[str, ...]:
+    """The tasks that have a metric, given which optional scorers are there."""
+    return (*SCORED_TASKS, *(CLIP_TASKS if clip else ()), *(FACE_TASKS if face else ()))

@@ -9,6 +9,8 @@ from pathlib import Path
 CLIP_CONFIG = "config.json"
 # LPIPS variant -> (the lpips package's v0.1 linear layers, torchvision's backbone checkpoint);
 # VGG first: used when a folder holds both.
+FACE_BACKBONE = "backbone.pth"  # arcface_torch's IResNet
+FACE_DETECTOR = "detector.pt"  # a one-class ultralytics face YOLO
 LPIPS_FILES = {
     "vgg": ("vgg.pth", "vgg16-397923af.pth"),
     "alex": ("alex.pth", "alexnet-owt-7be5be79.pth"),
@@ -40,12 +42,23 @@ def lpips_folder_problem(path: str | Path, flag: str) -> str | None:
     )
 
 
-def scorer_folders_problem(
-    clip: str | None, lpips: str | None, clip_flag: str, lpips_flag: str
-) -> str | None:
-    """The first problem of the given scorer folders."""
-    if clip is not None and (problem := clip_folder_problem(clip, clip_flag)):
-        return problem
-    if lpips is not None:
-        return lpips_folder_problem(lpips, lpips_flag)
+def face_folder_problem(path: str | Path, flag: str) -> str | None:
+    missing = [f for f in (FACE_BACKBONE, FACE_DETECTOR) if not (Path(path) / f).is_file()]
+    if not missing:
+        return None
+    return (
+        f"{flag} {path}: no {' or '.join(missing)} (expected {FACE_BACKBONE}, an arcface_torch "
+        f"IResNet, and {FACE_DETECTOR}, a one-class ultralytics face YOLO)"
+    )
+
+
+PROBLEMS = {"clip": clip_folder_problem, "lpips": lpips_folder_problem, "face": face_folder_problem}
+
+
+def scorer_folders_problem(folders: dict[str, tuple[str | None, str]]) -> str | None:
+    """The first problem of the given folders: ``{"clip" | "lpips" | "face": (path, flag)}``
+    (a None path: not asked for)."""
+    for kind, (path, flag) in folders.items():
+        if path is not None and (problem := PROBLEMS[kind](path, flag)):
+            return problem
     return None

@@ -93,14 +93,13 @@ class Scorers:
 
     clip: ClipScorer | None = None
     lpips: Any = None  # training.evaluation.lpips.LPIPS
+    face: Any = None  # training.evaluation.faces.FaceScorer
 
     @classmethod
-    def load(
-        cls, clip: str | None, lpips: str | None, device: str, flags: tuple[str, str]
-    ) -> Scorers:
+    def load(cls, folders: dict[str, tuple[str | None, str]], device: str) -> Scorers:
+        """``{"clip" | "lpips" | "face": (path or None, the option naming it)}``."""
+        from training.evaluation.faces import FaceScorer
         from training.evaluation.lpips import load_lpips
 
-        return cls(
-            ClipScorer(clip, device, flags[0]) if clip else None,
-            load_lpips(lpips, device, flags[1]) if lpips else None,
-        )
+        build = {"clip": ClipScorer, "lpips": load_lpips, "face": FaceScorer}
+        return cls(**{k: build[k](p, device, flag) for k, (p, flag) in folders.items() if p})

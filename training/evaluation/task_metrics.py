@@ -107,6 +107,15 @@ def caption_of(prompt: str) -> str:
     return text.split("]]", 1)[1].strip() if text.startswith("[[") and "]]" in text else text
 
 
+def identity(gen: np.ndarray, truth: np.ndarray, face: Any) -> dict[str, float]:
+    """faceid: the ArcFace similarity of the generated target's face to the true target's
+    (the held-out photo of that identity); nothing when the true photo shows no face."""
+    target = face.face(_uint8(truth[0]))
+    if target is None:
+        return {}
+    return face.similarity(_uint8(gen[0]), face.embed(target))
+
+
 def text_alignment(gen: np.ndarray, prompt: str, clip: Any) -> dict[str, float]:
     """text2image: the generated image's CLIP score against its caption."""
     image = _uint8(gen[0])

@@ -110,20 +110,23 @@ def test_two_processes_split_the_samples_and_agree_with_one(run, diode, tmp_path
 
 def test_the_onegen_benchmark_scores_held_out_samples_of_every_task(run, tmp_path, capsys):
     from tests.helpers.tiny_clip import save_tiny_clip
+    from tests.helpers.tiny_face import save_face_folder
     from tests.helpers.tiny_lpips import save_lpips_folder
     from training.data.holdout import holdout_point
 
     clip = save_tiny_clip(tmp_path / "clip")
     save_lpips_folder(tmp_path / "lpips", "alex")
+    face = save_face_folder(tmp_path / "face")
     out = tmp_path / "onegen"
     code, _, err = _eval(capsys, "--checkpoint", run["run"], "--benchmark", "onegen", "--path",
                          run["shards"], "--out", str(out), "--num", "1", "--steps", "2",
                          "--size", "32", "--device", "cpu", "--clip", str(clip),
-                         "--lpips", str(tmp_path / "lpips"))  # fmt: skip
+                         "--lpips", str(tmp_path / "lpips"), "--face", str(face))  # fmt: skip
     assert code == 0, err
     tasks = json.loads((out / "metrics.json").read_text())["tasks"]
     assert {"image2depth", "canny2image", "multiview", "camera_pose"} <= set(tasks)
     assert "clip_score" in tasks["text2image"] and "lpips" in tasks["canny2image"]
+    assert "id_sim" in tasks["faceid"]
     for path in (out / "samples").glob("*.json"):  # never a sample the fit trained on
         task, subset, key = json.loads(path.read_text())["id"].split("/", 2)
         assert holdout_point(subset, key) < 0.4, (task, key)

@@ -166,7 +166,11 @@ def test_bad_eval_settings_are_one_line(tmp_path, capsys):
     assert code == 0, line  # nothing to hold out: the fit warns and runs without eval
     code, line = run("eval.tasks=[text2image]")
     assert code == 2 and "eval.tasks: 'text2image' has no held-out metric" in line, line
-    assert "(text2image: with eval.clip_path)" in line
+    assert "'text2image' has no held-out metric (with eval.clip_path)" in line
+    code, line = run("eval.tasks=[faceid]")
+    assert code == 2 and "'faceid' has no held-out metric (with eval.face_path)" in line, line
+    code, line = run(f"eval.face_path={tmp_path}")
+    assert code == 2 and f"eval.face_path {tmp_path}: no backbone.pth or detector.pt" in line
     code, line = run(f"eval.clip_path={tmp_path}")
     assert code == 2 and f"eval.clip_path {tmp_path}: not a CLIP folder" in line, line
     code, line = run(f"eval.lpips_path={tmp_path}")
@@ -178,26 +182,30 @@ def test_bad_eval_settings_are_one_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def scorer_folders(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny CLIP and LPIPS weights, each saved in its published format (random backbones)."""
+def scorer_folders(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny CLIP, LPIPS and face weights, each saved in its published format (random)."""
     from tests.helpers.tiny_clip import save_tiny_clip
+    from tests.helpers.tiny_face import save_face_folder
     from tests.helpers.tiny_lpips import save_lpips_folder
 
     root = tmp_path_factory.mktemp("scorers")
     save_lpips_folder(root / "lpips", "alex")
-    return save_tiny_clip(root / "clip"), root / "lpips"
+    return save_tiny_clip(root / "clip"), root / "lpips", save_face_folder(root / "face")
 
 
-def test_scorers_add_clip_score_and_lpips(shards, scorer_folders):
-    from training.evaluation.scored import CLIP_TASKS, PHOTO_TASKS, SCORED_TASKS
+def test_scorers_add_clip_score_lpips_and_identity(shards, scorer_folders):
+    from training.evaluation.scored import PHOTO_TASKS, scorable_tasks
     from training.evaluation.scorers import Scorers
 
     dm = _dm(shards)
-    scorers = Scorers.load(*map(str, scorer_folders), "cpu", ("clip", "lpips"))
-    items, _ = held_out_items(dm.cfg, dm.held_out, None, 1, (*SCORED_TASKS, *CLIP_TASKS))
-    assert "text2image" in {i.task for i in items}
+    paths = dict(zip(("clip", "lpips", "face"), map(str, scorer_folders), strict=True))
+    scorers = Scorers.load({k: (p, k) for k, p in paths.items()}, "cpu")
+    items, _ = held_out_items(dm.cfg, dm.held_out, None, 1, scorable_tasks("x", "x"))
+    assert {"text2image", "faceid"} <= {i.task for i in items}
     oracle = merge_totals([run_items(_oracle, items, 0, 1, seed=0, scorers=scorers)])
     assert 0 <= oracle["text2image"]["clip_score"] <= 100
+    # the true target itself: its own face, found again (the random detector always finds one)
+    assert oracle["faceid"]["id_sim"] == pytest.approx(1.0) and oracle["faceid"]["face_found"] == 1
     assert oracle["multiview"]["lpips"] < 1e-6  # the truth itself: no perceptual distance
     photo = [t for t in oracle if t in PHOTO_TASKS]
     assert photo and all(oracle[t]["lpips"] < 1e-6 for t in photo)
@@ -223,6 +231,7 @@ def test_a_fit_logs_held_out_metrics_and_tables_in_mlflow(shards, scorer_folders
         "data.batch_size=2", f"data.faceid_max_views={S.FACE_VIEWS}", f"runs_dir={tmp_path}/runs",
         f"mlflow.tracking_uri={uri}", "mlflow.system_metrics=false", "data.buckets=[[32,32]]",
         f"eval.clip_path={scorer_folders[0]}", f"eval.lpips_path={scorer_folders[1]}",
+        f"eval.face_path={scorer_folders[2]}",
     ])  # fmt: skip
     result = fit(cfg)
     client = MlflowClient(uri)
@@ -232,6 +241,7 @@ def test_a_fit_logs_held_out_metrics_and_tables_in_mlflow(shards, scorer_folders
     assert (
         "eval/multiview/lpips" in run.data.metrics and "eval/depth2image/lpips" in run.data.metrics
     )
+    assert "eval/faceid/id_sim" in run.data.metrics
     assert "eval/camera_pose/rotation_acc_15" in run.data.metrics
     history = client.get_metric_history(result.run_id, "eval/depth2image/psnr")
     assert [m.step for m in history] == [2, 4]

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from tests.helpers.eval_cli import eval_cli
+from tests.helpers.tiny_face import save_face_folder, tiny_arcface
 from training.config import ConfigError
-from training.evaluation.arcface import IResNet, load_arcface, shape_of
+from training.evaluation.arcface import load_arcface, shape_of
 
 # The keys of arcface_torch's iresnet (recognition/arcface_torch/backbones/iresnet.py) with one
 # block per stage: stem, each block's bn1 conv1 bn2 prelu conv2 bn3 (+ downsample conv / bn),
@@ -38,16 +39,6 @@ def _published_keys() -> set[str]:
     return keys
 
 
-def tiny_arcface(seed: int = 0) -> IResNet:
-    torch.manual_seed(seed)
-    net = IResNet((1, 1, 1, 1), (8, 8, 16, 16), 8, 16)
-    for m in net.modules():  # non-trivial running statistics, as a trained net has
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return net.eval()
-
-
 def test_arcface_keys_and_loading(tmp_path):
     net = tiny_arcface()
     assert set(net.state_dict()) == _published_keys()
@@ -64,13 +55,7 @@ def test_arcface_keys_and_loading(tmp_path):
 
 @pytest.fixture(scope="module")
 def face(tmp_path_factory) -> Path:
-    from datagen.stages.models.tiny.face import build_random_face_yolo
-    from datagen.stages.models.tiny.pose import save_yolo_checkpoint
-
-    folder = tmp_path_factory.mktemp("face")
-    torch.save(tiny_arcface().state_dict(), folder / "backbone.pth")
-    save_yolo_checkpoint(build_random_face_yolo(0), folder / "detector.pt")
-    return folder
+    return save_face_folder(tmp_path_factory.mktemp("face"))
 
 
 def _subjects(folder: Path) -> Path:
