@@ -6,7 +6,10 @@ benchmarks, with the same sampler as ``onegen sample`` and the metrics of
     onegen eval --checkpoint runs/onegen-demo/<run> --benchmark onegen --path data/demo --out eval/demo
 
 A benchmark is a list of :class:`Case` (one generation each: its inputs and its scorer),
-read and checked before any weights are loaded. Each case's scores go to
+read and checked before any weights are loaded: ``depth_benchmarks`` (nyuv2, diode),
+``scene_benchmarks`` (gso-nvs, gso-pose, co3d-pose), ``id_benchmark`` (unsplash50-id),
+``t2i_benchmark`` (t2i) and the fit's own held-out samples (onegen). Model-based scores
+(``--clip``, ``--lpips``, ``--face``) load from local folders (``scorers``). Each case's scores go to
 ``<out>/samples/<id>.json`` as soon as it is done, so a killed eval reruns only what is
 missing; ``--devices N`` runs N processes on disjoint shares of the missing cases (case i on
 process i mod N). At the end ``metrics.json`` (the means, the sample count, the settings),
@@ -214,10 +217,10 @@ def scene_bench(req: EvalRequest, cfg: Any, mcfg: Any, side: int, lpips: Any) ->
     geo = S.RayGeometry(vae_stride(cfg), int(mcfg.in_channels))
     if req.benchmark == "co3d-pose":
         items = S.co3d_sequences(Path(req.path))[: req.num]
-        return Bench("co3d-pose", S.pose_cases(items, side, geo, views=False))
+        return Bench("co3d-pose", S.pose_cases(items, side, geo, pick=False))
     objects = S.gso_objects(Path(req.path))[: req.num]
     if req.benchmark == "gso-pose":
-        return Bench("gso-pose", S.pose_cases(objects, side, geo, views=True),
+        return Bench("gso-pose", S.pose_cases(objects, side, geo, pick=True),
                      dict(S.GSO_POSE_PAPER), "OneDiffusion (arXiv 2411.16318) Table 5")  # fmt: skip
     max_images = int(cfg.data.get("multiview_max_views", 4))
     return Bench("gso-nvs", S.nvs_cases(objects, side, max_images, geo, lpips), dict(S.GSO_NVS_PAPER),

@@ -252,10 +252,9 @@ def co3d_sequences(root: Path) -> list[SceneItem]:
 
 def nvs_cases(
     objects: Sequence[SceneItem], side: int, max_images: int, geo: RayGeometry, lpips: Any = None
-) -> list[Any]:
+) -> list[Case]:
     """Every Table 2 row of every object, the targets in chunks of the fit's longest sample;
     LPIPS beside PSNR / SSIM with ``lpips`` (``training.evaluation.lpips.LPIPS``)."""
-
     cases = []
     for obj in objects:
         for row, n, known in NVS_ROWS:
@@ -291,20 +290,19 @@ def _score_nvs(out: Any, kw: dict[str, Any], lpips: Any = None) -> dict[str, flo
     return TM.novel_views(views01(out.pixels[0]), views01(kw["cond_pixels"][0]), images, lpips)
 
 
-def pose_cases(items: Sequence[SceneItem], side: int, geo: RayGeometry, views: bool) -> list[Any]:
+def pose_cases(items: Sequence[SceneItem], side: int, geo: RayGeometry, pick: bool) -> list[Case]:
     """One camera_pose case per object / sequence: ``POSE_VIEWS`` evenly spaced views when
-    ``views`` (GSO: pick them), else the item's own (CO3D: picked when read)."""
-
+    ``pick`` (GSO), else the item's own (CO3D: picked when read)."""
     cases = []
     for item in items:
         chosen = (
-            [item.views[i] for i in spaced(len(item.views), POSE_VIEWS)] if views else item.views
+            [item.views[i] for i in spaced(len(item.views), POSE_VIEWS)] if pick else item.views
         )
-        cases.append(_pose_case(Case, item.name, list(chosen), side, geo))
+        cases.append(_pose_case(item.name, list(chosen), side, geo))
     return cases
 
 
-def _pose_case(case: Any, name: str, views: list[View], side: int, geo: RayGeometry) -> Any:
+def _pose_case(name: str, views: list[View], side: int, geo: RayGeometry) -> Case:
     truth: dict[str, Tensor] = {}
 
     def inputs() -> dict[str, Any]:
@@ -320,4 +318,4 @@ def _pose_case(case: Any, name: str, views: list[View], side: int, geo: RayGeome
         rays = out.rays[0].float().cpu().numpy()
         return TM.camera_accuracy(rays, truth["rays"].numpy(), (side, side))
 
-    return case(name, "camera_pose", task_token("camera_pose"), inputs, score, has_target=False)
+    return Case(name, "camera_pose", task_token("camera_pose"), inputs, score, has_target=False)

@@ -73,7 +73,7 @@ def sample_png(out: Path, index: int) -> Path:
     return out / IMAGES / f"{index:05d}" / "samples" / "00000.png"
 
 
-def t2i_cases(records: Sequence[dict], side: int, out: Path, clip: Any) -> list[Any]:
+def t2i_cases(records: Sequence[dict], side: int, out: Path, clip: Any) -> list[Case]:
     from training.inference.sample import sample_prompt
 
     def case(i: int, record: dict) -> Any:
