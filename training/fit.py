@@ -359,12 +359,18 @@ def end_process(code: int, *, finished: bool) -> int:
     holds the store the others still talk to): Lightning leaves the process group open,
     and a gloo worker thread that frees a finished collective's tensors while Python
     finalises cannot take the GIL and aborts the process ("terminate called without an
-    active exception", exit 134) after a fit that succeeded, about one run in ten."""
+    active exception", exit 134) after a fit that succeeded, about one run in ten. A group
+    of one process (an fsdp fit on one device, in this process) has no peer to wait for: it
+    is closed and ``code`` returned, so a later fit in the same process (a notebook, a test)
+    neither inherits it nor ends the process."""
     import logging
 
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
+        return code
+    if dist.get_world_size() == 1:
+        dist.destroy_process_group()
         return code
     if finished:
         dist.barrier()

@@ -100,7 +100,6 @@ def _cpu(tmp: Path, shards: str, run_name: str, *extra: str) -> list[str]:
         "model.config=tiny", "model.compile=false", "model.activation_checkpointing=false",
         "model.param_dtype=float32", "encoders.kind=tiny", "encoders.text_max_length=24",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=1",
-        "trainer.strategy=auto",
         "trainer.max_steps=2", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2",
         f"data.paths={shards}", "data.batch_size=1", "data.num_workers=0",
         "samples.every_n_steps=0", "throughput.every_n_steps=1", "mlflow.system_metrics=false",

@@ -280,3 +280,40 @@ def test_resume_auto_starts_fresh_then_resumes(fit_yaml, tmp_path):
     second = fit(load_config(fit_yaml, base + ["trainer.max_steps=3"]))
     assert second.resumed_from == str(tmp_path / "run" / "checkpoints" / "step00000002.ckpt")
     assert second.global_step == 3
+
+
+# --------------------------------------------------------------------------- process groups
+
+
+_TWO_FITS = """
+import sys
+import torch.distributed as dist
+from orchestration.cli import main
+config, out = sys.argv[1], sys.argv[2]
+common = ["--config", config, "mlflow.enabled=false", "trainer.max_steps=1"]
+print("first", main(["train", "fit", *common, "trainer.strategy=fsdp", f"run_dir={out}/a"]), flush=True)
+print("group left open", dist.is_initialized(), flush=True)
+print("second", main(["train", "fit", *common, "resume=last", f"run_dir={out}/b"]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_one_device_fsdp_fit_leaves_the_process_usable(fit_yaml, tmp_path):
+    """``trainer.strategy=fsdp`` on one device opens a process group of one (Lightning leaves
+    it open): the fit's end closes it instead of ending the process as a real distributed
+    run's end does, so a later fit in the same process returns its exit code. In a
+    subprocess: a process that ends early (with code 0) must show as missing lines."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _TWO_FITS, str(fit_yaml), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("first", "group", "second"))]
+    assert lines == ["first 0", "group left open False", "second 2"], (
+        proc.stdout + proc.stderr[-2000:]
+    )
+    assert "resume=last but no checkpoint" in proc.stderr
