@@ -25,9 +25,11 @@ it stopped (on the same number of processes; on another, each rank continues its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,7 +299,7 @@ def fit(cfg: DictConfig) -> FitResult:
     module = OneGenModule(cfg, init_source=start)
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, logger, build_callbacks(cfg, plan, start))
-    with shared_run_name(plan.run_name):
+    with shared_run_name(plan.run_name), one_process_group_closed():
         # weights_only: Lightning's meta.pt / checkpoint loads (checked already, loaded again).
         trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume_from, weights_only=True)
     result = FitResult(
@@ -312,6 +314,34 @@ def fit(cfg: DictConfig) -> FitResult:
     if trainer.is_global_zero:
         log_line(plan.run_dir, result_text(result))
     return result
+
+
+# What Lightning writes into os.environ when it opens a process group itself.
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+@contextlib.contextmanager
+def one_process_group_closed() -> Iterator[None]:
+    """A process group of one that the fit opened (``trainer.strategy=fsdp`` on one device)
+    is closed when it ends, and the rendezvous variables Lightning set are put back: left
+    open, its store keeps the port listening, and a later fit in this process or a child
+    that inherits ``MASTER_PORT`` cannot bind it. Real distributed runs are left alone
+    (``end_process`` ends them)."""
+    import torch.distributed as dist
+
+    opened_before = dist.is_available() and dist.is_initialized()
+    env = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
+    try:
+        yield
+    finally:
+        opened = not opened_before and dist.is_available() and dist.is_initialized()
+        if opened and dist.get_world_size() == 1:
+            dist.destroy_process_group()
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def result_text(result: FitResult) -> str:

@@ -308,8 +308,11 @@ def test_a_one_device_fsdp_fit_leaves_the_process_usable(fit_yaml, tmp_path):
     import sys
 
     from tests.helpers import REPO
+    from training.fit import RENDEZVOUS_ENV
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a fresh process, as a user's: no rendezvous left by fits earlier in this one
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}
+    env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, "-c", _TWO_FITS, str(fit_yaml), str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("first", "group", "second"))]
