@@ -9,8 +9,8 @@ A benchmark is a list of :class:`Case` (one generation each: its inputs and its 
 read and checked before any weights are loaded: ``depth_benchmarks`` (nyuv2, diode),
 ``scene_benchmarks`` (gso-nvs, gso-pose, co3d-pose), ``id_benchmark`` (unsplash50-id),
 ``t2i_benchmark`` (t2i) and the fit's own held-out samples (onegen). Model-based scores
-(``--clip``, ``--lpips``, ``--face``) load from local folders (``scorers``). Each case's scores go to
-``<out>/samples/<id>.json`` as soon as it is done, so a killed eval reruns only what is
+(``--clip``, ``--lpips``, ``--face``) load from local folders (``scorers``). Each case's
+scores go to ``<out>/samples/<id>.json`` as soon as it is done, so a killed eval reruns only what is
 missing; ``--devices N`` runs N processes on disjoint shares of the missing cases (case i on
 process i mod N). At the end ``metrics.json`` (the means, the sample count, the settings),
 ``report.md`` (ours beside the paper's published figure where there is one) and
@@ -67,10 +67,11 @@ class EvalRequest:
     device: str = "auto"
     devices: int = 1
     shard: tuple[int, int] = (0, 1)  # (index, count): this process's share
-    clip: str | None = None  # t2i: a local CLIP folder (CLIP score, FD-CLIP)
-    reference: str | None = None  # t2i: reference images for FD-CLIP (needs clip)
-    lpips: str | None = None  # gso-nvs, onegen: LPIPS weights
-    face: str | None = None  # unsplash50-id: ArcFace + face detector weights
+    # model-based scorers' local folders (which benchmark reads which: SCORER_BENCHMARKS)
+    clip: str | None = None  # a CLIP (CLIP score, CLIP-T, FD-CLIP's features)
+    reference: str | None = None  # reference images for FD-CLIP
+    lpips: str | None = None  # LPIPS weights
+    face: str | None = None  # ArcFace + face detector weights
 
 
 def case_file(out: Path, case_id: str) -> Path:
